@@ -1,0 +1,180 @@
+"""The machinery every experiment shares: cached steps, cached directions,
+resumable generation conditions with scores, one progress display with ETA.
+
+An experiment is a sequence of named steps; each step's result is cached in
+the run folder, so rerunning the same command after an interruption resumes
+where it stopped and never repeats a finished generation.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from steerlab._atomic import write_json
+from steerlab.directions import Direction
+from steerlab.experiments.store import ResponseStore
+
+if TYPE_CHECKING:
+    from steerlab.model import LoadedModel
+    from steerlab.prompts import PromptSet
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One generation condition: interventions and/or a system prompt over a prompt set."""
+
+    name: str
+    specs: tuple[Any, ...] = ()
+    system: str | None = None
+    description: str = ""
+
+
+@dataclass
+class Timings:
+    """Wall time per step and per generation condition (prompt-weighted passes)."""
+
+    steps: dict[str, float] = field(default_factory=dict)
+    generation: dict[str, float] = field(default_factory=dict)
+    generated_prompts: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "generation": self.generation,
+                "generated_prompts": self.generated_prompts}
+
+
+class Runner:
+    """Runs the steps of one experiment in ``out_dir`` against one model."""
+
+    def __init__(self, lm: LoadedModel, out_dir: str | Path, *, max_new_tokens: int = 32,
+                 batch_size: int = 16, show_progress: bool = True) -> None:
+        self.lm = lm
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "steps").mkdir(exist_ok=True)
+        self.store = ResponseStore(self.out / "responses.jsonl")
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.timings = Timings()
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            disable=not show_progress, transient=False,
+        )
+        self._overall: Any = None
+
+    # -- progress -----------------------------------------------------------------------------
+    def __enter__(self) -> Runner:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def plan(self, total_units: int, description: str = "overall") -> None:
+        """Declare the total work (generations) so the overall bar can estimate time left."""
+        self._overall = self.progress.add_task(description, total=total_units)
+
+    def _advance(self, units: int) -> None:
+        if self._overall is not None:
+            self.progress.advance(self._overall, units)
+
+    # -- cached steps -------------------------------------------------------------------------
+    def step(self, name: str, compute: Callable[[], T]) -> T:
+        """Return the cached JSON result of step ``name``, computing it once."""
+        path = self.out / "steps" / f"{name}.json"
+        if path.exists():
+            return json.loads(path.read_text())  # type: ignore[no-any-return]
+        task = self.progress.add_task(name, total=None)
+        start = time.perf_counter()
+        result = compute()
+        self.timings.steps[name] = time.perf_counter() - start
+        self.progress.update(task, total=1, completed=1)
+        write_json(path, result)
+        return result
+
+    def direction(self, name: str, compute: Callable[[], Direction]) -> Direction:
+        """Return the cached direction ``name`` (saved under ``directions/``), extracting once."""
+        folder = self.out / "directions" / name
+        if (folder / "direction.json").exists():
+            return Direction.load(folder, self.lm)
+        task = self.progress.add_task(f"extract {name}", total=None)
+        start = time.perf_counter()
+        direction = compute()
+        self.timings.steps[f"extract_{name}"] = time.perf_counter() - start
+        direction.save(folder)
+        self.progress.update(task, total=1, completed=1)
+        return direction
+
+    # -- generation ---------------------------------------------------------------------------
+    def run(self, condition: Condition, prompts: PromptSet, *, tag: str = "") -> list[dict[str, Any]]:
+        """Generate and score ``prompts`` under ``condition``; only missing rows are generated."""
+        from steerlab.evaluate import outcome
+        from steerlab.generate import generate
+
+        name = condition.name
+        todo = [p for p in prompts if not self.store.has(name, p.id)]
+        done = len(prompts) - len(todo)
+        task = self.progress.add_task(name, total=len(prompts), completed=done)
+        self._advance(done)
+        start = time.perf_counter()
+        for i in range(0, len(todo), self.batch_size):
+            chunk = todo[i : i + self.batch_size]
+            outs = generate(self.lm, [p.prompt for p in chunk], system=condition.system,
+                            steer=condition.specs, max_new_tokens=self.max_new_tokens,
+                            batch_size=self.batch_size)
+            rows = []
+            for prompt, gen in zip(chunk, outs, strict=True):
+                label = outcome(gen.response)
+                rows.append({
+                    "condition": name, "prompt_id": prompt.id, "set": tag or prompts.name,
+                    "prompt": prompt.prompt, "system": condition.system,
+                    "response": gen.response, "outcome": label,
+                    "refusal": label == "refusal", "n_new_tokens": gen.n_new_tokens,
+                })
+            self.store.append(rows)
+            self.progress.advance(task, len(chunk))
+            self._advance(len(chunk))
+        if todo:
+            self.timings.generation[name] = time.perf_counter() - start
+            self.timings.generated_prompts[name] = len(todo)
+        return [r for r in self.store.rows(name) if r["prompt_id"] in {p.id for p in prompts}]
+
+    def rows(self, condition: str) -> list[dict[str, Any]]:
+        return self.store.rows(condition)
+
+
+def condition_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """n, refusal/bypass/degenerate rates, each with a Wilson 95% interval."""
+    from steerlab.evaluate import rate_summary
+
+    out: dict[str, Any] = {"n": len(rows)}
+    for label in ("refusal", "bypass", "degenerate"):
+        summary = rate_summary([r["outcome"] == label for r in rows])
+        out[f"{label}_rate"] = summary["rate"]
+        out[f"{label}_rate_ci95"] = summary["ci95"]
+    return out
+
+
+def paired_flags(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]],
+                 label: str = "refusal") -> tuple[list[bool], list[bool]]:
+    """Align two conditions' rows on prompt id (only ids both have) as boolean outcome flags."""
+    by_id = {r["prompt_id"]: r for r in b}
+    common = [r for r in a if r["prompt_id"] in by_id]
+    return ([r["outcome"] == label for r in common],
+            [by_id[r["prompt_id"]]["outcome"] == label for r in common])

@@ -1,0 +1,68 @@
+"""The shared experiment machinery: resumable response store and report writer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from steerlab.errors import SteerlabError
+from steerlab.experiments import figures
+from steerlab.experiments.store import ResponseStore
+from steerlab.report import Figure, Finding, Report, Sample, Table
+
+
+def _row(cond: str, pid: str) -> dict[str, object]:
+    return {"condition": cond, "prompt_id": pid, "response": f"r-{cond}-{pid}",
+            "outcome": "refusal"}
+
+
+def test_store_resumes_and_drops_torn_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "responses.jsonl"
+    store = ResponseStore(path)
+    store.append([_row("a", "1"), _row("a", "2")])
+    with path.open("a") as handle:  # an interrupted write leaves half a line
+        handle.write('{"condition": "a", "prompt_id": "3", "resp')
+    again = ResponseStore(path)
+    assert again.has("a", "1") and again.has("a", "2") and not again.has("a", "3")
+    again.append([_row("a", "3")])
+    lines = path.read_text().splitlines()
+    assert [json.loads(line)["prompt_id"] for line in lines] == ["1", "2", "3"]
+
+
+def test_store_refuses_corruption_in_the_middle(tmp_path: Path) -> None:
+    path = tmp_path / "responses.jsonl"
+    path.write_text('{"condition": "a", "prompt_id": "1"}\nnot json\n{"condition": "a", '
+                    '"prompt_id": "2"}\n')
+    with pytest.raises(SteerlabError, match="line 2"):
+        ResponseStore(path)
+
+
+def test_report_renders_self_contained_html_and_markdown(tmp_path: Path) -> None:
+    png = figures.bars_with_ci(tmp_path / "figures" / "bars.png", ["a", "b"], [0.2, 0.6],
+                               [[0.1, 0.4], [0.4, 0.8]], title="t", ylabel="rate")
+    report = Report(
+        title="T <test>",
+        summary="S",
+        findings=[Finding("claim one", "reproduced", "p=0.01")],
+        tables=[Table("Conditions", ["condition", "rate", "ci"],
+                      [{"condition": "a|b", "rate": 0.25, "ci": [0.1, 0.4]}])],
+        figures=[Figure(png, "bars")],
+        samples=[Sample("baseline", "a prompt", "<script>x</script>", "refusal")],
+        provenance={"seed": 0},
+    )
+    html_path, md_path = report.write(tmp_path)
+    html = html_path.read_text()
+    assert "data:image/png;base64," in html and "src='figures" not in html
+    assert "&lt;script&gt;" in html and "<script>" not in html
+    assert "T &lt;test&gt;" in html
+    md = md_path.read_text()
+    assert "| claim one | **reproduced** | p=0.01 |" in md
+    assert "a\\|b" in md and "[0.100, 0.400]" in md
+    assert "![bars](figures/bars.png)" in md
+
+
+def test_finding_rejects_unknown_verdict() -> None:
+    with pytest.raises(ValueError, match="verdict"):
+        Finding("c", "maybe", "e")
