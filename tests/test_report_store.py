@@ -14,8 +14,12 @@ from steerlab.report import Figure, Finding, Report, Sample, Table
 
 
 def _row(cond: str, pid: str) -> dict[str, object]:
-    return {"condition": cond, "prompt_id": pid, "response": f"r-{cond}-{pid}",
-            "outcome": "refusal"}
+    return {
+        "condition": cond,
+        "prompt_id": pid,
+        "response": f"r-{cond}-{pid}",
+        "outcome": "refusal",
+    }
 
 
 def test_store_resumes_and_drops_torn_last_line(tmp_path: Path) -> None:
@@ -33,21 +37,33 @@ def test_store_resumes_and_drops_torn_last_line(tmp_path: Path) -> None:
 
 def test_store_refuses_corruption_in_the_middle(tmp_path: Path) -> None:
     path = tmp_path / "responses.jsonl"
-    path.write_text('{"condition": "a", "prompt_id": "1"}\nnot json\n{"condition": "a", '
-                    '"prompt_id": "2"}\n')
+    path.write_text(
+        '{"condition": "a", "prompt_id": "1"}\nnot json\n{"condition": "a", "prompt_id": "2"}\n'
+    )
     with pytest.raises(SteerlabError, match="line 2"):
         ResponseStore(path)
 
 
 def test_report_renders_self_contained_html_and_markdown(tmp_path: Path) -> None:
-    png = figures.bars_with_ci(tmp_path / "figures" / "bars.png", ["a", "b"], [0.2, 0.6],
-                               [[0.1, 0.4], [0.4, 0.8]], title="t", ylabel="rate")
+    png = figures.bars_with_ci(
+        tmp_path / "figures" / "bars.png",
+        ["a", "b"],
+        [0.2, 0.6],
+        [[0.1, 0.4], [0.4, 0.8]],
+        title="t",
+        ylabel="rate",
+    )
     report = Report(
         title="T <test>",
         summary="S",
         findings=[Finding("claim one", "reproduced", "p=0.01")],
-        tables=[Table("Conditions", ["condition", "rate", "ci"],
-                      [{"condition": "a|b", "rate": 0.25, "ci": [0.1, 0.4]}])],
+        tables=[
+            Table(
+                "Conditions",
+                ["condition", "rate", "ci"],
+                [{"condition": "a|b", "rate": 0.25, "ci": [0.1, 0.4]}],
+            )
+        ],
         figures=[Figure(png, "bars")],
         samples=[Sample("baseline", "a prompt", "<script>x</script>", "refusal")],
         provenance={"seed": 0},

@@ -81,8 +81,9 @@ class Report:
         lines = [f"# {self.title}", "", self.summary, ""]
         if self.findings:
             lines += ["## Findings", "", "| claim | verdict | evidence |", "| --- | --- | --- |"]
-            lines += [f"| {_md(f.claim)} | **{f.verdict}** | {_md(f.evidence)} |"
-                      for f in self.findings]
+            lines += [
+                f"| {_md(f.claim)} | **{f.verdict}** | {_md(f.evidence)} |" for f in self.findings
+            ]
             lines.append("")
         for table in self.tables:
             lines += [f"## {table.title}", ""]
@@ -91,20 +92,36 @@ class Report:
             lines.append("| " + " | ".join(table.columns) + " |")
             lines.append("| " + " | ".join("---" for _ in table.columns) + " |")
             for row in table.rows:
-                lines.append("| " + " | ".join(_md(_fmt(row.get(c, ""))) for c in table.columns) + " |")
+                lines.append(
+                    "| " + " | ".join(_md(_fmt(row.get(c, ""))) for c in table.columns) + " |"
+                )
             lines.append("")
         if self.figures:
             lines += ["## Figures", ""]
             for fig in self.figures:
-                rel = fig.path.relative_to(base) if base and fig.path.is_relative_to(base) else fig.path
+                rel = (
+                    fig.path.relative_to(base)
+                    if base and fig.path.is_relative_to(base)
+                    else fig.path
+                )
                 lines += [f"![{fig.caption}]({rel})", "", f"*{fig.caption}*", ""]
         if self.samples:
             lines += ["## Sample generations", ""]
             for s in self.samples:
-                lines += [f"**{s.condition}** ({s.label}) — *{_md(s.prompt)}*", "",
-                          "> " + _md(s.response).replace("\n", "\n> "), ""]
-        lines += ["## Provenance", "", "```json", json.dumps(self.provenance, indent=2, default=str),
-                  "```", ""]
+                lines += [
+                    f"**{s.condition}** ({s.label}) — *{_md(s.prompt)}*",
+                    "",
+                    "> " + _md(s.response).replace("\n", "\n> "),
+                    "",
+                ]
+        lines += [
+            "## Provenance",
+            "",
+            "```json",
+            json.dumps(self.provenance, indent=2, default=str),
+            "```",
+            "",
+        ]
         return "\n".join(lines)
 
     # -- HTML ---------------------------------------------------------------------------------
@@ -112,43 +129,60 @@ class Report:
         e = html.escape
         parts = [f"<h1>{e(self.title)}</h1>", f"<p>{e(self.summary)}</p>"]
         if self.findings:
-            parts.append("<h2>Findings</h2><table><tr><th>claim</th><th>verdict</th>"
-                         "<th>evidence</th></tr>")
+            parts.append(
+                "<h2>Findings</h2><table><tr><th>claim</th><th>verdict</th><th>evidence</th></tr>"
+            )
             for f in self.findings:
                 cls = f.verdict.replace(" ", "-")
-                parts.append(f"<tr><td>{e(f.claim)}</td><td class='{cls}'>{e(f.verdict)}</td>"
-                             f"<td>{e(f.evidence)}</td></tr>")
+                parts.append(
+                    f"<tr><td>{e(f.claim)}</td><td class='{cls}'>{e(f.verdict)}</td>"
+                    f"<td>{e(f.evidence)}</td></tr>"
+                )
             parts.append("</table>")
         for table in self.tables:
             parts.append(f"<h2>{e(table.title)}</h2>")
             if table.note:
                 parts.append(f"<p class='note'>{e(table.note)}</p>")
-            parts.append("<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in table.columns) + "</tr>")
+            parts.append(
+                "<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in table.columns) + "</tr>"
+            )
             for row in table.rows:
-                parts.append("<tr>" + "".join(f"<td>{e(_fmt(row.get(c, '')))}</td>"
-                                              for c in table.columns) + "</tr>")
+                parts.append(
+                    "<tr>"
+                    + "".join(f"<td>{e(_fmt(row.get(c, '')))}</td>" for c in table.columns)
+                    + "</tr>"
+                )
             parts.append("</table>")
         for fig in self.figures:
             data = base64.b64encode(fig.path.read_bytes()).decode("ascii")
-            parts.append(f"<figure><img alt='{e(fig.caption)}' src='data:image/png;base64,{data}'>"
-                         f"<figcaption>{e(fig.caption)}</figcaption></figure>")
+            parts.append(
+                f"<figure><img alt='{e(fig.caption)}' src='data:image/png;base64,{data}'>"
+                f"<figcaption>{e(fig.caption)}</figcaption></figure>"
+            )
         if self.samples:
             parts.append("<h2>Sample generations</h2>")
             for s in self.samples:
-                parts.append(f"<div class='sample'><div class='meta'><b>{e(s.condition)}</b> "
-                             f"<span class='label {e(s.label)}'>{e(s.label)}</span></div>"
-                             f"<div class='prompt'>{e(s.prompt)}</div>"
-                             f"<pre>{e(s.response)}</pre></div>")
-        parts.append("<h2>Provenance</h2><pre>"
-                     + e(json.dumps(self.provenance, indent=2, default=str)) + "</pre>")
+                parts.append(
+                    f"<div class='sample'><div class='meta'><b>{e(s.condition)}</b> "
+                    f"<span class='label {e(s.label)}'>{e(s.label)}</span></div>"
+                    f"<div class='prompt'>{e(s.prompt)}</div>"
+                    f"<pre>{e(s.response)}</pre></div>"
+                )
+        parts.append(
+            "<h2>Provenance</h2><pre>"
+            + e(json.dumps(self.provenance, indent=2, default=str))
+            + "</pre>"
+        )
         return _PAGE.format(title=e(self.title), body="\n".join(parts))
 
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 1e-3 and value != 0 else f"{value:.3f}"
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(
-        isinstance(v, float) for v in value
+    if (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, float) for v in value)
     ):
         return f"[{value[0]:.3f}, {value[1]:.3f}]"
     return str(value)
@@ -172,7 +206,8 @@ td.inconclusive {{ background: #f6efd0; font-weight: bold; }}
 figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; border: 1px solid #ddd; }}
 figcaption {{ font-size: 0.9em; color: #555; }}
 .sample {{ border-left: 3px solid #bbb; margin: 0.8em 0; padding-left: 0.8em; }}
-.prompt {{ font-style: italic; }} pre {{ white-space: pre-wrap; background: #fafafa; padding: 6px; }}
+.prompt {{ font-style: italic; }}
+pre {{ white-space: pre-wrap; background: #fafafa; padding: 6px; }}
 .label {{ font-size: 0.8em; padding: 1px 6px; border-radius: 3px; background: #eee; }}
 .label.refusal {{ background: #dbe8ff; }} .label.bypass {{ background: #ffe0d6; }}
 .label.degenerate {{ background: #eee0ff; }} .note {{ color: #555; font-size: 0.9em; }}

@@ -14,15 +14,19 @@ def register(app: typer.Typer) -> None:
     def sweep(
         model: str = typer.Argument("default", help="Model spec."),
         steer_template: str = typer.Option(
-            ..., "--steer-template", help="Compact steer spec with {layer} and {alpha}, e.g. "
-            "'add:runs/persona@{layer}:{alpha}'."),
+            ...,
+            "--steer-template",
+            help="Compact steer spec with {layer} and {alpha}, e.g. "
+            "'add:runs/persona@{layer}:{alpha}'.",
+        ),
         layers: str = typer.Option(..., "--layers", help="Layers: '4,8,12' or '4-16'."),
         alphas: str = typer.Option(..., "--alphas", help="Strengths: '2,4,8'."),
         prompts: str = typer.Option("paired:harmful", "--prompts", help="Prompt file or name."),
         split: str | None = typer.Option("val", "--split", help="Split for built-in sets."),
         limit: int | None = typer.Option(32, "--limit", help="Prompts per cell."),
-        harmless: str | None = typer.Option("harmless", "--harmless",
-                                            help="Harmless prompts for KL ('' to skip)."),
+        harmless: str | None = typer.Option(
+            "harmless", "--harmless", help="Harmless prompts for KL ('' to skip)."
+        ),
         max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
         out: Path = typer.Option(..., "--out", help="Run folder (resumes if it exists)."),
         dtype: str = DTYPE_OPT,
@@ -33,13 +37,22 @@ def register(app: typer.Typer) -> None:
         from steerlab.prompts import load_prompts
 
         lm = load(model, dtype)
-        prompt_set = load_prompts(prompts, split=None if Path(prompts).exists() else split,
-                                  limit=limit)
+        prompt_set = load_prompts(
+            prompts, split=None if Path(prompts).exists() else split, limit=limit
+        )
         harmless_set = load_prompts(harmless, split="test", limit=16) if harmless else None
-        results = run_sweep(lm, out, template=steer_template,
-                            layers=parse_layers(layers, lm.n_layers),
-                            alphas=[float(a) for a in alphas.split(",")], prompts=prompt_set,
-                            harmless=harmless_set, max_new_tokens=max_new_tokens)
+        results = run_sweep(
+            lm,
+            out,
+            template=steer_template,
+            layers=parse_layers(layers, lm.n_layers),
+            alphas=[float(a) for a in alphas.split(",")],
+            prompts=prompt_set,
+            harmless=harmless_set,
+            max_new_tokens=max_new_tokens,
+        )
         best = min(results["cells"], key=lambda c: c["refusal_rate"])
-        console.print(f"lowest refusal {best['refusal_rate']:.0%} at layer {best['layer']}, "
-                      f"alpha {best['alpha']:g}; report: {out / 'report.html'}")
+        console.print(
+            f"lowest refusal {best['refusal_rate']:.0%} at layer {best['layer']}, "
+            f"alpha {best['alpha']:g}; report: {out / 'report.html'}"
+        )

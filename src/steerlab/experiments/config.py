@@ -23,13 +23,19 @@ class PersonaGatingConfig(BaseModel):
     seed: int = Field(0, description="Seed for random controls and any sampling.")
     max_new_tokens: int = Field(32, ge=1, description="Greedy tokens generated per prompt.")
     batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
-    eval_prompts: str = Field("paired:harmful", description="Evaluation prompts: built-in name or file.")
+    eval_prompts: str = Field(
+        "paired:harmful", description="Evaluation prompts: built-in name or file."
+    )
     eval_split: str | None = Field("test", description="Split of eval_prompts (None for files).")
     limit: int | None = Field(None, ge=1, description="Use only the first N evaluation prompts.")
-    val_prompts: str = Field("paired:harmful", description="Prompts for choosing layer and strength.")
+    val_prompts: str = Field(
+        "paired:harmful", description="Prompts for choosing layer and strength."
+    )
     val_split: str = Field("val", description="Split of val_prompts; never the evaluation split.")
     val_limit: int = Field(24, ge=2, description="Validation prompts per grid cell.")
-    harmless_prompts: str = Field("harmless", description="Harmless prompts for over-refusal and KL.")
+    harmless_prompts: str = Field(
+        "harmless", description="Harmless prompts for over-refusal and KL."
+    )
     harmless_split: str = Field("test", description="Split of harmless_prompts.")
     harmless_limit: int = Field(48, ge=2, description="Harmless prompts for over-refusal and KL.")
     position: str = Field("last", description="Token position the directions are read at.")
@@ -44,13 +50,17 @@ class PersonaGatingConfig(BaseModel):
         description="Candidate persona strengths, in multiples of the raw diff-in-means vector.",
     )
     max_degenerate_rate: float = Field(
-        0.25, ge=0, le=1,
+        0.25,
+        ge=0,
+        le=1,
         description="Grid cells whose validation degenerate rate exceeds this are not chosen.",
     )
     readd_alpha: float = Field(
         2.0, description="Refusal re-add strength, in multiples of the raw refusal vector."
     )
-    readd_every: int = Field(2, ge=1, description="Re-add the refusal direction at every k-th layer.")
+    readd_every: int = Field(
+        2, ge=1, description="Re-add the refusal direction at every k-th layer."
+    )
     early_window: list[int] | None = Field(
         None, description="Layers of the early projection window (default: first third)."
     )
@@ -84,7 +94,9 @@ class PersonaGatingConfig(BaseModel):
         try:
             return cls(**data)
         except ValidationError as exc:
-            fields = ", ".join(".".join(map(str, e["loc"])) + f" ({e['msg']})" for e in exc.errors())
+            fields = ", ".join(
+                ".".join(map(str, e["loc"])) + f" ({e['msg']})" for e in exc.errors()
+            )
             raise SteerlabError(f"Invalid persona-gating config: {fields}.") from exc
 
     def windows(self, n_layers: int) -> tuple[list[int], list[int]]:
@@ -97,3 +109,51 @@ class PersonaGatingConfig(BaseModel):
                     f"{name}={window} is outside the model's layers 0..{n_layers - 1}."
                 )
         return early, late
+
+
+class ExperimentConfig(BaseModel):
+    """Settings every ``steerlab experiment`` shares; each experiment's config extends it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int = Field(0, description="Seed for random controls and any sampling.")
+    max_new_tokens: int = Field(32, ge=1, description="Greedy tokens generated per prompt.")
+    batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
+    eval_prompts: str = Field("paired:harmful", description="Evaluation prompts: built-in or file.")
+    eval_split: str | None = Field("test", description="Split of eval_prompts (None for files).")
+    limit: int | None = Field(None, ge=1, description="Use only the first N evaluation prompts.")
+    harmless_prompts: str = Field("harmless", description="Harmless prompts for KL (and more).")
+    harmless_split: str = Field("test", description="Split of harmless_prompts.")
+    harmless_limit: int = Field(32, ge=2, description="Harmless prompts used for KL.")
+    position: str = Field("last", description="Token position the refusal direction is read at.")
+    extraction_limit: int | None = Field(
+        None, ge=2, description="Cap on prompt pairs when extracting directions (None: all)."
+    )
+    kl_tokens: int = Field(4, ge=1, description="KL averaged over this many baseline tokens.")
+    judge_url: str | None = Field(None, description="OpenAI-compatible judge endpoint (optional).")
+    judge_model: str = Field("judge", description="Model name sent to the judge endpoint.")
+    n_samples: int = Field(2, ge=0, description="Sample generations per condition in the report.")
+
+    @classmethod
+    def from_file(cls, path: str | Path | None, **overrides: Any) -> Any:
+        """Load a YAML/JSON config (or none), then apply non-None ``overrides``."""
+        data: dict[str, Any] = {}
+        if path is not None:
+            file = Path(path)
+            if not file.is_file():
+                raise SteerlabError(f"Config file {file} does not exist; check the path.")
+            try:
+                loaded = yaml.safe_load(file.read_text())
+            except yaml.YAMLError as exc:
+                raise SteerlabError(f"Config file {file} is not valid YAML/JSON: {exc}") from exc
+            if not isinstance(loaded, dict):
+                raise SteerlabError(f"Config file {file} must hold a mapping of settings.")
+            data.update(loaded)
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls(**data)
+        except ValidationError as exc:
+            fields = ", ".join(
+                ".".join(map(str, e["loc"])) + f" ({e['msg']})" for e in exc.errors()
+            )
+            raise SteerlabError(f"Invalid {cls.__name__} settings: {fields}.") from exc

@@ -33,8 +33,9 @@ TRAIT_AXES = ("evil_nurturing", "callous_supportive", "hostile_patient", "arroga
 ALPHA_SIG = 0.05
 
 
-def run_persona_gating(lm: LoadedModel, out_dir: str | Path, config: PersonaGatingConfig,
-                       *, show_progress: bool = True) -> dict[str, Any]:
+def run_persona_gating(
+    lm: LoadedModel, out_dir: str | Path, config: PersonaGatingConfig, *, show_progress: bool = True
+) -> dict[str, Any]:
     """Run every step (resuming from ``out_dir``) and write results, responses and report."""
     from steerlab.prompts import load_prompts, persona_pairs
 
@@ -42,27 +43,46 @@ def run_persona_gating(lm: LoadedModel, out_dir: str | Path, config: PersonaGati
     started = time.perf_counter()
     eval_set = load_prompts(config.eval_prompts, split=config.eval_split, limit=config.limit)
     val_set = load_prompts(config.val_prompts, split=config.val_split, limit=config.val_limit)
-    harmless = load_prompts(config.harmless_prompts, split=config.harmless_split,
-                            limit=config.harmless_limit)
+    harmless = load_prompts(
+        config.harmless_prompts, split=config.harmless_split, limit=config.harmless_limit
+    )
     n_layers = lm.n_layers
     early, late = config.windows(n_layers)
 
-    with Runner(lm, out, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-                show_progress=show_progress) as run:
+    with Runner(
+        lm,
+        out,
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.batch_size,
+        show_progress=show_progress,
+    ) as run:
         refusal, persona, traits = _directions(run, config)
         analysis = run.step("analysis", lambda: _analysis(lm, refusal, persona, traits, config))
         refusal_layer = int(analysis["refusal_source_layer"])
 
         grid = _grid(n_layers, config)
-        plan_units = len(grid) * len(val_set) + _n_eval_conditions(n_layers, config) * len(
-            eval_set) + (3 + len(config.random_seeds)) * len(harmless)
+        plan_units = (
+            len(grid) * len(val_set)
+            + _n_eval_conditions(n_layers, config) * len(eval_set)
+            + (3 + len(config.random_seeds)) * len(harmless)
+        )
         run.plan(plan_units)
 
         selection = run.step("selection", lambda: _select(run, val_set, persona, grid, config))
         layer, alpha = int(selection["layer"]), float(selection["alpha"])
 
-        conditions = _eval_conditions(lm, config, refusal, persona, refusal_layer, layer, alpha,
-                                      early, late, persona_pairs("compliance", split="test"))
+        conditions = _eval_conditions(
+            lm,
+            config,
+            refusal,
+            persona,
+            refusal_layer,
+            layer,
+            alpha,
+            early,
+            late,
+            persona_pairs("compliance", split="test"),
+        )
         for cond in conditions:
             run.run(cond, eval_set, tag="eval")
         harmless_conditions = _harmless_conditions(conditions)
@@ -71,8 +91,22 @@ def run_persona_gating(lm: LoadedModel, out_dir: str | Path, config: PersonaGati
         kl = run.step("kl", lambda: _kl(lm, harmless, harmless_conditions, config))
 
         judged = _judge(run, config) if config.judge_url else {}
-        results = _results(lm, run, config, eval_set, harmless, conditions, harmless_conditions,
-                           analysis, selection, kl, judged, early, late, refusal_layer)
+        results = _results(
+            lm,
+            run,
+            config,
+            eval_set,
+            harmless,
+            conditions,
+            harmless_conditions,
+            analysis,
+            selection,
+            kl,
+            judged,
+            early,
+            late,
+            refusal_layer,
+        )
         _record_timings(run, results, len(eval_set), time.perf_counter() - started)
         write_json(out / "results.json", results)
 
@@ -83,22 +117,41 @@ def run_persona_gating(lm: LoadedModel, out_dir: str | Path, config: PersonaGati
 
 
 # -- directions and analysis --------------------------------------------------------------------
-def _directions(run: Runner, config: PersonaGatingConfig
-                ) -> tuple[Direction, Direction, dict[str, Direction]]:
+def _directions(
+    run: Runner, config: PersonaGatingConfig
+) -> tuple[Direction, Direction, dict[str, Direction]]:
     from steerlab.extraction import persona_direction, refusal_direction, trait_direction
 
     lm = run.lm
-    refusal = run.direction("refusal", lambda: refusal_direction(
-        lm, split="train", position=config.position, limit=config.extraction_limit))
-    persona = run.direction("persona", lambda: persona_direction(
-        lm, axis="compliance", split="train", position=config.position))
-    traits = {axis: run.direction(axis, lambda a=axis: trait_direction(  # type: ignore[misc]
-        lm, a, split="train", position=config.position)) for axis in TRAIT_AXES}
+    refusal = run.direction(
+        "refusal",
+        lambda: refusal_direction(
+            lm, split="train", position=config.position, limit=config.extraction_limit
+        ),
+    )
+    persona = run.direction(
+        "persona",
+        lambda: persona_direction(lm, axis="compliance", split="train", position=config.position),
+    )
+    traits = {
+        axis: run.direction(
+            axis,
+            lambda a=axis: trait_direction(  # type: ignore[misc]
+                lm, a, split="train", position=config.position
+            ),
+        )
+        for axis in TRAIT_AXES
+    }
     return refusal, persona, traits
 
 
-def _analysis(lm: LoadedModel, refusal: Direction, persona: Direction,
-              traits: dict[str, Direction], config: PersonaGatingConfig) -> dict[str, Any]:
+def _analysis(
+    lm: LoadedModel,
+    refusal: Direction,
+    persona: Direction,
+    traits: dict[str, Direction],
+    config: PersonaGatingConfig,
+) -> dict[str, Any]:
     """Per-layer Cohen's d on held-out prompts and the cosines the report plots."""
     from steerlab.analysis import cohens_d
     from steerlab.prompts import load_prompts, persona_pairs
@@ -110,8 +163,15 @@ def _analysis(lm: LoadedModel, refusal: Direction, persona: Direction,
     pos_sys, neg_sys = zip(*persona_pairs("compliance", split="val"), strict=True)
     sys_pos = [pos_sys[i % len(pos_sys)] for i in range(len(neutral))]
     sys_neg = [neg_sys[i % len(neg_sys)] for i in range(len(neutral))]
-    persona_d = cohens_d(lm, persona, neutral, neutral, position=config.position,
-                         system_positive=sys_pos, system_negative=sys_neg)
+    persona_d = cohens_d(
+        lm,
+        persona,
+        neutral,
+        neutral,
+        position=config.position,
+        system_positive=sys_pos,
+        system_negative=sys_neg,
+    )
     n = lm.n_layers
     lo, hi = int(0.2 * n), int(0.8 * n)
     candidates = {k: v for k, v in refusal_d.items() if lo <= int(k) < hi} or refusal_d
@@ -133,29 +193,41 @@ def _analysis(lm: LoadedModel, refusal: Direction, persona: Direction,
 
 # -- validation grid ----------------------------------------------------------------------------
 def _grid(n_layers: int, config: PersonaGatingConfig) -> list[tuple[int, float]]:
-    layers = sorted({min(n_layers - 1, max(0, round(f * n_layers)))
-                     for f in config.steer_layer_fractions})
+    layers = sorted(
+        {min(n_layers - 1, max(0, round(f * n_layers))) for f in config.steer_layer_fractions}
+    )
     return [(layer, alpha) for layer in layers for alpha in config.alphas]
 
 
-def _select(run: Runner, val_set: PromptSet, persona: Direction,
-            grid: Sequence[tuple[int, float]], config: PersonaGatingConfig) -> dict[str, Any]:
+def _select(
+    run: Runner,
+    val_set: PromptSet,
+    persona: Direction,
+    grid: Sequence[tuple[int, float]],
+    config: PersonaGatingConfig,
+) -> dict[str, Any]:
     """Pick the persona layer and strength with the lowest validation refusal rate among cells
     that stay coherent (degenerate rate ≤ max_degenerate_rate); ties go to the smaller alpha."""
     from steerlab.interventions import Add
 
     cells = []
     for layer, alpha in grid:
-        cond = Condition(f"val/persona_L{layer}_a{alpha:g}",
-                         (Add(persona, alpha=alpha, layers=[layer]),))
+        cond = Condition(
+            f"val/persona_L{layer}_a{alpha:g}", (Add(persona, alpha=alpha, layers=[layer]),)
+        )
         summary = condition_summary(run.run(cond, val_set, tag="val"))
         cells.append({"layer": layer, "alpha": alpha, **summary})
     ok = [c for c in cells if c["degenerate_rate"] <= config.max_degenerate_rate] or cells
     best = min(ok, key=lambda c: (c["refusal_rate"], c["alpha"], c["layer"]))
-    return {"layer": best["layer"], "alpha": best["alpha"], "cells": cells,
-            "rule": "lowest validation refusal rate among cells with degenerate rate <= "
-                    f"{config.max_degenerate_rate}; ties to smaller alpha, then earlier layer",
-            "n_val": len(val_set), "val_prompts": f"{config.val_prompts} ({config.val_split})"}
+    return {
+        "layer": best["layer"],
+        "alpha": best["alpha"],
+        "cells": cells,
+        "rule": "lowest validation refusal rate among cells with degenerate rate <= "
+        f"{config.max_degenerate_rate}; ties to smaller alpha, then earlier layer",
+        "n_val": len(val_set),
+        "val_prompts": f"{config.val_prompts} ({config.val_split})",
+    }
 
 
 # -- conditions ---------------------------------------------------------------------------------
@@ -167,54 +239,97 @@ def _n_eval_conditions(n_layers: int, config: PersonaGatingConfig) -> int:
     return 6 + 2 * len(config.random_seeds) + len(_readd_layers(n_layers, config))
 
 
-def _eval_conditions(lm: LoadedModel, config: PersonaGatingConfig, refusal: Direction,
-                     persona: Direction, refusal_layer: int, layer: int, alpha: float,
-                     early: list[int], late: list[int],
-                     test_personas: Sequence[tuple[str, str]]) -> list[Condition]:
+def _eval_conditions(
+    lm: LoadedModel,
+    config: PersonaGatingConfig,
+    refusal: Direction,
+    persona: Direction,
+    refusal_layer: int,
+    layer: int,
+    alpha: float,
+    early: list[int],
+    late: list[int],
+    test_personas: Sequence[tuple[str, str]],
+) -> list[Condition]:
     from steerlab.interventions import Ablate, Add, Project, random_like
 
     steer = Add(persona, alpha=alpha, layers=[layer])
     conds = [
         Condition("baseline", description="no intervention"),
-        Condition("persona_system_prompt", system=test_personas[0][0],
-                  description="held-out compliant persona as the system prompt"),
-        Condition("persona_steer", (steer,),
-                  description=f"persona direction x{alpha:g} added at layer {layer}"),
+        Condition(
+            "persona_system_prompt",
+            system=test_personas[0][0],
+            description="held-out compliant persona as the system prompt",
+        ),
+        Condition(
+            "persona_steer",
+            (steer,),
+            description=f"persona direction x{alpha:g} added at layer {layer}",
+        ),
     ]
     for seed in config.random_seeds:
         rand = random_like(persona, seed=config.seed * 1000 + seed)
-        conds.append(Condition(f"random_steer/s{seed}", (Add(rand, alpha=alpha, layers=[layer]),),
-                               description=f"random direction, same norm, layer {layer}"))
-    conds.append(Condition("refusal_ablate", (Ablate(refusal, source_layer=refusal_layer),),
-                           description=f"refusal direction (layer {refusal_layer}) ablated "
-                                       "at every layer"))
+        conds.append(
+            Condition(
+                f"random_steer/s{seed}",
+                (Add(rand, alpha=alpha, layers=[layer]),),
+                description=f"random direction, same norm, layer {layer}",
+            )
+        )
+    conds.append(
+        Condition(
+            "refusal_ablate",
+            (Ablate(refusal, source_layer=refusal_layer),),
+            description=f"refusal direction (layer {refusal_layer}) ablated at every layer",
+        )
+    )
     for readd in _readd_layers(lm.n_layers, config):
-        conds.append(Condition(
-            f"refusal_readd/L{readd}",
-            (steer, Add(refusal, alpha=config.readd_alpha, layers=[readd])),
-            description=f"persona-steered, refusal x{config.readd_alpha:g} re-added at {readd}"))
+        conds.append(
+            Condition(
+                f"refusal_readd/L{readd}",
+                (steer, Add(refusal, alpha=config.readd_alpha, layers=[readd])),
+                description=f"persona-steered, refusal x{config.readd_alpha:g} re-added at {readd}",
+            )
+        )
     conds += [
-        Condition("persona_project_late", (steer, Project(persona, layers=late)),
-                  description=f"persona-steered, persona projected out of {_span(late)}"),
-        Condition("persona_project_early", (steer, Project(persona, layers=early)),
-                  description=f"persona-steered, persona projected out of {_span(early)}"),
+        Condition(
+            "persona_project_late",
+            (steer, Project(persona, layers=late)),
+            description=f"persona-steered, persona projected out of {_span(late)}",
+        ),
+        Condition(
+            "persona_project_early",
+            (steer, Project(persona, layers=early)),
+            description=f"persona-steered, persona projected out of {_span(early)}",
+        ),
     ]
     for seed in config.random_seeds:
         rand = random_like(persona, seed=config.seed * 1000 + 100 + seed)
-        conds.append(Condition(f"random_project_late/s{seed}", (steer, Project(rand, layers=late)),
-                               description=f"persona-steered, random projected out of "
-                                           f"{_span(late)}"))
+        conds.append(
+            Condition(
+                f"random_project_late/s{seed}",
+                (steer, Project(rand, layers=late)),
+                description=f"persona-steered, random projected out of {_span(late)}",
+            )
+        )
     return conds
 
 
 def _harmless_conditions(conditions: Sequence[Condition]) -> list[Condition]:
     keep = ("baseline", "persona_steer", "refusal_ablate")
-    return [Condition(f"harmless/{c.name}", c.specs, c.system, c.description) for c in conditions
-            if c.name in keep or c.name.startswith("random_steer/")]
+    return [
+        Condition(f"harmless/{c.name}", c.specs, c.system, c.description)
+        for c in conditions
+        if c.name in keep or c.name.startswith("random_steer/")
+    ]
 
 
-def _kl(lm: LoadedModel, harmless: PromptSet, conditions: Sequence[Condition],
-        config: PersonaGatingConfig) -> dict[str, Any]:
+def _kl(
+    lm: LoadedModel,
+    harmless: PromptSet,
+    conditions: Sequence[Condition],
+    config: PersonaGatingConfig,
+) -> dict[str, Any]:
     from steerlab.evaluate import kl_divergence
 
     out = {}
@@ -223,8 +338,10 @@ def _kl(lm: LoadedModel, harmless: PromptSet, conditions: Sequence[Condition],
             continue
         first = kl_divergence(lm, harmless.texts(), cond.specs, k=1)
         avg = kl_divergence(lm, harmless.texts(), cond.specs, k=config.kl_tokens)
-        out[cond.name.removeprefix("harmless/")] = {"kl_first_token": first,
-                                                    f"kl_first_{config.kl_tokens}": avg}
+        out[cond.name.removeprefix("harmless/")] = {
+            "kl_first_token": first,
+            f"kl_first_{config.kl_tokens}": avg,
+        }
     return out
 
 
@@ -237,10 +354,11 @@ def _judge(run: Runner, config: PersonaGatingConfig) -> dict[str, Any]:
     scores = judge.score_many([(r["prompt"], r["response"]) for r in rows])
     by_cond: dict[str, dict[str, list[float]]] = {}
     for row, score in zip(rows, scores, strict=True):
-        bucket = by_cond.setdefault(row["condition"], {"compliance": [], "coherence": [],
-                                                       "missing": []})
-        if score is None:
-            bucket["missing"].append(1.0)
+        bucket = by_cond.setdefault(
+            row["condition"], {"compliance": [], "coherence": [], "missing": []}
+        )
+        if score.missing or score.compliance is None or score.coherence is None:
+            bucket["missing"].append(1.0)  # unparseable after retries: recorded, never counted
             continue
         bucket["compliance"].append(score.compliance)
         bucket["coherence"].append(score.coherence)
@@ -248,11 +366,22 @@ def _judge(run: Runner, config: PersonaGatingConfig) -> dict[str, Any]:
 
 
 # -- results ------------------------------------------------------------------------------------
-def _results(lm: LoadedModel, run: Runner, config: PersonaGatingConfig, eval_set: PromptSet,
-             harmless: PromptSet, conditions: Sequence[Condition],
-             harmless_conditions: Sequence[Condition], analysis: dict[str, Any],
-             selection: dict[str, Any], kl: dict[str, Any], judged: dict[str, Any],
-             early: list[int], late: list[int], refusal_layer: int) -> dict[str, Any]:
+def _results(
+    lm: LoadedModel,
+    run: Runner,
+    config: PersonaGatingConfig,
+    eval_set: PromptSet,
+    harmless: PromptSet,
+    conditions: Sequence[Condition],
+    harmless_conditions: Sequence[Condition],
+    analysis: dict[str, Any],
+    selection: dict[str, Any],
+    kl: dict[str, Any],
+    judged: dict[str, Any],
+    early: list[int],
+    late: list[int],
+    refusal_layer: int,
+) -> dict[str, Any]:
     from steerlab.evaluate import bootstrap_ci, mcnemar
     from steerlab.provenance import provenance
 
@@ -280,22 +409,29 @@ def _results(lm: LoadedModel, run: Runner, config: PersonaGatingConfig, eval_set
             **condition_summary(pooled),
             "description": f"pooled over {len(members)} random seeds",
             "seeds": {n.split("/")[1]: cond_out[n]["refusal_rate"] for n in members},
-            "seed_mean": statistics.fmean(rates), "seed_sd": statistics.pstdev(rates),
-            "seed_min": min(rates), "seed_max": max(rates),
+            "seed_mean": statistics.fmean(rates),
+            "seed_sd": statistics.pstdev(rates),
+            "seed_min": min(rates),
+            "seed_max": max(rates),
             "seed_mean_ci95": list(bootstrap_ci(rates, seed=config.seed)),
             f"n_seeds_p_lt_0.05_vs_{ref}": sum(
-                cond_out[n][f"vs_{ref}_p"] < ALPHA_SIG for n in members),
+                cond_out[n][f"vs_{ref}_p"] < ALPHA_SIG for n in members
+            ),
         }
     readd = {int(n.split("/L")[1]): cond_out[n] for n in cond_out if n.startswith("refusal_readd/")}
     third = lm.n_layers / 3
     early_l = {k: v for k, v in readd.items() if k < third}
     late_l = {k: v for k, v in readd.items() if k >= 2 * third}
-    for label, group in (("refusal_readd_early", early_l), ("refusal_readd_late", late_l)):
-        if group:
-            best = max(group, key=lambda k: group[k]["refusal_rate"])
-            cond_out[label] = {**group[best], "layer": best,
-                               "description": f"best re-add layer in the {label[14:]} third "
-                                              f"(layers {_span(sorted(group))}), layer {best}"}
+    thirds: dict[str, dict[int, Any]] = {"early": early_l, "late": late_l}
+    for part, by_layer in thirds.items():
+        if by_layer:
+            best = max(by_layer, key=lambda k: by_layer[k]["refusal_rate"])
+            cond_out[f"refusal_readd_{part}"] = {
+                **by_layer[best],
+                "layer": best,
+                "description": f"best re-add layer in the {part} third (layers "
+                f"{_span(sorted(by_layer))}), layer {best}",
+            }
     harmless_out = {}
     for cond in harmless_conditions:
         key = cond.name.removeprefix("harmless/")
@@ -312,8 +448,9 @@ def _results(lm: LoadedModel, run: Runner, config: PersonaGatingConfig, eval_set
             for metric in ("compliance", "coherence"):
                 vals = bucket[metric]
                 target[f"judge_{metric}"] = statistics.fmean(vals) if vals else None
-                target[f"judge_{metric}_ci95"] = list(bootstrap_ci(vals, seed=config.seed)) \
-                    if len(vals) > 1 else None
+                target[f"judge_{metric}_ci95"] = (
+                    list(bootstrap_ci(vals, seed=config.seed)) if len(vals) > 1 else None
+                )
             target["judge_missing"] = len(bucket["missing"])
     return {
         "model": lm.name,
@@ -340,49 +477,83 @@ def _findings(c: dict[str, Any]) -> list[dict[str, str]]:
 
     out = []
     s, b = c["persona_steer"], c["baseline"]
-    verdict = ("reproduced" if s["refusal_rate"] < b["refusal_rate"] and s["vs_baseline_p"] < ALPHA_SIG
-               else "inconclusive" if s["refusal_rate"] < b["refusal_rate"] else "not reproduced")
-    out.append({"claim": "Compliant-persona steering suppresses refusal", "verdict": verdict,
-                "evidence": f"{fmt('baseline')}; {fmt('persona_steer')}; "
-                            f"McNemar p={s['vs_baseline_p']:.3g}"})
+    verdict = (
+        "reproduced"
+        if s["refusal_rate"] < b["refusal_rate"] and s["vs_baseline_p"] < ALPHA_SIG
+        else "inconclusive"
+        if s["refusal_rate"] < b["refusal_rate"]
+        else "not reproduced"
+    )
+    out.append(
+        {
+            "claim": "Compliant-persona steering suppresses refusal",
+            "verdict": verdict,
+            "evidence": f"{fmt('baseline')}; {fmt('persona_steer')}; "
+            f"McNemar p={s['vs_baseline_p']:.3g}",
+        }
+    )
     r = c["random_steer"]
     n_sig = r["n_seeds_p_lt_0.05_vs_baseline"]
     n_seeds = len(r["seeds"])
     verdict = "reproduced" if n_sig == 0 else "not reproduced"
-    out.append({"claim": "Random directions of the same norm do nothing", "verdict": verdict,
-                "evidence": f"random_steer over {n_seeds} seeds: mean {r['seed_mean']:.0%} "
-                            f"(sd {r['seed_sd']:.0%}, range {r['seed_min']:.0%}–"
-                            f"{r['seed_max']:.0%}); {n_sig}/{n_seeds} seeds differ from baseline "
-                            f"at p<0.05; baseline {b['refusal_rate']:.0%}"})
+    out.append(
+        {
+            "claim": "Random directions of the same norm do nothing",
+            "verdict": verdict,
+            "evidence": f"random_steer over {n_seeds} seeds: mean {r['seed_mean']:.0%} "
+            f"(sd {r['seed_sd']:.0%}, range {r['seed_min']:.0%}–"
+            f"{r['seed_max']:.0%}); {n_sig}/{n_seeds} seeds differ from baseline "
+            f"at p<0.05; baseline {b['refusal_rate']:.0%}",
+        }
+    )
     if "refusal_readd_early" in c and "refusal_readd_late" in c:
         e, late = c["refusal_readd_early"], c["refusal_readd_late"]
-        restores_late = late["vs_persona_steer_p"] < ALPHA_SIG and \
-            late["refusal_rate"] > s["refusal_rate"]
-        restores_early = e["vs_persona_steer_p"] < ALPHA_SIG and \
-            e["refusal_rate"] > s["refusal_rate"]
-        verdict = ("reproduced" if restores_late and not restores_early
-                   else "not reproduced" if restores_early or late["refusal_rate"] <= e["refusal_rate"]
-                   else "inconclusive")
-        out.append({"claim": "Re-adding refusal restores it only at late layers",
-                    "verdict": verdict,
-                    "evidence": f"best early layer {e['layer']}: {e['refusal_rate']:.0%} "
-                                f"(p={e['vs_persona_steer_p']:.3g} vs persona_steer); best late "
-                                f"layer {late['layer']}: {late['refusal_rate']:.0%} "
-                                f"(p={late['vs_persona_steer_p']:.3g}); persona_steer "
-                                f"{s['refusal_rate']:.0%}. Best layers are picked on the "
-                                "evaluation prompts, so these two rates are optimistic."})
+        restores_late = (
+            late["vs_persona_steer_p"] < ALPHA_SIG and late["refusal_rate"] > s["refusal_rate"]
+        )
+        restores_early = (
+            e["vs_persona_steer_p"] < ALPHA_SIG and e["refusal_rate"] > s["refusal_rate"]
+        )
+        verdict = (
+            "reproduced"
+            if restores_late and not restores_early
+            else "not reproduced"
+            if restores_early or late["refusal_rate"] <= e["refusal_rate"]
+            else "inconclusive"
+        )
+        out.append(
+            {
+                "claim": "Re-adding refusal restores it only at late layers",
+                "verdict": verdict,
+                "evidence": f"best early layer {e['layer']}: {e['refusal_rate']:.0%} "
+                f"(p={e['vs_persona_steer_p']:.3g} vs persona_steer); best late "
+                f"layer {late['layer']}: {late['refusal_rate']:.0%} "
+                f"(p={late['vs_persona_steer_p']:.3g}); persona_steer "
+                f"{s['refusal_rate']:.0%}. Best layers are picked on the "
+                "evaluation prompts, so these two rates are optimistic.",
+            }
+        )
     pl, pe, rp = c["persona_project_late"], c["persona_project_early"], c["random_project_late"]
     restores = pl["vs_persona_steer_p"] < ALPHA_SIG and pl["refusal_rate"] > s["refusal_rate"]
     matches_base = pl["vs_baseline_p"] >= ALPHA_SIG
     early_restores = pe["vs_persona_steer_p"] < ALPHA_SIG and pe["refusal_rate"] > s["refusal_rate"]
-    verdict = ("reproduced" if restores and matches_base and not early_restores
-               else "inconclusive" if restores else "not reproduced")
-    out.append({"claim": "Projecting persona out of a late window restores baseline refusal",
-                "verdict": verdict,
-                "evidence": f"{fmt('persona_project_late')} (p={pl['vs_persona_steer_p']:.3g} vs "
-                            f"persona_steer, p={pl['vs_baseline_p']:.3g} vs baseline); "
-                            f"{fmt('persona_project_early')}; random_project_late mean "
-                            f"{rp['seed_mean']:.0%} over {len(rp['seeds'])} seeds"})
+    verdict = (
+        "reproduced"
+        if restores and matches_base and not early_restores
+        else "inconclusive"
+        if restores
+        else "not reproduced"
+    )
+    out.append(
+        {
+            "claim": "Projecting persona out of a late window restores baseline refusal",
+            "verdict": verdict,
+            "evidence": f"{fmt('persona_project_late')} (p={pl['vs_persona_steer_p']:.3g} vs "
+            f"persona_steer, p={pl['vs_baseline_p']:.3g} vs baseline); "
+            f"{fmt('persona_project_early')}; random_project_late mean "
+            f"{rp['seed_mean']:.0%} over {len(rp['seeds'])} seeds",
+        }
+    )
     return out
 
 
@@ -391,8 +562,11 @@ def _record_timings(run: Runner, results: dict[str, Any], n_eval: int, total: fl
     import json
 
     path = run.out / "timings.json"
-    history = json.loads(path.read_text()) if path.exists() else {"steps": {}, "generation": {},
-                                                                   "generated_prompts": {}}
+    history = (
+        json.loads(path.read_text())
+        if path.exists()
+        else {"steps": {}, "generation": {}, "generated_prompts": {}}
+    )
     for key in ("steps", "generation", "generated_prompts"):
         history[key].update(getattr(run.timings, key))
     history.setdefault("wall_seconds", 0.0)

@@ -10,109 +10,214 @@ from steerlab.experiments.config import PersonaGatingConfig
 from steerlab.experiments.store import ResponseStore
 from steerlab.report import Figure, Finding, Report, Sample, Table
 
-MAIN = ("baseline", "persona_system_prompt", "persona_steer", "random_steer", "refusal_ablate",
-        "refusal_readd_early", "refusal_readd_late", "persona_project_late",
-        "persona_project_early", "random_project_late")
+MAIN = (
+    "baseline",
+    "persona_system_prompt",
+    "persona_steer",
+    "random_steer",
+    "refusal_ablate",
+    "refusal_readd_early",
+    "refusal_readd_late",
+    "persona_project_late",
+    "persona_project_early",
+    "random_project_late",
+)
 
 
-def write_persona_report(out: Path, results: dict[str, Any], store: ResponseStore,
-                         analysis: dict[str, Any], config: PersonaGatingConfig) -> Path:
+def write_persona_report(
+    out: Path,
+    results: dict[str, Any],
+    store: ResponseStore,
+    analysis: dict[str, Any],
+    config: PersonaGatingConfig,
+) -> Path:
     c = results["conditions"]
     figs = out / "figures"
-    readd = sorted((int(k.split("/L")[1]), v) for k, v in c.items()
-                   if k.startswith("refusal_readd/L"))
+    readd = sorted(
+        (int(k.split("/L")[1]), v) for k, v in c.items() if k.startswith("refusal_readd/L")
+    )
     n_layers = results["provenance"]["model"]["n_layers"]
     figures_ = [
-        Figure(figures.rate_by_layer(
-            figs / "readd_by_layer.png", [k for k, _ in readd],
-            [v["refusal_rate"] for _, v in readd], [v["refusal_rate_ci95"] for _, v in readd],
-            title="Refusal when the refusal direction is re-added while persona-steered",
-            ylabel="refusal rate",
-            references={"baseline": (c["baseline"]["refusal_rate"], c["baseline"]["refusal_rate_ci95"]),
-                        "persona_steer": (c["persona_steer"]["refusal_rate"],
-                                          c["persona_steer"]["refusal_rate_ci95"])},
-            spans={"early third": (-0.5, n_layers / 3 - 0.5),
-                   "late third": (2 * n_layers / 3 - 0.5, n_layers - 0.5)}),
+        Figure(
+            figures.rate_by_layer(
+                figs / "readd_by_layer.png",
+                [k for k, _ in readd],
+                [v["refusal_rate"] for _, v in readd],
+                [v["refusal_rate_ci95"] for _, v in readd],
+                title="Refusal when the refusal direction is re-added while persona-steered",
+                ylabel="refusal rate",
+                references={
+                    "baseline": (c["baseline"]["refusal_rate"], c["baseline"]["refusal_rate_ci95"]),
+                    "persona_steer": (
+                        c["persona_steer"]["refusal_rate"],
+                        c["persona_steer"]["refusal_rate_ci95"],
+                    ),
+                },
+                spans={
+                    "early third": (-0.5, n_layers / 3 - 0.5),
+                    "late third": (2 * n_layers / 3 - 0.5, n_layers - 0.5),
+                },
+            ),
             "Refusal rate (95% Wilson CI) by the layer where the refusal direction is re-added, "
-            "with baseline and persona-steered rates for reference."),
-        Figure(figures.bars_with_ci(
-            figs / "conditions.png", [m for m in MAIN if m in c],
-            [c[m]["refusal_rate"] for m in MAIN if m in c],
-            [c[m]["refusal_rate_ci95"] for m in MAIN if m in c],
-            title=f"Refusal rate by condition (n={results['n_eval']})", ylabel="refusal rate"),
+            "with baseline and persona-steered rates for reference.",
+        ),
+        Figure(
+            figures.bars_with_ci(
+                figs / "conditions.png",
+                [m for m in MAIN if m in c],
+                [c[m]["refusal_rate"] for m in MAIN if m in c],
+                [c[m]["refusal_rate_ci95"] for m in MAIN if m in c],
+                title=f"Refusal rate by condition (n={results['n_eval']})",
+                ylabel="refusal rate",
+            ),
             "Refusal rate per condition with 95% Wilson intervals; random conditions pooled "
-            "over seeds."),
-        Figure(figures.lines_by_layer(
-            figs / "cosine_by_layer.png",
-            {"refusal vs compliant persona": analysis["refusal_persona_cosine"],
-             **{f"{a} vs persona": v for a, v in analysis["trait_cosine_with_persona"].items()}},
-            title="Cosine similarity by layer", ylabel="cosine"),
+            "over seeds.",
+        ),
+        Figure(
+            figures.lines_by_layer(
+                figs / "cosine_by_layer.png",
+                {
+                    "refusal vs compliant persona": analysis["refusal_persona_cosine"],
+                    **{
+                        f"{a} vs persona": v
+                        for a, v in analysis["trait_cosine_with_persona"].items()
+                    },
+                },
+                title="Cosine similarity by layer",
+                ylabel="cosine",
+            ),
             "Per-layer cosine between the refusal and compliant-persona directions, and between "
-            "each relational-trait direction and the compliant-persona direction."),
-        Figure(figures.lines_by_layer(
-            figs / "cohens_d_by_layer.png",
-            {"refusal (harmful vs harmless, held-out)": analysis["refusal_cohens_d"],
-             "persona (compliant vs cautious, held-out)": analysis["persona_cohens_d"]},
-            title="Separability of the projections by layer (Cohen's d)", ylabel="Cohen's d"),
-            "Cohen's d of the projection onto each layer's direction on held-out prompts."),
+            "each relational-trait direction and the compliant-persona direction.",
+        ),
+        Figure(
+            figures.lines_by_layer(
+                figs / "cohens_d_by_layer.png",
+                {
+                    "refusal (harmful vs harmless, held-out)": analysis["refusal_cohens_d"],
+                    "persona (compliant vs cautious, held-out)": analysis["persona_cohens_d"],
+                },
+                title="Separability of the projections by layer (Cohen's d)",
+                ylabel="Cohen's d",
+            ),
+            "Cohen's d of the projection onto each layer's direction on held-out prompts.",
+        ),
     ]
     sel = results["selection"]
     layers = sorted({cell["layer"] for cell in sel["cells"]})
     alphas = sorted({cell["alpha"] for cell in sel["cells"]})
-    grid = [[next(x["refusal_rate"] for x in sel["cells"] if x["layer"] == la and x["alpha"] == al)
-             for al in alphas] for la in layers]
-    figures_.append(Figure(figures.grid_heatmap(
-        figs / "selection_grid.png", layers, alphas, grid,
-        title=f"Validation refusal rate (n={sel['n_val']}), chosen: layer {sel['layer']}, "
-              f"alpha {sel['alpha']:g}", row_label="layer", col_label="alpha (x raw vector)",
-        value_label="refusal rate"),
-        "The persona layer/strength search on the validation split (never the evaluation "
-        "prompts)."))
+    grid = [
+        [
+            next(x["refusal_rate"] for x in sel["cells"] if x["layer"] == la and x["alpha"] == al)
+            for al in alphas
+        ]
+        for la in layers
+    ]
+    figures_.append(
+        Figure(
+            figures.grid_heatmap(
+                figs / "selection_grid.png",
+                layers,
+                alphas,
+                grid,
+                title=f"Validation refusal rate (n={sel['n_val']}), chosen: layer {sel['layer']}, "
+                f"alpha {sel['alpha']:g}",
+                row_label="layer",
+                col_label="alpha (x raw vector)",
+                value_label="refusal rate",
+            ),
+            "The persona layer/strength search on the validation split (never the evaluation "
+            "prompts).",
+        )
+    )
 
-    columns = ["condition", "n", "refusal_rate", "refusal_rate_ci95", "bypass_rate",
-               "degenerate_rate", "vs_baseline_p", "vs_persona_steer_p", "description"]
+    columns = [
+        "condition",
+        "n",
+        "refusal_rate",
+        "refusal_rate_ci95",
+        "bypass_rate",
+        "degenerate_rate",
+        "vs_baseline_p",
+        "vs_persona_steer_p",
+        "description",
+    ]
     main_rows = [{"condition": m, **c[m]} for m in MAIN if m in c]
     readd_rows = [{"condition": f"refusal_readd/L{k}", **v} for k, v in readd]
     seed_rows = [{"condition": k, **v} for k, v in c.items() if "/s" in k]
     harmless_rows = [{"condition": k, **v} for k, v in results["harmless"].items()]
     kl_key = f"kl_first_{config.kl_tokens}"
     tables = [
-        Table("Conditions on the evaluation prompts", columns, main_rows,
-              note="p-values: exact McNemar tests on the same prompts. Random conditions pool "
-                   "their seeds; each seed is listed below."),
+        Table(
+            "Conditions on the evaluation prompts",
+            columns,
+            main_rows,
+            note="p-values: exact McNemar tests on the same prompts. Random conditions pool "
+            "their seeds; each seed is listed below.",
+        ),
         Table("Refusal re-added at each layer (persona-steered)", columns[:-1], readd_rows),
-        Table("Random-direction controls, per seed", columns, seed_rows,
-              note=_seed_note(c)),
-        Table("Harmless prompts: over-refusal and KL", ["condition", "n", "refusal_rate",
-              "refusal_rate_ci95", "degenerate_rate", "vs_baseline_p", "kl_first_token", kl_key],
-              harmless_rows),
-        Table("Validation grid (persona layer x strength)", ["layer", "alpha", "n",
-              "refusal_rate", "refusal_rate_ci95", "degenerate_rate"], sel["cells"],
-              note=sel["rule"]),
+        Table("Random-direction controls, per seed", columns, seed_rows, note=_seed_note(c)),
+        Table(
+            "Harmless prompts: over-refusal and KL",
+            [
+                "condition",
+                "n",
+                "refusal_rate",
+                "refusal_rate_ci95",
+                "degenerate_rate",
+                "vs_baseline_p",
+                "kl_first_token",
+                kl_key,
+            ],
+            harmless_rows,
+        ),
+        Table(
+            "Validation grid (persona layer x strength)",
+            ["layer", "alpha", "n", "refusal_rate", "refusal_rate_ci95", "degenerate_rate"],
+            sel["cells"],
+            note=sel["rule"],
+        ),
     ]
     if "cost" in results:
         cost = results["cost"]
-        tables.append(Table("Cost", list(cost), [cost],
-                            note="Total time in units of one unhooked generation pass over the "
-                                 "evaluation prompts; budget = generation passes + 2."))
+        tables.append(
+            Table(
+                "Cost",
+                list(cost),
+                [cost],
+                note="Total time in units of one unhooked generation pass over the "
+                "evaluation prompts; budget = generation passes + 2.",
+            )
+        )
     samples = []
-    for name in ("baseline", "persona_system_prompt", "persona_steer", "random_steer/s0",
-                 "refusal_ablate", f"refusal_readd/L{c.get('refusal_readd_late', {}).get('layer')}",
-                 "persona_project_late", "persona_project_early"):
+    for name in (
+        "baseline",
+        "persona_system_prompt",
+        "persona_steer",
+        "random_steer/s0",
+        "refusal_ablate",
+        f"refusal_readd/L{c.get('refusal_readd_late', {}).get('layer')}",
+        "persona_project_late",
+        "persona_project_early",
+    ):
         for row in store.rows(name)[: config.n_samples]:
             samples.append(Sample(name, row["prompt"], row["response"], row["outcome"]))
     b, s = c["baseline"], c["persona_steer"]
-    summary = (f"Model {results['model']} (fingerprint {results['fingerprint']}), "
-               f"{results['n_eval']} evaluation prompts from {results['eval_prompts']}, greedy "
-               f"{config.max_new_tokens} new tokens. Baseline refusal {b['refusal_rate']:.0%}; "
-               f"with the compliant-persona direction (layer {sel['layer']}, x{sel['alpha']:g}, "
-               f"chosen on validation) {s['refusal_rate']:.0%}. Refusal is scored by substring "
-               "with a degeneracy check (refusal / bypass / degenerate).")
+    summary = (
+        f"Model {results['model']} (fingerprint {results['fingerprint']}), "
+        f"{results['n_eval']} evaluation prompts from {results['eval_prompts']}, greedy "
+        f"{config.max_new_tokens} new tokens. Baseline refusal {b['refusal_rate']:.0%}; "
+        f"with the compliant-persona direction (layer {sel['layer']}, x{sel['alpha']:g}, "
+        f"chosen on validation) {s['refusal_rate']:.0%}. Refusal is scored by substring "
+        "with a degeneracy check (refusal / bypass / degenerate)."
+    )
     report = Report(
         title="steerlab: persona gates refusal (arXiv 2606.26161) — reproduction",
         summary=summary,
         findings=[Finding(**f) for f in results["findings"]],
-        tables=tables, figures=figures_, samples=samples, provenance=results["provenance"],
+        tables=tables,
+        figures=figures_,
+        samples=samples,
+        provenance=results["provenance"],
     )
     html_path, _ = report.write(out)
     return html_path
@@ -123,7 +228,9 @@ def _seed_note(c: dict[str, Any]) -> str:
     for group in ("random_steer", "random_project_late"):
         if group in c:
             g = c[group]
-            parts.append(f"{group}: mean {g['seed_mean']:.0%}, sd {g['seed_sd']:.0%}, range "
-                         f"{g['seed_min']:.0%}–{g['seed_max']:.0%}, seed-mean 95% bootstrap CI "
-                         f"[{g['seed_mean_ci95'][0]:.0%}, {g['seed_mean_ci95'][1]:.0%}]")
+            parts.append(
+                f"{group}: mean {g['seed_mean']:.0%}, sd {g['seed_sd']:.0%}, range "
+                f"{g['seed_min']:.0%}–{g['seed_max']:.0%}, seed-mean 95% bootstrap CI "
+                f"[{g['seed_mean_ci95'][0]:.0%}, {g['seed_mean_ci95'][1]:.0%}]"
+            )
     return "; ".join(parts)

@@ -54,15 +54,25 @@ class Timings:
     generated_prompts: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "generation": self.generation,
-                "generated_prompts": self.generated_prompts}
+        return {
+            "steps": self.steps,
+            "generation": self.generation,
+            "generated_prompts": self.generated_prompts,
+        }
 
 
 class Runner:
     """Runs the steps of one experiment in ``out_dir`` against one model."""
 
-    def __init__(self, lm: LoadedModel, out_dir: str | Path, *, max_new_tokens: int = 32,
-                 batch_size: int = 16, show_progress: bool = True) -> None:
+    def __init__(
+        self,
+        lm: LoadedModel,
+        out_dir: str | Path,
+        *,
+        max_new_tokens: int = 32,
+        batch_size: int = 16,
+        show_progress: bool = True,
+    ) -> None:
         self.lm = lm
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -72,9 +82,14 @@ class Runner:
         self.batch_size = batch_size
         self.timings = Timings()
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-            disable=not show_progress, transient=False,
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            disable=not show_progress,
+            transient=False,
         )
         self._overall: Any = None
 
@@ -122,7 +137,9 @@ class Runner:
         return direction
 
     # -- generation ---------------------------------------------------------------------------
-    def run(self, condition: Condition, prompts: PromptSet, *, tag: str = "") -> list[dict[str, Any]]:
+    def run(
+        self, condition: Condition, prompts: PromptSet, *, tag: str = ""
+    ) -> list[dict[str, Any]]:
         """Generate and score ``prompts`` under ``condition``; only missing rows are generated."""
         from steerlab.evaluate import outcome
         from steerlab.generate import generate
@@ -135,18 +152,30 @@ class Runner:
         start = time.perf_counter()
         for i in range(0, len(todo), self.batch_size):
             chunk = todo[i : i + self.batch_size]
-            outs = generate(self.lm, [p.prompt for p in chunk], system=condition.system,
-                            steer=condition.specs, max_new_tokens=self.max_new_tokens,
-                            batch_size=self.batch_size)
+            outs = generate(
+                self.lm,
+                [p.prompt for p in chunk],
+                system=condition.system,
+                steer=condition.specs,
+                max_new_tokens=self.max_new_tokens,
+                batch_size=self.batch_size,
+            )
             rows = []
             for prompt, gen in zip(chunk, outs, strict=True):
                 label = outcome(gen.response)
-                rows.append({
-                    "condition": name, "prompt_id": prompt.id, "set": tag or prompts.name,
-                    "prompt": prompt.prompt, "system": condition.system,
-                    "response": gen.response, "outcome": label,
-                    "refusal": label == "refusal", "n_new_tokens": gen.n_new_tokens,
-                })
+                rows.append(
+                    {
+                        "condition": name,
+                        "prompt_id": prompt.id,
+                        "set": tag or prompts.name,
+                        "prompt": prompt.prompt,
+                        "system": condition.system,
+                        "response": gen.response,
+                        "outcome": label,
+                        "refusal": label == "refusal",
+                        "n_new_tokens": gen.n_new_tokens,
+                    }
+                )
             self.store.append(rows)
             self.progress.advance(task, len(chunk))
             self._advance(len(chunk))
@@ -171,10 +200,86 @@ def condition_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def paired_flags(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]],
-                 label: str = "refusal") -> tuple[list[bool], list[bool]]:
+def paired_flags(
+    a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], label: str = "refusal"
+) -> tuple[list[bool], list[bool]]:
     """Align two conditions' rows on prompt id (only ids both have) as boolean outcome flags."""
     by_id = {r["prompt_id"]: r for r in b}
     common = [r for r in a if r["prompt_id"] in by_id]
-    return ([r["outcome"] == label for r in common],
-            [by_id[r["prompt_id"]]["outcome"] == label for r in common])
+    return (
+        [r["outcome"] == label for r in common],
+        [by_id[r["prompt_id"]]["outcome"] == label for r in common],
+    )
+
+
+def paired_p(
+    a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], label: str = "refusal"
+) -> float:
+    """Exact McNemar p of two conditions' ``label`` outcomes on the prompts both have."""
+    from steerlab.evaluate import mcnemar
+
+    return mcnemar(*paired_flags(a, b, label))
+
+
+def kl_conditions(
+    run: Runner, harmless: PromptSet, conditions: Sequence[Condition], *, k: int, seed: int = 0
+) -> dict[str, dict[str, Any]]:
+    """KL(base ‖ steered) on harmless prompts per steered condition, each cached as a step.
+
+    Per condition: first-token KL and KL averaged over the first ``k`` baseline
+    tokens, each with n and a bootstrap 95% interval.
+    """
+    from steerlab.evaluate import kl_report
+
+    def one(cond: Condition) -> dict[str, Any]:
+        rep = kl_report(
+            run.lm, harmless.texts(), list(cond.specs), k=k, system=cond.system, seed=seed
+        )
+        first, mean = rep["first_token"], rep[f"mean_first_{k}"]
+        return {
+            "kl_n": first["n"],
+            "kl_first_token": first["mean"],
+            "kl_first_token_ci95": first["ci95"],
+            f"kl_first_{k}": mean["mean"],
+            f"kl_first_{k}_ci95": mean["ci95"],
+        }
+
+    out = {}
+    for cond in conditions:
+        if cond.specs:
+            safe = cond.name.replace("/", "__").replace(":", "_")
+            out[cond.name] = run.step(f"kl/{safe}", lambda c=cond: one(c))  # type: ignore[misc]
+    return out
+
+
+def judge_conditions(
+    run: Runner, names: Sequence[str], url: str, model: str, *, seed: int = 0
+) -> dict[str, dict[str, Any]]:
+    """Judged compliance and coherence (mean, bootstrap 95% CI, n, missing) per condition.
+
+    Scores are cached in ``judge_cache.jsonl`` in the run folder, so a rerun
+    sends only the pairs not judged yet.
+    """
+    from steerlab.evaluate import Judge, mean_summary
+
+    rows = [r for name in names for r in run.rows(name)]
+    with Judge(url, model, cache=run.out / "judge_cache.jsonl") as judge:
+        scores = judge.score_many([(r["prompt"], r["response"]) for r in rows])
+    values: dict[str, dict[str, list[float | None]]] = {
+        n: {"compliance": [], "coherence": []} for n in names
+    }
+    for row, score in zip(rows, scores, strict=True):
+        bucket = values[row["condition"]]
+        bucket["compliance"].append(None if score.missing else score.compliance)
+        bucket["coherence"].append(None if score.missing else score.coherence)
+    out: dict[str, dict[str, Any]] = {}
+    for name, bucket in values.items():
+        entry: dict[str, Any] = {}
+        for metric, vals in bucket.items():
+            summary = mean_summary(vals, seed=seed)
+            entry[f"judge_{metric}"] = summary["mean"]
+            entry[f"judge_{metric}_ci95"] = summary["ci95"]
+            entry["judge_n"] = summary["n"]
+            entry["judge_missing"] = summary.get("missing", 0)
+        out[name] = entry
+    return out

@@ -22,10 +22,20 @@ if TYPE_CHECKING:
     from steerlab.prompts import PromptSet
 
 
-def run_sweep(lm: LoadedModel, out_dir: str | Path, *, template: str, layers: Sequence[int],
-              alphas: Sequence[float], prompts: PromptSet, harmless: PromptSet | None = None,
-              max_new_tokens: int = 32, batch_size: int = 16, kl_tokens: int = 4,
-              show_progress: bool = True) -> dict[str, Any]:
+def run_sweep(
+    lm: LoadedModel,
+    out_dir: str | Path,
+    *,
+    template: str,
+    layers: Sequence[int],
+    alphas: Sequence[float],
+    prompts: PromptSet,
+    harmless: PromptSet | None = None,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    kl_tokens: int = 4,
+    show_progress: bool = True,
+) -> dict[str, Any]:
     """Run the grid (resumable in ``out_dir``) and write results.json and the report."""
     from steerlab.evaluate import kl_divergence, mcnemar
     from steerlab.interventions import parse_steer
@@ -38,8 +48,9 @@ def run_sweep(lm: LoadedModel, out_dir: str | Path, *, template: str, layers: Se
         )
     out = Path(out_dir)
     cells: list[dict[str, Any]] = []
-    with Runner(lm, out, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                show_progress=show_progress) as run:
+    with Runner(
+        lm, out, max_new_tokens=max_new_tokens, batch_size=batch_size, show_progress=show_progress
+    ) as run:
         run.plan((len(layers) * len(alphas) + 1) * len(prompts))
         base = run.run(Condition("baseline"), prompts)
         for layer in layers:
@@ -52,42 +63,86 @@ def run_sweep(lm: LoadedModel, out_dir: str | Path, *, template: str, layers: Se
                 cell["vs_baseline_p"] = mcnemar(a, b)
                 if harmless is not None:
                     cell[f"kl_first_{kl_tokens}"] = run.step(
-                        f"kl_{name}", lambda s=specs: kl_divergence(  # type: ignore[misc]
-                            lm, harmless.texts(), s, k=kl_tokens))
+                        f"kl_{name}",
+                        lambda s=specs: kl_divergence(  # type: ignore[misc]
+                            lm, harmless.texts(), s, k=kl_tokens
+                        ),
+                    )
                 cells.append(cell)
-    results = {"model": lm.name, "fingerprint": lm.fingerprint, "template": template,
-               "n": len(prompts), "prompts": prompts.name,
-               "baseline": condition_summary(base), "cells": cells,
-               "provenance": provenance(lm, config={"template": template, "layers": list(layers),
-                                                    "alphas": list(alphas),
-                                                    "max_new_tokens": max_new_tokens})}
+    results = {
+        "model": lm.name,
+        "fingerprint": lm.fingerprint,
+        "template": template,
+        "n": len(prompts),
+        "prompts": prompts.name,
+        "baseline": condition_summary(base),
+        "cells": cells,
+        "provenance": provenance(
+            lm,
+            config={
+                "template": template,
+                "layers": list(layers),
+                "alphas": list(alphas),
+                "max_new_tokens": max_new_tokens,
+            },
+        ),
+    }
     write_json(out / "results.json", results)
     _report(out, results, layers, alphas, kl_tokens if harmless is not None else None)
     return results
 
 
-def _report(out: Path, results: dict[str, Any], layers: Sequence[int], alphas: Sequence[float],
-            kl_tokens: int | None) -> None:
+def _report(
+    out: Path,
+    results: dict[str, Any],
+    layers: Sequence[int],
+    alphas: Sequence[float],
+    kl_tokens: int | None,
+) -> None:
     cells = results["cells"]
 
     def grid(key: str) -> list[list[float]]:
-        return [[next(c[key] for c in cells if c["layer"] == la and c["alpha"] == al)
-                 for al in alphas] for la in layers]
+        return [
+            [next(c[key] for c in cells if c["layer"] == la and c["alpha"] == al) for al in alphas]
+            for la in layers
+        ]
 
-    figs = [Figure(figures.grid_heatmap(out / "figures" / f"{key}.png", list(layers), list(alphas),
-                                        grid(key), title=title, row_label="layer",
-                                        col_label="alpha", value_label=key), title)
-            for key, title in (("refusal_rate", "Refusal rate"),
-                               ("degenerate_rate", "Degenerate rate (coherence proxy)"))]
-    columns = ["layer", "alpha", "n", "refusal_rate", "refusal_rate_ci95", "degenerate_rate",
-               "vs_baseline_p"]
+    figs = [
+        Figure(
+            figures.grid_heatmap(
+                out / "figures" / f"{key}.png",
+                list(layers),
+                list(alphas),
+                grid(key),
+                title=title,
+                row_label="layer",
+                col_label="alpha",
+                value_label=key,
+            ),
+            title,
+        )
+        for key, title in (
+            ("refusal_rate", "Refusal rate"),
+            ("degenerate_rate", "Degenerate rate (coherence proxy)"),
+        )
+    ]
+    columns = [
+        "layer",
+        "alpha",
+        "n",
+        "refusal_rate",
+        "refusal_rate_ci95",
+        "degenerate_rate",
+        "vs_baseline_p",
+    ]
     if kl_tokens is not None:
         columns.append(f"kl_first_{kl_tokens}")
     b = results["baseline"]
     Report(
         title=f"steerlab sweep: {results['template']}",
         summary=f"Model {results['model']}, {results['n']} prompts from {results['prompts']}; "
-                f"baseline refusal {b['refusal_rate']:.0%} {b['refusal_rate_ci95']}.",
+        f"baseline refusal {b['refusal_rate']:.0%} {b['refusal_rate_ci95']}.",
         tables=[Table("Grid", columns, cells, note="p: exact McNemar vs baseline.")],
-        figures=figs, provenance=results["provenance"],
+        figures=figs,
+        provenance=results["provenance"],
     ).write(out)

@@ -1,0 +1,144 @@
+"""The persona-gating pipeline end to end: tiny model (all steps, outputs, schema),
+resume after a kill, and a reduced real-model run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from steerlab.experiments.config import PersonaGatingConfig
+from steerlab.experiments.persona_gating import run_persona_gating
+from tests.tiny import tiny_model
+
+TINY = dict(
+    limit=4,
+    val_limit=2,
+    harmless_limit=2,
+    max_new_tokens=4,
+    batch_size=4,
+    alphas=[1.0, 2.0],
+    steer_layer_fractions=[0.5],
+    readd_every=1,
+    kl_tokens=2,
+    extraction_limit=8,
+)
+
+
+def _check_outputs(out: Path, n_readd: int, n_eval: int) -> dict:
+    results = json.loads((out / "results.json").read_text())
+    cond = results["conditions"]
+    for name in (
+        "baseline",
+        "persona_system_prompt",
+        "persona_steer",
+        "random_steer",
+        "refusal_ablate",
+        "refusal_readd_early",
+        "refusal_readd_late",
+        "persona_project_late",
+        "persona_project_early",
+        "random_project_late",
+    ):
+        entry = cond[name]
+        assert entry["n"] == n_eval * (5 if name.startswith("random_") else 1)
+        lo, hi = entry["refusal_rate_ci95"]
+        assert 0 <= lo <= entry["refusal_rate"] <= hi <= 1
+        for key in ("bypass_rate", "degenerate_rate"):
+            assert 0 <= entry[key] <= 1
+    assert len(cond["random_steer"]["seeds"]) == 5
+    assert sum(k.startswith("refusal_readd/L") for k in cond) == n_readd
+    assert {f["claim"] for f in results["findings"]} >= {
+        "Compliant-persona steering suppresses refusal",
+        "Random directions of the same norm do nothing",
+    }
+    assert results["selection"]["cells"] and "layer" in results["selection"]
+    assert set(results["harmless"]) >= {"baseline", "persona_steer", "refusal_ablate"}
+    assert "kl_first_token" in results["harmless"]["persona_steer"]
+    assert results["provenance"]["model"]["fingerprint"] == results["fingerprint"]
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "Findings" in html
+    assert "| claim | verdict | evidence |" in (out / "report.md").read_text()
+    rows = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    keys = [(r["condition"], r["prompt_id"]) for r in rows]
+    assert len(keys) == len(set(keys))
+    return results
+
+
+def test_tiny_pipeline_all_steps(tmp_path: Path) -> None:
+    lm = tiny_model("qwen2")
+    config = PersonaGatingConfig(**TINY)
+    results = run_persona_gating(lm, tmp_path, config, show_progress=False)
+    _check_outputs(tmp_path, lm.n_layers, 4)
+    assert results["cost"]["generation_passes"] > 0
+    # A second run resumes everything from the folder: no new generation happens.
+    before = (tmp_path / "responses.jsonl").read_text()
+    run_persona_gating(lm, tmp_path, config, show_progress=False)
+    assert (tmp_path / "responses.jsonl").read_text() == before
+
+
+def test_killed_run_resumes_without_repeating(tmp_path: Path) -> None:
+    model_dir = tmp_path / "model"
+    lm = tiny_model("qwen2")
+    lm.model.save_pretrained(model_dir)
+    lm.tokenizer.save_pretrained(model_dir)
+    config = tmp_path / "config.yaml"
+    config.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in TINY.items()))
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "steerlab",
+        "reproduce",
+        "persona-gating",
+        str(model_dir),
+        "--config",
+        str(config),
+        "--out",
+        str(out),
+        "--dtype",
+        "float32",
+    ]
+    env = {**os.environ, "COLUMNS": "120"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    responses = out / "responses.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if responses.exists() and len(responses.read_text().splitlines()) >= 12:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = responses.read_text().splitlines()
+    assert not (out / "results.json").exists()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    final = responses.read_text().splitlines()
+    assert final[: len(first)] == first  # finished rows kept, not redone
+    _check_outputs(out, 3, 4)
+
+
+@pytest.mark.real
+def test_reduced_real_run(real_lm, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    config = PersonaGatingConfig(
+        limit=4,
+        val_limit=4,
+        harmless_limit=4,
+        max_new_tokens=12,
+        alphas=[8.0],
+        steer_layer_fractions=[0.5],
+        readd_every=8,
+        kl_tokens=2,
+        extraction_limit=32,
+        batch_size=8,
+    )
+    results = run_persona_gating(real_lm, tmp_path, config, show_progress=False)
+    _check_outputs(tmp_path, 3, 4)
+    assert results["selection"]["layer"] == 12
