@@ -7,7 +7,24 @@ effects (no model loads, no logging or excepthook changes).
 
 from __future__ import annotations
 
+from steerlab.activations import (
+    ActivationStats,
+    mean_activations,
+    project_activations,
+    record_activations,
+)
+from steerlab.analysis import (
+    ScanResult,
+    SelectionResult,
+    cohens_d,
+    cosine_matrix,
+    probe_accuracies,
+    scan,
+    select_direction,
+)
 from steerlab.architectures import ARCHITECTURES, Architecture, architecture_for
+from steerlab.compare import CompareConfig, compare_models
+from steerlab.directions import Direction, DirectionMeta
 from steerlab.errors import (
     ArchitectureError,
     DataError,
@@ -18,24 +35,158 @@ from steerlab.errors import (
     ModelLoadError,
     SteerlabError,
 )
+from steerlab.evaluate import (
+    DegeneracyDetector,
+    InProcessBackend,
+    Judge,
+    JudgeScore,
+    LocalClassifier,
+    OpenAIBackend,
+    RefusalScorer,
+    bootstrap_ci,
+    capability_accuracy,
+    cohens_kappa,
+    is_degenerate,
+    is_refusal,
+    kl_divergence,
+    mcnemar,
+    outcome,
+    paired_bootstrap,
+    perplexity,
+    rate_summary,
+    run_eval,
+    wilson_ci,
+)
+from steerlab.export import (
+    ExportError,
+    adapter_cosines,
+    export_gguf_cvec,
+    export_hf,
+    export_lora,
+    load_edited,
+    read_gguf_cvec,
+    read_lora_directions,
+)
+from steerlab.extraction import (
+    extract_direction,
+    persona_direction,
+    refusal_direction,
+    register_method,
+    trait_direction,
+)
+from steerlab.generate import Generation, GenerationError, generate
+from steerlab.interventions import (
+    Ablate,
+    Add,
+    DirectionRegistry,
+    Project,
+    SubspaceAblate,
+    parse_steer,
+    random_like,
+    specs_from_json,
+    specs_to_json,
+)
 from steerlab.model import LoadedModel, load_model, model_fingerprint
+from steerlab.orthogonalize import OrthogonalizeResult, orthogonalize
+from steerlab.plots import save_scan_plots
+from steerlab.prompts import Prompt, PromptSet, builtin_sets, load_prompts, persona_pairs
+from steerlab.steering import steer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ARCHITECTURES",
+    "Ablate",
+    "ActivationStats",
+    "Add",
     "Architecture",
     "ArchitectureError",
+    "CompareConfig",
     "DataError",
+    "DegeneracyDetector",
+    "Direction",
     "DirectionError",
+    "DirectionMeta",
+    "DirectionRegistry",
     "EmbeddedModelError",
     "EvaluationError",
+    "ExportError",
+    "Generation",
+    "GenerationError",
+    "InProcessBackend",
     "InterventionError",
+    "Judge",
+    "JudgeScore",
     "LoadedModel",
+    "LocalClassifier",
     "ModelLoadError",
+    "OpenAIBackend",
+    "OrthogonalizeResult",
+    "Project",
+    "Prompt",
+    "PromptSet",
+    "RefusalScorer",
+    "ScanResult",
+    "SelectionResult",
     "SteerlabError",
+    "SubspaceAblate",
     "__version__",
+    "adapter_cosines",
     "architecture_for",
+    "bootstrap_ci",
+    "builtin_sets",
+    "capability_accuracy",
+    "cohens_d",
+    "cohens_kappa",
+    "compare_models",
+    "cosine_matrix",
+    "create_app",
+    "export_gguf_cvec",
+    "export_hf",
+    "export_lora",
+    "extract_direction",
+    "generate",
+    "is_degenerate",
+    "is_refusal",
+    "kl_divergence",
+    "load_edited",
     "load_model",
+    "load_prompts",
+    "mcnemar",
+    "mean_activations",
     "model_fingerprint",
+    "orthogonalize",
+    "outcome",
+    "paired_bootstrap",
+    "parse_steer",
+    "perplexity",
+    "persona_direction",
+    "persona_pairs",
+    "probe_accuracies",
+    "project_activations",
+    "random_like",
+    "rate_summary",
+    "read_gguf_cvec",
+    "read_lora_directions",
+    "record_activations",
+    "refusal_direction",
+    "register_method",
+    "run_eval",
+    "save_scan_plots",
+    "scan",
+    "select_direction",
+    "specs_from_json",
+    "specs_to_json",
+    "steer",
+    "trait_direction",
+    "wilson_ci",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # create_app is imported lazily: FastAPI costs ~0.5 s to import and most users never serve.
+    if name == "create_app":
+        from steerlab.serve import create_app
+
+        return create_app
+    raise AttributeError(f"module 'steerlab' has no attribute {name!r}")

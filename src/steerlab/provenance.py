@@ -43,8 +43,13 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def provenance(lm: LoadedModel | None = None, *, config: Any = None, seed: int | None = None,
-               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def provenance(
+    lm: LoadedModel | None = None,
+    *,
+    config: Any = None,
+    seed: int | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """One JSON-able record of everything that produced a result."""
     record: dict[str, Any] = {
         "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),

@@ -16,6 +16,15 @@ from steerlab.errors import SteerlabError
 
 COMMAND_MODULES = [
     "info",
+    "data",
+    "reproduce",
+    "sweep",
+    "serve",
+    "orthogonalize",
+    "generate",
+    "eval",
+    "extract",
+    "experiment",
 ]
 
 app = typer.Typer(

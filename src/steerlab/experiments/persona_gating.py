@@ -152,43 +152,49 @@ def _analysis(
     traits: dict[str, Direction],
     config: PersonaGatingConfig,
 ) -> dict[str, Any]:
-    """Per-layer Cohen's d on held-out prompts and the cosines the report plots."""
-    from steerlab.analysis import cohens_d
-    from steerlab.prompts import load_prompts, persona_pairs
+    """Per-layer separability, cosines, and the layer whose refusal vector is ablated.
 
-    harmful = load_prompts("paired:harmful", split="val").texts()
-    harmless = load_prompts("paired:harmless", split="val").texts()
-    refusal_d = cohens_d(lm, refusal, harmful, harmless, position=config.position)
-    neutral = load_prompts("neutral", split="val").texts()
-    pos_sys, neg_sys = zip(*persona_pairs("compliance", split="val"), strict=True)
-    sys_pos = [pos_sys[i % len(pos_sys)] for i in range(len(neutral))]
-    sys_neg = [neg_sys[i % len(neg_sys)] for i in range(len(neutral))]
-    persona_d = cohens_d(
-        lm,
-        persona,
-        neutral,
-        neutral,
-        position=config.position,
-        system_positive=sys_pos,
-        system_negative=sys_neg,
-    )
+    Cohen's d on held-out prompts was already measured at extraction (it chose
+    each direction's best layer), so it is read from the metadata, not recomputed.
+    The ablation layer is chosen as in Arditi et al.: lowest refusal score on
+    validation harmful prompts with the direction ablated, among layers in the
+    middle 20-80% of the model that still induce refusal on harmless prompts
+    and keep KL small.
+    """
+    from steerlab.analysis import select_direction
+    from steerlab.prompts import load_prompts
+
     n = lm.n_layers
-    lo, hi = int(0.2 * n), int(0.8 * n)
-    candidates = {k: v for k, v in refusal_d.items() if lo <= int(k) < hi} or refusal_d
-    source = refusal.meta.best_layer
-    if source is None:
-        source = int(max(candidates, key=lambda k: candidates[k]))
+    harmful = load_prompts("paired:harmful", split="val", limit=config.val_limit)
+    harmless = load_prompts("paired:harmless", split="val", limit=config.val_limit)
+    selection = select_direction(
+        lm, refusal, harmful, harmless, layers=list(range(int(0.2 * n), int(0.8 * n))),
+        batch_size=config.batch_size,
+    )
+    refusal_d = _stored_d(refusal)
+    source = selection.best_layer
+    if source is None:  # nothing passed the filters: fall back to the best held-out d
+        source = refusal.meta.best_layer if refusal.meta.best_layer is not None else max(
+            refusal_d, key=lambda k: refusal_d[k])
     return {
-        "refusal_cohens_d": {int(k): v for k, v in refusal_d.items()},
-        "persona_cohens_d": {int(k): v for k, v in persona_d.items()},
+        "refusal_cohens_d": refusal_d,
+        "persona_cohens_d": _stored_d(persona),
+        "cohens_d_held_out": {"refusal": refusal.meta.extra.get("best_layer_by", ""),
+                              "persona": persona.meta.extra.get("best_layer_by", "")},
         "refusal_persona_cosine": refusal.cosine(persona),
         "trait_cosine_with_persona": {a: d.cosine(persona) for a, d in traits.items()},
         "trait_cosine_with_refusal": {a: d.cosine(refusal) for a, d in traits.items()},
         "refusal_source_layer": int(source),
+        "refusal_selection": selection.to_dict(),
+        "persona_best_layer": persona.meta.best_layer,
         "refusal_norms": refusal.norms,
         "persona_norms": persona.norms,
-        "n_heldout": {"harmful": len(harmful), "harmless": len(harmless), "neutral": len(neutral)},
     }
+
+
+def _stored_d(direction: Direction) -> dict[int, float]:
+    stored = direction.meta.extra.get("cohens_d", {})
+    return {int(k): float(v) for k, v in stored.items()}
 
 
 # -- validation grid ----------------------------------------------------------------------------

@@ -1,0 +1,66 @@
+"""``steerlab data list`` and ``steerlab data show NAME_OR_PATH``: look at prompt sets."""
+
+from __future__ import annotations
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from steerlab.cli.common import console
+
+SOURCE_ARG = typer.Argument(
+    ..., help="Built-in set name (e.g. paired, paired:harmful) or a .jsonl/.json/.csv/.txt file."
+)
+
+
+def register(app: typer.Typer) -> None:
+    data_app = typer.Typer(help="Inspect built-in prompt sets and prompt files.",
+                           no_args_is_help=True)
+    app.add_typer(data_app, name="data")
+
+    @data_app.command("list")
+    def list_sets() -> None:
+        """List the built-in prompt sets with their sizes."""
+        from steerlab.prompts import builtin_sets, load_prompts
+
+        table = Table(title="steerlab built-in prompt sets")
+        for column in ("name", "prompts", "pairs", "categories", "what"):
+            table.add_column(column, justify="right" if column in ("prompts", "pairs") else "left")
+        for name, builtin in builtin_sets().items():
+            pset = load_prompts(name)
+            n_pairs = len({p.pair_id for p in pset if p.pair_id})
+            table.add_row(name, str(len(pset)), str(n_pairs or "-"), str(len(pset.categories())),
+                          builtin.description)
+        console.print(table)
+        console.print("[dim]Each set has a data card: BuiltinSet.card() in Python, "
+                      "or steerlab/data/cards/ in the package.[/]")
+
+    @data_app.command("show")
+    def show(
+        source: str = SOURCE_ARG,
+        split: str | None = typer.Option(None, "--split", help="train, val or test."),
+        label: str | None = typer.Option(None, "--label", help="Keep only this label."),
+        examples: int = typer.Option(3, "--examples", "-n", help="How many examples to print."),
+    ) -> None:
+        """Print a prompt set's count, categories, labels and a few examples."""
+        from steerlab.prompts import load_prompts
+
+        pset = load_prompts(source, split=split, label=label)
+        split_note = f", {pset.split} split" if pset.split else ""
+        console.print(f"[bold]{escape(pset.name)}[/]: {len(pset)} prompts{split_note} "
+                      f"(from {escape(pset.source)})")
+        counts = Table(show_header=True)
+        counts.add_column("category")
+        counts.add_column("prompts", justify="right")
+        for category, n in sorted(pset.categories().items(), key=lambda kv: (-kv[1], kv[0])):
+            counts.add_row(escape(category or "(none)"), str(n))
+        console.print(counts)
+        if pset.labels():
+            labels = ", ".join(f"{escape(k)} {v}" for k, v in pset.labels().items())
+            console.print(f"labels: {labels}")
+        # Evenly spaced examples show more of the set than the first few lines.
+        count = min(max(examples, 0), len(pset))
+        for i in sorted({j * len(pset) // count for j in range(count)} if count else set()):
+            p = pset[i]
+            tag = "/".join(x for x in (p.category, p.label) if x)
+            console.print(f"[cyan]{escape(p.id)}[/] [dim]{escape(tag)}[/]\n  {escape(p.prompt)}")

@@ -1,0 +1,241 @@
+"""``steerlab extract`` (make a direction) and ``steerlab scan`` (measure it layer by layer)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from steerlab.cli.common import DTYPE_OPT, MODEL_ARG, console, error_console, load
+from steerlab.errors import DataError
+
+OUT_OPT = typer.Option(..., "--out", "-o", help="Output folder.")
+POSITIVE_OPT = typer.Option(None, "--positive", help="Positive prompt set: built-in name "
+                            "(e.g. paired:harmful) or a .jsonl/.json/.csv/.txt file.")
+NEGATIVE_OPT = typer.Option(None, "--negative", help="Negative prompt set (same forms).")
+SYS_POS_OPT = typer.Option(None, "--system-positive",
+                           help="System prompt for the positive set (text or a file path).")
+SYS_NEG_OPT = typer.Option(None, "--system-negative",
+                           help="System prompt for the negative set (text or a file path).")
+POSITION_OPT = typer.Option("last", "--position", help="Token position: last, t_inst, "
+                            "post_inst, post_inst\\[k] (k-th post-instruction token), "
+                            "prompt_mean, response_mean.")
+METHOD_OPT = typer.Option("diff_in_means", "--method", help="diff_in_means, pca or logreg.")
+LAYERS_OPT = typer.Option("all", "--layers", help="all, a range like 8-16, or a list like 3,5,7.")
+LIMIT_OPT = typer.Option(None, "--limit", help="Use at most this many prompts (pairs) per set.")
+BATCH_OPT = typer.Option(32, "--batch-size", help="Prompts per forward pass.")
+
+
+def parse_layers(text: str) -> list[int] | None:
+    """``all`` -> None; ``8-16`` -> 8..16; ``3,5,7`` -> [3, 5, 7]."""
+    text = text.strip()
+    if text in ("", "all"):
+        return None
+    layers: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, sep, hi = part.strip().partition("-")
+            layers.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+    except ValueError as exc:
+        raise DataError(f"Cannot read layers {text!r}; use all, 8-16 or 3,5,7.") from exc
+    return layers
+
+
+def _system(value: str | None) -> str | None:
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    return path.read_text(encoding="utf-8").strip() if len(value) < 4096 and path.is_file() \
+        else value
+
+
+@contextmanager
+def progress_bar(description: str, total: int) -> Iterator[Any]:
+    """A rich progress bar counting prompts through forward passes; yields ``advance(n)``."""
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("prompts"), TimeElapsedColumn())
+    with Progress(*columns, console=error_console, transient=False) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.update(task, advance=n)
+
+
+def _load_sets(positive: str | None, negative: str | None, split: str | None,
+               limit: int | None) -> tuple[Any, Any]:
+    from steerlab.prompts import load_prompts
+
+    if (positive is None) != (negative is None):
+        raise DataError("Give both --positive and --negative, or neither (built-in sets).")
+    if positive is None or negative is None:
+        return None, None
+    return (load_prompts(positive, split=split, limit=limit),
+            load_prompts(negative, split=split, limit=limit))
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def extract(
+        model: str = MODEL_ARG,
+        out: Path = OUT_OPT,
+        positive: str | None = POSITIVE_OPT,
+        negative: str | None = NEGATIVE_OPT,
+        system_positive: str | None = SYS_POS_OPT,
+        system_negative: str | None = SYS_NEG_OPT,
+        kind: str = typer.Option("refusal", "--kind", help="With no prompt sets: refusal "
+                                 "(built-in paired set) or persona (built-in persona contrasts)."),
+        axis: str = typer.Option("compliance", "--axis", help="Persona axis for --kind persona: "
+                                 "compliance, evil_nurturing, callous_supportive, "
+                                 "hostile_patient, arrogant_diplomatic."),
+        position: str = POSITION_OPT,
+        method: str = METHOD_OPT,
+        layers: str = LAYERS_OPT,
+        split: str | None = typer.Option(None, "--split", help="Split of the prompt sets to "
+                                         "extract from (built-in sets default to train)."),
+        name: str = typer.Option("direction", "--name", help="Name stored with a custom "
+                                 "direction."),
+        limit: int | None = LIMIT_OPT,
+        batch_size: int = BATCH_OPT,
+        dtype: str = DTYPE_OPT,
+    ) -> None:
+        """Extract a direction (one vector per layer) and save it to OUT as safetensors + JSON.
+
+        With no prompt sets it extracts the refusal direction from the built-in paired set
+        (--kind persona: the compliant-persona direction). OUT is accepted anywhere a
+        direction is expected.
+        """
+        from steerlab import extraction
+
+        extraction.get_method(method)
+        chosen = parse_layers(layers)
+        pos_set, neg_set = _load_sets(positive, negative, split, limit)
+        lm = load(model, dtype)
+        if pos_set is not None:
+            total = len(pos_set) + len(neg_set)
+            with progress_bar("extracting", total) as advance:
+                direction = extraction.extract_direction(
+                    lm, pos_set, neg_set, method=method, position=position, layers=chosen,
+                    system_positive=_system(system_positive),
+                    system_negative=_system(system_negative), name=name, kind="custom",
+                    batch_size=batch_size, progress=advance)
+        elif kind == "refusal":
+            train = extraction.paired_split(split or "train", limit)
+            val = extraction.paired_split("val", limit)
+            with progress_bar("refusal direction", 2 * (len(train[0]) + len(val[0]))) as advance:
+                direction = extraction.refusal_direction(
+                    lm, split=split or "train", position=position, method=method, limit=limit,
+                    layers=chosen, batch_size=batch_size, progress=advance)
+        elif kind == "persona":
+            rows = extraction.persona_contrast(axis, split or "train", limit=limit)[0]
+            try:
+                held = len(extraction.persona_contrast(axis, "val", limit=limit)[0])
+            except DataError:
+                held = 0
+            with progress_bar(f"persona direction ({axis})", 2 * (len(rows) + held)) as advance:
+                direction = extraction.persona_direction(
+                    lm, axis=axis, split=split or "train", position=position, method=method,
+                    limit=limit, layers=chosen, batch_size=batch_size, progress=advance)
+        else:
+            raise DataError(f"Unknown --kind {kind!r}; use refusal or persona, or give "
+                            "--positive and --negative prompt sets.")
+        direction.save(out)
+        _print_direction(direction, out)
+
+    @app.command()
+    def scan(
+        model: str = MODEL_ARG,
+        out: Path = OUT_OPT,
+        positive: str | None = POSITIVE_OPT,
+        negative: str | None = NEGATIVE_OPT,
+        positive_test: str | None = typer.Option(None, "--positive-test", help="Held-out "
+                                                 "positive set (default: every 5th prompt)."),
+        negative_test: str | None = typer.Option(None, "--negative-test", help="Held-out "
+                                                 "negative set."),
+        system_positive: str | None = SYS_POS_OPT,
+        system_negative: str | None = SYS_NEG_OPT,
+        position: str = POSITION_OPT,
+        method: str = METHOD_OPT,
+        layers: str = LAYERS_OPT,
+        persona: bool = typer.Option(True, "--persona/--no-persona", help="Also extract the "
+                                     "compliant-persona direction and plot its cosine with "
+                                     "this one per layer."),
+        limit: int | None = LIMIT_OPT,
+        batch_size: int = BATCH_OPT,
+        dtype: str = DTYPE_OPT,
+    ) -> None:
+        """Layer-by-layer analysis: held-out Cohen's d, probe accuracy, cross-layer cosines.
+
+        Writes OUT/scan.json, PNG plots and the direction itself (OUT is a direction folder).
+        With no prompt sets it scans the built-in paired set (train split vs held-out test).
+        """
+        from steerlab import extraction
+        from steerlab.analysis import scan as run_scan
+        from steerlab.plots import save_scan_plots
+        from steerlab.prompts import load_prompts
+
+        extraction.get_method(method)
+        chosen = parse_layers(layers)
+        pos_set, neg_set = _load_sets(positive, negative, None, limit)
+        pos_test = load_prompts(positive_test, limit=limit) if positive_test else None
+        neg_test = load_prompts(negative_test, limit=limit) if negative_test else None
+        if pos_set is None:
+            total = 2 * sum(len(extraction.paired_split(s, limit)[0]) for s in ("train", "test"))
+        else:
+            total = len(pos_set) + len(neg_set)
+            total += len(pos_test or ()) + len(neg_test or ())
+        if persona:
+            total += 2 * len(extraction.persona_contrast("compliance", "train", limit=limit)[0])
+        lm = load(model, dtype)
+        with progress_bar("scanning", total) as advance:
+            result = run_scan(
+                lm, positive=pos_set, negative=neg_set, positive_test=pos_test,
+                negative_test=neg_test, system_positive=_system(system_positive),
+                system_negative=_system(system_negative), method=method, position=position,
+                layers=chosen, persona=persona, limit=limit, batch_size=batch_size,
+                progress=advance)
+        out.mkdir(parents=True, exist_ok=True)
+        result.to_json(out / "scan.json")
+        assert result.direction is not None
+        result.direction.save(out)
+        plots = save_scan_plots(result, out)
+        _print_scan(result, out, plots)
+
+
+def _print_direction(direction: Any, out: Path) -> None:
+    meta = direction.meta
+    best = meta.best_layer
+    d = meta.extra.get("cohens_d", {})
+    console.print(f"[bold green]saved[/] {meta.kind} direction {meta.name!r} ({meta.method}, "
+                  f"position {meta.position}, layers {direction.layers[0]}-"
+                  f"{direction.layers[-1]}, counts {meta.counts}) to {out}")
+    if best is not None:
+        console.print(f"best layer {best}: held-out Cohen's d {d.get(str(best), float('nan')):.2f}"
+                      f" ({meta.extra.get('best_layer_by', '')}); norm "
+                      f"{direction.norms[best]:.2f}")
+
+
+def _print_scan(result: Any, out: Path, plots: list[Path]) -> None:
+    table = Table(title=f"scan: {result.model.get('name', '')} ({result.method}, "
+                  f"{result.position})")
+    for column in ("layer", "Cohen's d", "probe acc", "95% CI"):
+        table.add_column(column, justify="right")
+    if result.refusal_persona_cosine:
+        table.add_column("cos(persona)", justify="right")
+    for layer in result.layers:
+        probe = result.probe_accuracy[layer]
+        row = [str(layer), f"{result.cohens_d[layer]:.2f}", f"{probe['accuracy']:.3f}",
+               f"{probe['ci95'][0]:.2f}-{probe['ci95'][1]:.2f}"]
+        if result.refusal_persona_cosine:
+            row.append(f"{result.refusal_persona_cosine.get(layer, float('nan')):.3f}")
+        style = "bold" if layer == result.best_layer else None
+        table.add_row(*row, style=style)
+    console.print(table)
+    best = result.best_layer
+    console.print(f"best layer {best}: Cohen's d {result.cohens_d[best]:.2f} on held-out "
+                  f"{result.counts['test_pos']} + {result.counts['test_neg']} prompts "
+                  f"(probe n={result.probe_accuracy[best]['n']})")
+    console.print(f"[bold green]wrote[/] {out / 'scan.json'}, direction files and "
+                  + ", ".join(p.name for p in plots))

@@ -1,0 +1,146 @@
+"""``steerlab orthogonalize`` (edit a direction into the weights and export it) and
+``steerlab compare`` (what the edit changed: refusal, over-refusal, KL,
+capability, perplexity, side by side with intervals)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from steerlab.cli.common import DTYPE_OPT, MODEL_ARG, console, error_console, load
+from steerlab.errors import InterventionError
+
+
+def parse_layers(text: str | None, n_layers: int) -> list[int] | None:
+    """``None``/"all" → None (every layer); "3,5,9" and "12-18" (inclusive) → a list."""
+    if text is None or text.strip().lower() == "all":
+        return None
+    layers: set[int] = set()
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                layers.update(range(lo, hi + 1))
+            elif part:
+                layers.add(int(part))
+    except ValueError as exc:
+        raise InterventionError(
+            f"Cannot read layers {text!r}; use 'all', a list like 3,5,9 or a range like 12-18."
+        ) from exc
+    bad = sorted(i for i in layers if not 0 <= i < n_layers)
+    if bad or not layers:
+        raise InterventionError(
+            f"Layers {bad or text!r} are out of range: the model has layers 0-{n_layers - 1}."
+        )
+    return sorted(layers)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def orthogonalize(
+        model: str = MODEL_ARG,
+        direction: Path = typer.Option(..., "--direction", "-d", help="Direction folder."),
+        out: Path = typer.Option(..., "--out", "-o", help="Output folder (or .gguf file)."),
+        fmt: str = typer.Option("hf", "--format", "-f", help="hf, lora or gguf-cvec."),
+        alpha: float = typer.Option(
+            1.0, "--alpha", "-a",
+            help="Strength: W ← W − α·v̂v̂ᵀW (hf/lora); the added multiple of v (gguf-cvec)."),
+        source_layer: int | None = typer.Option(
+            None, "--source-layer", help="Which layer's vector to use (default: best layer)."),
+        layers: str | None = typer.Option(
+            None, "--layers", help="Layers to edit: all (default), 3,5,9 or 12-18."),
+        components: str = typer.Option(
+            "embed,attn_out,mlp_out", "--components",
+            help="Residual writers to edit (hf/lora), comma separated."),
+        allow_approximate: bool = typer.Option(
+            False, "--allow-approximate",
+            help="Allow post-norm models (Gemma 2/3, OLMo 2), where the edit is not equivalent "
+                 "to runtime ablation."),
+        scale: str = typer.Option("raw", "--scale", help="gguf-cvec: raw or unit vector."),
+        allow_mismatch: bool = typer.Option(
+            False, "--allow-mismatch", help="Use a direction extracted from another model."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+        dtype: str = DTYPE_OPT,
+    ) -> None:
+        """Edit a direction out of the weights (hf, lora) or write it as a llama.cpp
+        control vector (gguf-cvec)."""
+        from steerlab.directions import Direction
+        from steerlab.export import (
+            check_format,
+            export_gguf_cvec,
+            export_hf,
+            export_lora,
+        )
+        from steerlab.orthogonalize import orthogonalize as run_orthogonalize
+
+        check_format(fmt)
+        lm = load(model, dtype)
+        vec = Direction.load(direction, lm, allow_mismatch=allow_mismatch)
+        chosen = parse_layers(layers, lm.n_layers)
+        comps = tuple(c.strip() for c in components.split(",") if c.strip())
+        if fmt == "gguf-cvec":
+            if scale not in ("raw", "unit"):
+                raise InterventionError(f"--scale must be raw or unit, got {scale!r}.")
+            target = out if out.suffix == ".gguf" else out / "control_vector.gguf"
+            if target.exists() and not overwrite:
+                raise InterventionError(f"{target} exists; pass --overwrite or another --out.")
+            path = export_gguf_cvec(vec, target, alpha=alpha, layers=chosen,
+                                    source_layer=source_layer, lm=lm,
+                                    scale="unit" if scale == "unit" else "raw")
+        elif fmt == "lora":
+            path = export_lora(lm, vec, out, alpha, chosen, comps, source_layer=source_layer,
+                               allow_approximate=allow_approximate, overwrite=overwrite)
+        else:
+            with console.status("Orthogonalizing ..."):
+                result = run_orthogonalize(lm, vec, alpha, chosen, comps,
+                                           source_layer=source_layer,
+                                           allow_approximate=allow_approximate)
+            if result.untied:
+                error_console.print("[yellow]lm_head was tied to the embedding; untied it.[/]")
+            with console.status(f"Saving to {out} ..."):
+                path = export_hf(lm, out, edit=result, overwrite=overwrite,
+                                 extra={"direction_path": str(direction)})
+        console.print(f"[green]wrote[/] {fmt} export to {path}")
+
+    @app.command()
+    def compare(
+        original: str = typer.Argument(..., help="The original model (spec or folder)."),
+        edited: list[str] = typer.Argument(
+            ..., help="Edited models: HF folders, or LoRA adapter folders (merged into ORIGINAL)."),
+        out: Path = typer.Option(..., "--out", "-o", help="Folder for comparison.{json,md}."),
+        prompts: str = typer.Option("paired:harmful", "--prompts",
+                                    help="Harmful prompts (built-in name or file)."),
+        harmless: str = typer.Option("harmless", "--harmless", help="Harmless prompts."),
+        split: str = typer.Option("test", "--split", help="train, val, test or all."),
+        limit: int = typer.Option(32, "--limit", help="Prompts per set."),
+        capability_limit: int = typer.Option(40, "--capability-limit",
+                                             help="Capability questions."),
+        max_new_tokens: int = typer.Option(48, "--max-new-tokens"),
+        kl_tokens: int = typer.Option(4, "--kl-tokens", help="Response tokens KL averages over."),
+        names: list[str] | None = typer.Option(
+            None, "--name", help="Column name per model (ORIGINAL first); default: folder names."),
+        dtype: str = DTYPE_OPT,
+    ) -> None:
+        """Refusal, over-refusal, KL, capability accuracy and perplexity of ORIGINAL vs EDITED."""
+        from steerlab.compare import CompareConfig, compare_models, comparison_markdown
+
+        specs = [original, *edited]
+        labels = list(names or [])
+        if labels and len(labels) != len(specs):
+            raise InterventionError(
+                f"Got {len(labels)} --name values for {len(specs)} models; give one per model."
+            )
+        labels = labels or [Path(s).name or s for s in specs]
+        if len(set(labels)) != len(labels):
+            raise InterventionError(f"Model names repeat ({labels}); pass --name for each.")
+        cfg = CompareConfig(harmful=prompts, harmless=harmless,
+                            split=None if split == "all" else split, limit=limit,
+                            capability_limit=capability_limit, max_new_tokens=max_new_tokens,
+                            kl_tokens=kl_tokens)
+        result = compare_models(
+            dict(zip(labels, specs, strict=True)), cfg, out_dir=out, dtype=dtype,
+            on_model=lambda name: error_console.print(f"[dim]evaluating {name} ...[/]"))
+        console.print(comparison_markdown(result))
+        console.print(f"[green]wrote[/] {out}/comparison.md, comparison.json, rows.jsonl")

@@ -1,0 +1,130 @@
+"""How far an intervention moves the model on prompts it should not affect.
+
+KL(P_base ‖ P_steered) of next-token distributions on harmless prompts:
+
+- at the first response token, and
+- averaged over the first ``k`` tokens of the *baseline's* greedy response,
+  teacher-forced (the steered model is fed the baseline's tokens, so both
+  distributions are over the same context).
+
+Both runs go token by token with a KV cache, exactly as generation does: a
+prefill over the prompt, then one token per step. Interventions that act only
+on ``"prompt"`` or ``"generated"`` positions therefore see the same split as
+in :func:`steerlab.generate.generate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from steerlab.evaluate.stats import mean_summary
+
+if TYPE_CHECKING:
+    from steerlab.model import LoadedModel
+    from steerlab.prompts import PromptSet
+
+
+def _texts(prompts: Sequence[str] | PromptSet) -> list[str]:
+    return [p if isinstance(p, str) else p.prompt for p in prompts]
+
+
+@contextmanager
+def _steered(lm: LoadedModel, specs: Sequence[Any]) -> Iterator[None]:
+    if not specs:
+        with nullcontext():
+            yield
+        return
+    from steerlab.steering import steer
+
+    with steer(lm, list(specs)):
+        yield
+
+
+@torch.no_grad()
+def _step_logprobs(lm: LoadedModel, prompts: list[str], system: str | None, k: int,
+                   forced: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs ``[B, k, V]`` at each response step, and the tokens fed ``[B, k]``.
+
+    With ``forced`` the given tokens are fed (teacher forcing); otherwise greedy.
+    """
+    from steerlab.chat import encode
+    from steerlab.generate import _forward  # the transformers-version-proof cached forward
+
+    batch = encode(lm.tokenizer, prompts, system)
+    ids = batch.input_ids.to(lm.device)
+    mask = batch.attention_mask.to(lm.device)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    logits, cache = _forward(lm, ids, mask, pos, None)
+    steps: list[torch.Tensor] = []
+    fed: list[torch.Tensor] = []
+    for step in range(k):
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        steps.append(logprobs.cpu())
+        tok = forced[:, step].to(lm.device) if forced is not None else logprobs.argmax(-1)
+        fed.append(tok.cpu())
+        if step == k - 1:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        pos = pos[:, -1:] + 1
+        logits, cache = _forward(lm, tok[:, None], mask, pos, cache)
+    return torch.stack(steps, 1), torch.stack(fed, 1)
+
+
+def kl_per_prompt(lm: LoadedModel, prompts: Sequence[str] | PromptSet, specs: Sequence[Any], *,
+                  k: int = 1, system: str | None = None,
+                  batch_size: int = 8) -> list[list[float]]:
+    """Per prompt, the KL at each of the first ``k`` baseline response tokens.
+
+    A baseline that stops (EOS) before ``k`` tokens gives a shorter list.
+    """
+    if k < 1:
+        raise ValueError("k must be at least 1")
+    from steerlab.generate import eos_ids
+
+    texts = _texts(prompts)
+    eos = eos_ids(lm)
+    result: list[list[float]] = []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start : start + batch_size]
+        base_lp, tokens = _step_logprobs(lm, chunk, system, k, None)
+        with _steered(lm, specs):
+            steer_lp, _ = _step_logprobs(lm, chunk, system, k, tokens)
+        kl = (base_lp.exp() * (base_lp - steer_lp)).sum(-1).clamp_min(0.0)  # [B, k]
+        for b in range(len(chunk)):
+            values = []
+            for t in range(k):
+                values.append(float(kl[b, t]))
+                if int(tokens[b, t]) in eos:
+                    break
+            result.append(values)
+    return result
+
+
+def kl_report(lm: LoadedModel, prompts: Sequence[str] | PromptSet, specs: Sequence[Any], *,
+              k: int = 8, system: str | None = None, batch_size: int = 8,
+              seed: int = 0) -> dict[str, Any]:
+    """First-token KL and mean KL over the first ``k`` tokens, each with n and a 95% CI."""
+    per = kl_per_prompt(lm, prompts, specs, k=k, system=system, batch_size=batch_size)
+    first = mean_summary([v[0] for v in per], seed=seed)
+    mean_k = mean_summary([sum(v) / len(v) for v in per], seed=seed)
+    return {"k": k, "direction": "KL(base || steered), nats", "first_token": first,
+            f"mean_first_{k}": mean_k, "per_prompt": per}
+
+
+def kl_divergence(lm: LoadedModel, prompts: Sequence[str] | PromptSet, specs: Sequence[Any],
+                  k: int = 1, *, system: str | None = None, batch_size: int = 8) -> float:
+    """Mean over prompts of KL(base ‖ steered), averaged over the first ``k`` tokens.
+
+    ``k=1`` is the first-token KL used to pick interventions that leave
+    harmless behaviour alone (heretic, Arditi et al.).
+
+    Example:
+        >>> kl_divergence(lm, load_prompts("harmless", limit=8), specs, k=4)  # doctest: +SKIP
+        0.031
+    """
+    per = kl_per_prompt(lm, prompts, specs, k=k, system=system, batch_size=batch_size)
+    return sum(sum(v) / len(v) for v in per) / len(per)

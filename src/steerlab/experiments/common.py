@@ -1,0 +1,314 @@
+"""What the refusal-structure experiments share (layer transfer, subspace,
+positions, hydra): contrast sets, directions extracted on the model *as it is
+under an intervention*, condition tables with paired tests, and the pieces of
+their reports and results.json that are the same everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from steerlab._atomic import write_json
+from steerlab.directions import Direction
+from steerlab.errors import DataError
+from steerlab.experiments.runner import (
+    Condition,
+    Runner,
+    condition_summary,
+    judge_conditions,
+    paired_p,
+)
+from steerlab.report import Sample, Table
+
+if TYPE_CHECKING:
+    from steerlab.experiments.config import ExperimentConfig
+    from steerlab.experiments.store import ResponseStore
+    from steerlab.model import LoadedModel
+    from steerlab.prompts import PromptSet
+
+ALPHA_SIG = 0.05
+COND_COLUMNS = [
+    "condition",
+    "n",
+    "refusal_rate",
+    "refusal_rate_ci95",
+    "bypass_rate",
+    "degenerate_rate",
+    "vs_baseline_p",
+]
+JUDGE_COLUMNS = [
+    "judge_compliance",
+    "judge_compliance_ci95",
+    "judge_coherence",
+    "judge_coherence_ci95",
+]
+
+
+# -- prompts and directions -------------------------------------------------------------------
+def contrast_pairs(
+    source: str, split: str, limit: int | None = None
+) -> tuple[list[str], list[str]]:
+    """(harmful, harmless) twins of a built-in paired set (``paired``, ``tier2``) by pair_id."""
+    from steerlab.prompts import load_prompts
+
+    harmful = {p.pair_id: p.prompt for p in load_prompts(source, split=split, label="harmful")}
+    harmless = {p.pair_id: p.prompt for p in load_prompts(source, split=split, label="harmless")}
+    ids = sorted(set(harmful) & set(harmless), key=str)[:limit]
+    if len(ids) < 2:
+        raise DataError(
+            f"The built-in set {source!r} has {len(ids)} harmful/harmless pairs in "
+            f"split {split!r}; at least 2 are needed. Use another split or set."
+        )
+    return [harmful[i] for i in ids], [harmless[i] for i in ids]
+
+
+@contextmanager
+def steered(lm: LoadedModel, specs: Sequence[Any]) -> Iterator[None]:
+    """``steer(lm, specs)`` when there are specs, else nothing (the unhooked model)."""
+    if not specs:
+        yield
+        return
+    from steerlab.steering import steer
+
+    with steer(lm, list(specs)):
+        yield
+
+
+def refusal_direction_of(
+    lm: LoadedModel,
+    source: str = "paired",
+    *,
+    split: str = "train",
+    select_split: str = "val",
+    position: str = "last",
+    limit: int | None = None,
+    name: str = "refusal",
+    under: Sequence[Any] = (),
+    under_note: str = "",
+    batch_size: int = 32,
+) -> Direction:
+    """Harmful-minus-harmless direction of a built-in paired set on every layer, with
+    ``meta.best_layer`` = largest Cohen's d on the held-out ``select_split`` pairs.
+
+    With ``under`` (intervention specs) the activations are read, and Cohen's d
+    measured, while those interventions are active: the direction of the model
+    as it is after them (what hydra re-extraction needs).
+    """
+    from steerlab.analysis import cohens_d
+    from steerlab.extraction import extract_direction
+
+    harmful, harmless = contrast_pairs(source, split, limit)
+    val_harmful, val_harmless = contrast_pairs(source, select_split, limit)
+    with steered(lm, under):
+        direction = extract_direction(
+            lm,
+            harmful,
+            harmless,
+            position=position,
+            name=name,
+            kind="refusal",
+            batch_size=batch_size,
+            datasets={
+                "positive": f"{source}:harmful:{split}",
+                "negative": f"{source}:harmless:{split}",
+            },
+        )
+        d = cohens_d(
+            lm, direction, val_harmful, val_harmless, position=position, batch_size=batch_size
+        )
+    best = max(d, key=lambda layer: d[layer])
+    extra = {
+        **direction.meta.extra,
+        "cohens_d": {str(k): v for k, v in d.items()},
+        "best_layer_by": f"largest Cohen's d on held-out {source}:{select_split}",
+        "extracted_under": under_note or ("nothing" if not under else f"{len(under)} specs"),
+    }
+    meta = dataclasses.replace(direction.meta, best_layer=best, extra=extra)
+    return Direction(direction.vectors, direction.layers, meta)
+
+
+def cohens_d_of(direction: Direction) -> dict[int, float]:
+    """The held-out per-layer Cohen's d stored by :func:`refusal_direction_of`."""
+    return {int(k): float(v) for k, v in direction.meta.extra.get("cohens_d", {}).items()}
+
+
+def best_layer(direction: Direction) -> int:
+    if direction.meta.best_layer is None:
+        raise DataError(
+            f"Direction {direction.meta.name!r} has no best layer; extract it with "
+            "refusal_direction_of (held-out Cohen's d picks one)."
+        )
+    return int(direction.meta.best_layer)
+
+
+def effective_rank(gram: Any, share: float = 0.9) -> dict[str, float]:
+    """Participation ratio and the number of components holding ``share`` of the energy of
+    a set of unit vectors, from their Gram (cosine) matrix: 1 when they are one direction."""
+    import torch
+
+    eig = torch.linalg.eigvalsh(torch.as_tensor(gram, dtype=torch.float64)).clamp_min(0)
+    eig = eig.flip(0)
+    total = float(eig.sum())
+    key = f"k{int(share * 100)}"
+    if total == 0:
+        return {"participation_ratio": 0.0, key: 0}
+    cum = torch.cumsum(eig, 0) / total
+    k = int((cum < share - 1e-12).sum()) + 1
+    return {"participation_ratio": total**2 / float((eig**2).sum()), key: k}
+
+
+# -- conditions and tables --------------------------------------------------------------------
+def rows_of(run: Runner, name: str, prompts: PromptSet) -> list[dict[str, Any]]:
+    ids = {p.id for p in prompts}
+    return [r for r in run.rows(name) if r["prompt_id"] in ids]
+
+
+def summarise(
+    run: Runner, conditions: Sequence[Condition], prompts: PromptSet, reference: str
+) -> dict[str, dict[str, Any]]:
+    """Rates with Wilson intervals per condition and the McNemar p against ``reference``."""
+    ref = rows_of(run, reference, prompts)
+    out = {}
+    for cond in conditions:
+        rows = rows_of(run, cond.name, prompts)
+        entry = {**condition_summary(rows), "description": cond.description}
+        entry["vs_baseline_p"] = None if cond.name == reference else paired_p(rows, ref)
+        out[cond.name] = entry
+    return out
+
+
+def add_judge(
+    run: Runner, config: ExperimentConfig, tables: Sequence[dict[str, dict[str, Any]]]
+) -> bool:
+    """Merge judged compliance/coherence into each condition entry when a judge is set."""
+    if not config.judge_url:
+        return False
+    names = [name for table in tables for name in table]
+    judged = judge_conditions(run, names, config.judge_url, config.judge_model, seed=config.seed)
+    for table in tables:
+        for name, entry in table.items():
+            entry.update(judged.get(name, {}))
+    return True
+
+
+def newcombe_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    """Difference of two independent rates (``a - b``) with Newcombe's hybrid-score 95% CI,
+    built from each rate's Wilson interval (for rates on different prompt sets)."""
+    p1, (l1, u1) = a["refusal_rate"], a["refusal_rate_ci95"]
+    p2, (l2, u2) = b["refusal_rate"], b["refusal_rate_ci95"]
+    diff = p1 - p2
+    lo = diff - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)
+    hi = diff + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+    return {"diff": diff, "ci95": [max(-1.0, lo), min(1.0, hi)]}
+
+
+def rate(entry: Mapping[str, Any], name: str = "") -> str:
+    """``name 45% [30%, 61%] (n=32)`` for findings and summaries."""
+    lo, hi = entry["refusal_rate_ci95"]
+    head = f"{name} " if name else ""
+    return f"{head}{entry['refusal_rate']:.0%} [{lo:.0%}, {hi:.0%}] (n={entry['n']})"
+
+
+def condition_table(
+    title: str,
+    entries: Mapping[str, dict[str, Any]],
+    *,
+    names: Sequence[str] | None = None,
+    judged: bool = False,
+    extra: Sequence[str] = (),
+    note: str = "",
+) -> Table:
+    chosen = list(names) if names is not None else list(entries)
+    columns = [*COND_COLUMNS, *extra, *(JUDGE_COLUMNS if judged else []), "description"]
+    rows = [{"condition": n, **entries[n]} for n in chosen if n in entries]
+    return Table(
+        title,
+        columns,
+        rows,
+        note=note
+        or "p: exact McNemar test against the baseline on the same prompts; intervals: Wilson 95%.",
+    )
+
+
+def kl_table(title: str, kl: Mapping[str, dict[str, Any]], k: int, note: str = "") -> Table:
+    columns = [
+        "condition",
+        "kl_n",
+        "kl_first_token",
+        "kl_first_token_ci95",
+        f"kl_first_{k}",
+        f"kl_first_{k}_ci95",
+    ]
+    return Table(
+        title,
+        columns,
+        [{"condition": n, **v} for n, v in kl.items()],
+        note=note
+        or f"KL(base ‖ steered) in nats on harmless prompts: at the first "
+        f"response token and averaged over the first {k} baseline tokens "
+        "(teacher-forced); bootstrap 95% intervals.",
+    )
+
+
+def samples(store: ResponseStore, names: Sequence[str], n: int) -> list[Sample]:
+    out = []
+    for name in names:
+        for row in store.rows(name)[:n]:
+            out.append(Sample(name, row["prompt"], row["response"], row["outcome"]))
+    return out
+
+
+# -- results ----------------------------------------------------------------------------------
+def base_results(
+    lm: LoadedModel, experiment: str, eval_set: PromptSet, config: ExperimentConfig
+) -> dict[str, Any]:
+    return {
+        "experiment": experiment,
+        "model": lm.name,
+        "fingerprint": lm.fingerprint,
+        "n_eval": len(eval_set),
+        "eval_prompts": f"{config.eval_prompts} ({config.eval_split or 'all'})",
+        "max_new_tokens": config.max_new_tokens,
+    }
+
+
+def finish(
+    run: Runner, lm: LoadedModel, config: ExperimentConfig, results: dict[str, Any], started: float
+) -> dict[str, Any]:
+    """Stamp provenance and timings, then write ``results.json`` atomically."""
+    from steerlab.provenance import provenance
+
+    results["provenance"] = provenance(lm, config=config, seed=config.seed)
+    results["timings"] = {
+        **run.timings.as_dict(),
+        "wall_seconds_this_run": time.perf_counter() - started,
+    }
+    write_json(Path(run.out) / "results.json", results)
+    return results
+
+
+def eval_prompts(config: ExperimentConfig) -> PromptSet:
+    from steerlab.prompts import load_prompts
+
+    return load_prompts(config.eval_prompts, split=config.eval_split, limit=config.limit)
+
+
+def harmless_prompts(config: ExperimentConfig) -> PromptSet:
+    from steerlab.prompts import load_prompts
+
+    return load_prompts(
+        config.harmless_prompts, split=config.harmless_split, limit=config.harmless_limit
+    )
+
+
+def span(layers: Sequence[int]) -> str:
+    items = sorted(layers)
+    if len(items) > 1 and items == list(range(items[0], items[-1] + 1)):
+        return f"{items[0]}-{items[-1]}"
+    return ",".join(map(str, items))

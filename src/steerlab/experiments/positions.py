@@ -1,0 +1,399 @@
+"""``steerlab experiment positions``: does the last instruction token (t_inst) carry
+harmfulness and the post-instruction template tokens (t_post-inst) the decision
+to refuse?
+
+A refusal direction (harmful minus harmless, built-in paired set) is read at
+t_inst and at each post-instruction token ``post_inst[k]`` of the chat template
+(``steerlab.chat`` positions). For each: held-out Cohen's d per layer, cosines
+with the others, the effect of ablating it (every layer) on refusal of harmful
+prompts, and the effect of adding it (at one common layer) on harmless prompts
+(induced refusal). Zhao et al. (2025) report that harmfulness is read at t_inst
+and the refusal decision at the post-instruction tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field
+
+from steerlab.experiments import common, figures
+from steerlab.experiments.config import ExperimentConfig
+from steerlab.experiments.runner import Condition, Runner, paired_p
+from steerlab.report import Figure, Finding, Report, Table
+
+if TYPE_CHECKING:
+    from steerlab.directions import Direction
+    from steerlab.model import LoadedModel
+    from steerlab.prompts import PromptSet
+
+
+class PositionsConfig(ExperimentConfig):
+    """Settings of ``steerlab experiment positions``."""
+
+    positions: list[str] | None = Field(
+        None,
+        description="Positions to compare (default: t_inst and every post_inst[k] of "
+        "the model's chat template).",
+    )
+    layer: int | None = Field(
+        None,
+        ge=0,
+        description="Common layer whose vectors are ablated and added (default: "
+        "the best held-out layer of the last-token direction).",
+    )
+    add_alpha: float = Field(
+        1.0,
+        description="Added strength, in multiples of each position's "
+        "raw diff-in-means vector at the layer.",
+    )
+    similar_cosine: float = Field(
+        0.5, ge=0, le=1, description="Directions at least this cosine-similar count as one."
+    )
+    separable_d: float = Field(
+        0.8, gt=0, description="Cohen's d counted as 'carries the harmful/harmless distinction'."
+    )
+
+
+def positions_of(lm: LoadedModel, config: PositionsConfig) -> list[str]:
+    """t_inst and each post-instruction token position, or the configured list."""
+    from steerlab.chat import post_instruction_ids
+
+    if config.positions:
+        return list(config.positions)
+    n_post = len(post_instruction_ids(lm.tokenizer))
+    return ["t_inst", *[f"post_inst[{k}]" for k in range(n_post)]]
+
+
+def position_labels(lm: LoadedModel, positions: list[str]) -> dict[str, str]:
+    """``post_inst[2]`` → ``post_inst[2] '<|im_start|>'`` for tables and plots."""
+    from steerlab.chat import post_instruction_ids
+
+    tokens = lm.tokenizer.convert_ids_to_tokens(list(post_instruction_ids(lm.tokenizer)))
+    out = {}
+    for pos in positions:
+        if pos.startswith("post_inst[") and pos.endswith("]"):
+            k = int(pos[len("post_inst[") : -1])
+            out[pos] = f"{pos} {tokens[k]!r}" if -len(tokens) <= k < len(tokens) else pos
+        else:
+            out[pos] = pos
+    return out
+
+
+def run_positions(
+    lm: LoadedModel, out_dir: str | Path, config: PositionsConfig, show_progress: bool = True
+) -> dict[str, Any]:
+    """Run every step (resuming from ``out_dir``); write results, responses and report."""
+    started = time.perf_counter()
+    eval_set, harmless = common.eval_prompts(config), common.harmless_prompts(config)
+    positions = positions_of(lm, config)
+    labels = position_labels(lm, positions)
+    with Runner(
+        lm,
+        out_dir,
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.batch_size,
+        show_progress=show_progress,
+    ) as run:
+        run.plan((len(positions) + 1) * (len(eval_set) + len(harmless)))
+        dirs = {
+            pos: run.direction(
+                _safe(pos),
+                lambda p=pos: common.refusal_direction_of(  # type: ignore[misc]
+                    lm, position=p, limit=config.extraction_limit, name=f"refusal@{p}"
+                ),
+            )
+            for pos in positions
+        }
+        reference = positions[-1]
+        layer = config.layer if config.layer is not None else common.best_layer(dirs[reference])
+        analysis = run.step("analysis", lambda: _analysis(dirs, positions, layer, reference))
+        ablate, add = _conditions(dirs, positions, labels, layer, config)
+        for cond in ablate:
+            run.run(cond, eval_set, tag="harmful")
+        for cond in add:
+            run.run(cond, harmless, tag="harmless")
+        t_ablate = common.summarise(run, ablate, eval_set, "harmful:baseline")
+        t_add = common.summarise(run, add, harmless, "harmless:baseline")
+        judged = common.add_judge(run, config, [t_ablate, t_add])
+        results = common.base_results(lm, "positions", eval_set, config)
+        results.update(
+            positions=positions,
+            labels=labels,
+            layer=layer,
+            reference=reference,
+            conditions={**t_ablate, **t_add},
+            ablate=t_ablate,
+            add=t_add,
+            analysis=analysis,
+            judged=judged,
+            n_harmless=len(harmless),
+            harmless_prompts=f"{config.harmless_prompts} ({config.harmless_split})",
+        )
+        results["findings"] = _findings(run, eval_set, harmless, results, config)
+        results["summary"] = _summary(results, config)
+        common.finish(run, lm, config, results, started)
+    _report(Path(out_dir), results, run, config)
+    return results
+
+
+def _safe(position: str) -> str:
+    return "refusal_" + position.replace("[", "_").replace("]", "").replace("-", "m")
+
+
+def _conditions(
+    dirs: dict[str, Direction],
+    positions: list[str],
+    labels: dict[str, str],
+    layer: int,
+    config: PositionsConfig,
+) -> tuple[list[Condition], list[Condition]]:
+    from steerlab.interventions import Ablate, Add
+
+    ablate = [Condition("harmful:baseline", description="harmful prompts, no intervention")]
+    add = [Condition("harmless:baseline", description="harmless prompts, no intervention")]
+    for pos in positions:
+        ablate.append(
+            Condition(
+                f"ablate/{pos}",
+                (Ablate(dirs[pos], source_layer=layer),),
+                description=f"direction read at {labels[pos]}, layer {layer}, "
+                "ablated at every layer (harmful prompts)",
+            )
+        )
+        add.append(
+            Condition(
+                f"add/{pos}",
+                (Add(dirs[pos], alpha=config.add_alpha, layers=[layer]),),
+                description=f"{config.add_alpha:g} x the raw direction read at "
+                f"{labels[pos]} added at layer {layer} (harmless "
+                "prompts)",
+            )
+        )
+    return ablate, add
+
+
+def _analysis(
+    dirs: dict[str, Direction], positions: list[str], layer: int, reference: str
+) -> dict[str, Any]:
+    """Held-out Cohen's d per position and layer; cosines between positions."""
+    ref = dirs[reference]
+    return {
+        "cohens_d": {
+            p: {str(k): v for k, v in common.cohens_d_of(dirs[p]).items()} for p in positions
+        },
+        "best_layer": {p: common.best_layer(dirs[p]) for p in positions},
+        "max_cohens_d": {p: max(common.cohens_d_of(dirs[p]).values()) for p in positions},
+        "cohens_d_at_layer": {p: common.cohens_d_of(dirs[p])[layer] for p in positions},
+        "cosine_with_reference": {
+            p: {str(k): v for k, v in dirs[p].cosine(ref).items()} for p in positions
+        },
+        "cosine_at_layer": [
+            [float(dirs[a].cosine(dirs[b].select([layer]))[layer]) for b in positions]
+            for a in positions
+        ],
+        "norm_at_layer": {p: dirs[p].norms[layer] for p in positions},
+    }
+
+
+def _findings(
+    run: Runner,
+    eval_set: PromptSet,
+    harmless: PromptSet,
+    results: dict[str, Any],
+    config: PositionsConfig,
+) -> list[dict[str, str]]:
+    a, t_ab, t_add = results["analysis"], results["ablate"], results["add"]
+    ref, layer, sig = results["reference"], results["layer"], common.ALPHA_SIG
+    out = []
+    if "t_inst" in results["positions"]:
+        d_t = a["max_cohens_d"]["t_inst"]
+        out.append(
+            {
+                "claim": "The last instruction token (t_inst) separates harmful from "
+                "harmless prompts",
+                "verdict": "reproduced" if d_t >= config.separable_d else "not reproduced",
+                "evidence": f"largest held-out Cohen's d at t_inst {d_t:.2f} (layer "
+                f"{a['best_layer']['t_inst']}); at {ref} {a['max_cohens_d'][ref]:.2f} "
+                f"(layer {a['best_layer'][ref]}); criterion d ≥ {config.separable_d:g}.",
+            }
+        )
+        for kind, table, prompts, tag, higher in (
+            ("add", t_add, harmless, "induces refusal on harmless prompts", True),
+            ("ablate", t_ab, eval_set, "removes refusal on harmful prompts", False),
+        ):
+            post, tin = table[f"{kind}/{ref}"], table[f"{kind}/t_inst"]
+            p = paired_p(
+                common.rows_of(run, f"{kind}/{ref}", prompts),
+                common.rows_of(run, f"{kind}/t_inst", prompts),
+            )
+            more = (
+                post["refusal_rate"] > tin["refusal_rate"]
+                if higher
+                else post["refusal_rate"] < tin["refusal_rate"]
+            )
+            base = table[next(iter(table))]
+            # "not reproduced" needs evidence either way: an effect of one of them, and
+            # (for ablation) some refusal to remove; otherwise the run had no power.
+            powered = min(post["vs_baseline_p"], tin["vs_baseline_p"]) < sig and (
+                higher or base["refusal_rate"] > 0
+            )
+            verb = "Adding" if kind == "add" else "Ablating"
+            out.append(
+                {
+                    "claim": f"{verb} the post-instruction direction {tag} more than the t_inst "
+                    "direction",
+                    "verdict": "reproduced"
+                    if more and p < sig
+                    else "not reproduced"
+                    if not more and powered
+                    else "inconclusive",
+                    "evidence": f"{kind} at layer {layer}: {common.rate(post, ref)} vs "
+                    f"{common.rate(tin, 't_inst')}, McNemar p={p:.3g}; baseline "
+                    f"{common.rate(base)}. {ref} is the "
+                    "pre-registered comparison (Arditi et al.'s position).",
+                }
+            )
+        cos = a["cosine_at_layer"][results["positions"].index("t_inst")][
+            results["positions"].index(ref)
+        ]
+        out.append(
+            {
+                "claim": "The t_inst and post-instruction directions are different directions",
+                "verdict": "reproduced" if cos < config.similar_cosine else "not reproduced",
+                "evidence": f"cosine at layer {layer} between t_inst and {ref}: {cos:.2f} "
+                f"(criterion < {config.similar_cosine:g}).",
+            }
+        )
+    return out
+
+
+def _summary(results: dict[str, Any], config: PositionsConfig) -> str:
+    ab, ad = results["ablate"], results["add"]
+    per = "; ".join(
+        f"{results['labels'][p]}: ablate {ab[f'ablate/{p}']['refusal_rate']:.0%}, "
+        f"add {ad[f'add/{p}']['refusal_rate']:.0%}"
+        for p in results["positions"]
+    )
+    return (
+        f"Model {results['model']} (fingerprint {results['fingerprint']}); directions read "
+        f"at {len(results['positions'])} positions; interventions at layer {results['layer']}; "
+        f"harmful prompts n={results['n_eval']} ({results['eval_prompts']}), harmless prompts "
+        f"n={results['n_harmless']} ({results['harmless_prompts']}); greedy "
+        f"{config.max_new_tokens} new tokens, substring refusal scoring. Baseline refusal: "
+        f"harmful {common.rate(ab['harmful:baseline'])}, harmless "
+        f"{common.rate(ad['harmless:baseline'])}. Per position (refusal on harmful prompts "
+        f"with it ablated / on harmless prompts with it added): {per}."
+    )
+
+
+def _report(out: Path, results: dict[str, Any], run: Runner, config: PositionsConfig) -> Path:
+    figs = out / "figures"
+    a, labels, positions = results["analysis"], results["labels"], results["positions"]
+    ab, ad = results["ablate"], results["add"]
+    fig_list = [
+        Figure(
+            figures.lines_by_layer(
+                figs / "cohens_d_by_layer.png",
+                {labels[p]: {int(k): v for k, v in a["cohens_d"][p].items()} for p in positions},
+                title="Held-out Cohen's d of the refusal direction by read position",
+                ylabel="Cohen's d",
+            ),
+            "Cohen's d (held-out paired prompts) of the projection on "
+            "the direction read at each position, per layer.",
+        ),
+        Figure(
+            figures.lines_by_layer(
+                figs / "cosine_with_reference.png",
+                {
+                    labels[p]: {int(k): v for k, v in a["cosine_with_reference"][p].items()}
+                    for p in positions
+                },
+                title=f"Cosine with the direction read at {labels[results['reference']]}",
+                ylabel="cosine",
+            ),
+            "Per-layer cosine of each position's direction with the last-token direction.",
+        ),
+        Figure(
+            figures.matrix_heatmap(
+                figs / "cosine_at_layer.png",
+                [labels[p] for p in positions],
+                [labels[p] for p in positions],
+                a["cosine_at_layer"],
+                title=f"Cosine between positions' directions at layer {results['layer']}",
+                row_label="position",
+                col_label="position",
+                value_label="cosine",
+                annotate=True,
+            ),
+            "Cosine between the directions read at each pair of positions, at the "
+            "intervention layer.",
+        ),
+        Figure(
+            figures.bars_with_ci(
+                figs / "ablate.png",
+                list(ab),
+                [e["refusal_rate"] for e in ab.values()],
+                [e["refusal_rate_ci95"] for e in ab.values()],
+                title="Harmful prompts: refusal with each position's direction ablated",
+                ylabel="refusal rate",
+            ),
+            "Refusal on harmful prompts (95% Wilson CI).",
+        ),
+        Figure(
+            figures.bars_with_ci(
+                figs / "add.png",
+                list(ad),
+                [e["refusal_rate"] for e in ad.values()],
+                [e["refusal_rate_ci95"] for e in ad.values()],
+                title="Harmless prompts: refusal induced by adding each position's direction",
+                ylabel="refusal rate",
+            ),
+            "Refusal on harmless prompts (95% Wilson CI).",
+        ),
+    ]
+    judged = bool(results["judged"])
+    per_pos = [
+        {
+            "position": labels[p],
+            "best_layer": a["best_layer"][p],
+            "max_cohens_d": a["max_cohens_d"][p],
+            "cohens_d_at_layer": a["cohens_d_at_layer"][p],
+            "norm_at_layer": a["norm_at_layer"][p],
+            "cosine_with_reference_at_layer": a["cosine_with_reference"][p].get(
+                str(results["layer"])
+            ),
+        }
+        for p in positions
+    ]
+    tables = [
+        Table(
+            "Directions by read position",
+            list(per_pos[0]),
+            per_pos,
+            note=f"Cohen's d on held-out paired prompts; layer {results['layer']} is where "
+            "the interventions act.",
+        ),
+        common.condition_table("Harmful prompts: each direction ablated", ab, judged=judged),
+        common.condition_table("Harmless prompts: each direction added", ad, judged=judged),
+    ]
+    names = [
+        "harmful:baseline",
+        f"ablate/{results['reference']}",
+        "harmless:baseline",
+        f"add/{results['reference']}",
+        "add/t_inst",
+    ]
+    report = Report(
+        title="steerlab: where refusal is read — t_inst vs post-instruction tokens",
+        summary=results["summary"],
+        findings=[Finding(**f) for f in results["findings"]],
+        tables=tables,
+        figures=fig_list,
+        samples=common.samples(run.store, names, config.n_samples),
+        provenance=results["provenance"],
+    )
+    html, _ = report.write(out)
+    return html

@@ -1,0 +1,449 @@
+"""Batched, KV-cached chat generation, optionally steered.
+
+One loop, written for throughput and reproducibility rather than generality:
+
+- prompts are rendered through the chat template, sorted by token length
+  into left-padded batches (little padding), and returned in input order;
+- the prompt is prefilled once, then one token per step from the KV cache,
+  computing logits for the last position only;
+- rows that reach EOS or ``max_new_tokens`` leave the batch at once (their
+  KV cache rows are dropped), so a batch costs what its live rows cost;
+- sampling draws from a per-prompt generator seeded by ``(seed, index)``, so
+  a prompt's sample does not depend on batch size, order or resumption;
+- ``batch_size="auto"`` starts large and halves on out-of-memory;
+- finished rows are appended to ``out_jsonl`` as they finish; rerunning with
+  the same file skips the indices already there.
+
+Example:
+    >>> rows = generate(lm, ["Write a haiku."], max_new_tokens=32)   # doctest: +SKIP
+    >>> rows[0].response                                             # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from steerlab import steering
+from steerlab._atomic import atomic_open
+from steerlab.chat import render
+from steerlab.errors import DataError, SteerlabError
+from steerlab.interventions import Spec, resolve_specs, specs_to_json
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, Task
+
+    from steerlab.model import LoadedModel
+
+CPU_AUTO_BATCH = 16
+GPU_MAX_AUTO_BATCH = 256
+
+
+class GenerationError(SteerlabError):
+    """Generation could not run (e.g. out of memory even at batch size 1)."""
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One prompt's response. ``finish_reason`` is ``stop`` (EOS) or ``length``."""
+
+    index: int
+    prompt: str
+    system: str | None
+    response: str
+    n_prompt_tokens: int
+    n_new_tokens: int
+    finish_reason: str
+    id: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Generation:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class _Row:
+    index: int
+    prompt: str
+    system: str | None
+    id: str
+    ids: list[int]
+
+
+@dataclass(frozen=True)
+class _Settings:
+    max_new_tokens: int
+    do_sample: bool
+    temperature: float
+    top_p: float
+    seed: int
+    eos: frozenset[int]
+    pad: int
+
+
+# -- model call compatibility (transformers 4.57 and 5.x) --------------------------------------
+_KEYWORDS: dict[type, tuple[str, str | None]] = {}
+
+
+def _forward_keywords(model: Any) -> tuple[str, str | None]:
+    """Cache and logits-trimming keyword names of this model class's ``forward``."""
+    model_type = type(model)
+    if model_type in _KEYWORDS:
+        return _KEYWORDS[model_type]
+    params = inspect.signature(model_type.forward).parameters  # the class's, not a wrapper
+    cache_kw = "cache" if "cache" in params else "past_key_values"
+    if "logits_to_keep" in params:
+        keep_kw: str | None = "logits_to_keep"
+    elif "num_logits_to_keep" in params:
+        keep_kw = "num_logits_to_keep"
+    else:
+        keep_kw = None
+    _KEYWORDS[model_type] = (cache_kw, keep_kw)
+    return cache_kw, keep_kw
+
+
+def _forward(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+             cache: Any) -> tuple[torch.Tensor, Any]:
+    cache_kw, keep_kw = _forward_keywords(lm.model)
+    kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
+                              "use_cache": True}
+    if cache is not None:
+        kwargs[cache_kw] = cache
+    if keep_kw is not None:
+        kwargs[keep_kw] = 1
+    out = lm.model(**kwargs)
+    new_cache = getattr(out, "cache", None)
+    if new_cache is None:
+        new_cache = getattr(out, "past_key_values", None)
+    return out.logits[:, -1, :], new_cache
+
+
+# -- token choice ------------------------------------------------------------------------------
+def _row_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def _choose(logits: torch.Tensor, settings: _Settings,
+            generators: Sequence[torch.Generator]) -> torch.Tensor:
+    if not settings.do_sample:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / max(settings.temperature, 1e-6), dim=-1)
+    if settings.top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        cum = sorted_p.cumsum(dim=-1)
+        sorted_p = sorted_p.masked_fill(cum - sorted_p > settings.top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    picks = [torch.multinomial(probs[i], 1, generator=gen) for i, gen in enumerate(generators)]
+    return torch.cat(picks)
+
+
+# -- one batch ---------------------------------------------------------------------------------
+def _left_pad(rows: Sequence[_Row], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r.ids) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, width - len(row.ids):] = torch.tensor(row.ids, dtype=torch.long)
+        mask[b, width - len(row.ids):] = 1
+    return ids, mask
+
+
+def _run_batch(lm: LoadedModel, rows: Sequence[_Row], settings: _Settings,
+               emit: Callable[[_Row, list[int], str], None],
+               on_tokens: Callable[[int], None]) -> None:
+    """Generate for ``rows``; call ``emit`` for each row as soon as it finishes."""
+    device = lm.device
+    ids, mask = _left_pad(rows, settings.pad)
+    ids, mask = ids.to(device), mask.to(device)
+    position = (mask.cumsum(-1) - 1).clamp_min(0)
+    tokens: list[list[int]] = [[] for _ in rows]
+    active = list(range(len(rows)))
+    with torch.inference_mode():
+        logits, cache = _forward(lm, ids, mask, position, None)
+        # logits live where the LM head is (not the embedding's device under a device_map)
+        generators = [_row_generator(settings.seed, r.index, logits.device) for r in rows] \
+            if settings.do_sample else []
+        next_pos = position[:, -1] + 1
+        while True:
+            chosen = _choose(logits, settings, [generators[a] for a in active]
+                             if generators else [])
+            keep: list[int] = []
+            for j, (a, tok) in enumerate(zip(active, chosen.tolist(), strict=True)):
+                if tok in settings.eos:
+                    emit(rows[a], tokens[a], "stop")
+                    continue
+                tokens[a].append(tok)
+                if len(tokens[a]) >= settings.max_new_tokens:
+                    emit(rows[a], tokens[a], "length")
+                else:
+                    keep.append(j)
+            on_tokens(len(active))
+            if not keep:
+                return
+            if len(keep) < len(active):
+                index = torch.tensor(keep)  # a CPU index works on every layer's device
+                cache.batch_select_indices(index)
+                mask, chosen, next_pos = mask[index], chosen[index], next_pos[index]
+                active = [active[j] for j in keep]
+            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+            logits, cache = _forward(lm, chosen[:, None].to(device), mask, next_pos[:, None],
+                                     cache)
+            next_pos = next_pos + 1
+
+
+# -- batch size --------------------------------------------------------------------------------
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text
+    )
+
+
+def auto_batch_size(lm: LoadedModel, n_prompts: int, max_tokens: int) -> int:
+    """A starting batch size: 16 on CPU (where larger batches stop paying), on a GPU
+    what the free memory holds for the KV cache of ``max_tokens`` per row, with
+    headroom; :func:`generate` halves it on out-of-memory."""
+    device = lm.device
+    if device.type != "cuda":
+        return max(1, min(n_prompts, CPU_AUTO_BATCH))
+    free, _ = torch.cuda.mem_get_info(device)
+    config = lm.model.config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    elem = torch.finfo(lm.dtype).bits // 8
+    per_row = 2 * lm.n_layers * heads * head_dim * elem * max_tokens
+    per_row += 4 * config.vocab_size * 3 + 16 * config.hidden_size * max_tokens * elem
+    fits = int(0.6 * free // max(per_row, 1))
+    return max(1, min(n_prompts, GPU_MAX_AUTO_BATCH, fits))
+
+
+# -- output file -------------------------------------------------------------------------------
+def _settings_id(lm: LoadedModel, specs: list[Spec], settings: _Settings,
+                 template: str | None) -> str:
+    blob = json.dumps({
+        "model": lm.fingerprint,
+        "steer": json.loads(specs_to_json(specs, indent=None)),
+        "max_new_tokens": settings.max_new_tokens,
+        "sampling": [settings.temperature, settings.top_p, settings.seed]
+        if settings.do_sample else None,
+        "chat_template": hashlib.sha256((template or "").encode()).hexdigest()[:16],
+    }, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _read_done(path: Path, rows: dict[int, _Row], settings_id: str) -> dict[int, Generation]:
+    """Rows already in ``path`` (malformed trailing lines from a crash are dropped)."""
+    if not path.exists():
+        return {}
+    done: dict[int, Generation] = {}
+    good_lines: list[str] = []
+    dropped = False
+    for line in path.read_text().splitlines():
+        try:
+            data = json.loads(line)
+            gen = Generation.from_dict(data)
+        except (json.JSONDecodeError, TypeError):
+            dropped = True
+            continue
+        if data.get("settings") != settings_id:
+            raise DataError(
+                f"{path} holds generations made with other settings (model, steering, sampling "
+                "or max_new_tokens); write to another --out file or delete it to start over."
+            )
+        row = rows.get(gen.index)
+        if row is None or row.prompt != gen.prompt or row.system != gen.system:
+            raise DataError(
+                f"{path} row {gen.index} is for another prompt than this run's; write to another "
+                "--out file or delete it to start over."
+            )
+        done[gen.index] = gen
+        good_lines.append(line)
+    if dropped:
+        with atomic_open(path) as handle:
+            handle.write("".join(f"{line}\n" for line in good_lines))
+    return done
+
+
+# -- progress ----------------------------------------------------------------------------------
+def _progress(enabled: bool) -> Progress | None:
+    if not enabled:
+        return None
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class Rates(ProgressColumn):
+        def render(self, task: Task) -> Text:
+            elapsed = task.elapsed or 0.0
+            if elapsed <= 0:
+                return Text("– prompts/s  – tok/s", style="cyan")
+            tokens = task.fields.get("tokens", 0)
+            return Text(f"{task.completed / elapsed:.2f} prompts/s  {tokens / elapsed:.1f} tok/s",
+                        style="cyan")
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    Rates(), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=Console(stderr=True), transient=False)
+
+
+# -- the public entry point --------------------------------------------------------------------
+def _as_rows(lm: LoadedModel, prompts: Iterable[Any], system: str | Sequence[str | None] | None,
+             chat_template: str | None) -> list[_Row]:
+    items = list(prompts)
+    systems = [system] * len(items) if system is None or isinstance(system, str) else list(system)
+    if len(systems) != len(items):
+        raise DataError(f"Got {len(systems)} system prompts for {len(items)} prompts.")
+    rows = []
+    for index, (item, sys_prompt) in enumerate(zip(items, systems, strict=True)):
+        text = item if isinstance(item, str) else getattr(item, "prompt", None)
+        if not isinstance(text, str):
+            raise DataError(f"Prompt {index} is a {type(item).__name__}, not text or a Prompt.")
+        rendered = render(lm.tokenizer, text, sys_prompt, chat_template=chat_template)
+        ids = list(lm.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+        rows.append(_Row(index, text, sys_prompt, str(getattr(item, "id", "") or ""), ids))
+    return rows
+
+
+def eos_ids(lm: LoadedModel) -> frozenset[int]:
+    """Every token id that ends a response: the tokenizer's and the generation config's."""
+    found: set[int] = set()
+    for value in (lm.tokenizer.eos_token_id,
+                  getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)):
+        if isinstance(value, int):
+            found.add(value)
+        elif isinstance(value, list | tuple):
+            found.update(int(v) for v in value)
+    if not found:
+        raise GenerationError("The tokenizer has no EOS token; set tokenizer.eos_token.")
+    return frozenset(found)
+
+
+def generate(
+    lm: LoadedModel,
+    prompts: Iterable[Any],
+    *,
+    system: str | Sequence[str | None] | None = None,
+    steer: Spec | Sequence[Spec] = (),
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int | str = "auto",
+    out_jsonl: str | Path | None = None,
+    progress: bool = False,
+    chat_template: str | None = None,
+) -> list[Generation]:
+    """Chat-generate a response to each prompt, steered by ``steer`` (specs, in order).
+
+    ``prompts`` are strings or :class:`steerlab.prompts.Prompt`-like objects
+    (``.prompt``, optional ``.id``). Returns one :class:`Generation` per prompt,
+    in input order (including rows resumed from ``out_jsonl``).
+    """
+    if max_new_tokens < 1:
+        raise DataError(f"max_new_tokens must be at least 1; got {max_new_tokens}.")
+    if do_sample and not (temperature > 0 and 0 < top_p <= 1):
+        raise DataError(f"Sampling needs temperature > 0 and 0 < top_p ≤ 1; got {temperature}, "
+                        f"{top_p}.")
+    rows = _as_rows(lm, prompts, system, chat_template)
+    specs = resolve_specs(steer, lm=lm)
+    pad = lm.tokenizer.pad_token_id
+    settings = _Settings(max_new_tokens, do_sample, float(temperature), float(top_p), int(seed),
+                         eos_ids(lm), int(pad if pad is not None else 0))
+    settings_id = _settings_id(lm, specs, settings,
+                               chat_template or getattr(lm.tokenizer, "chat_template", None))
+    by_index = {r.index: r for r in rows}
+    path = Path(out_jsonl) if out_jsonl is not None else None
+    done = _read_done(path, by_index, settings_id) if path is not None else {}
+    pending = sorted((r for r in rows if r.index not in done), key=lambda r: -len(r.ids))
+    if pending:
+        _generate_rows(lm, pending, specs, settings, settings_id, batch_size, path, progress,
+                       done, len(rows))
+    return [done[r.index] for r in rows]
+
+
+def _generate_rows(lm: LoadedModel, pending: list[_Row], specs: list[Spec], settings: _Settings,
+                   settings_id: str, batch_size: int | str, path: Path | None, progress: bool,
+                   done: dict[int, Generation], total: int) -> None:
+    if batch_size == "auto":
+        size = auto_batch_size(lm, len(pending), max(len(r.ids) for r in pending)
+                               + settings.max_new_tokens)
+    elif isinstance(batch_size, int) and batch_size >= 1:
+        size = batch_size
+    else:
+        raise DataError(f"batch_size must be 'auto' or a positive integer; got {batch_size!r}.")
+    bar = _progress(progress)
+    task = bar.add_task("generating", total=total, completed=len(done), tokens=0) if bar else None
+    sink = path.open("a", encoding="utf-8") if path is not None else None
+    n_tokens = 0
+
+    def emit(row: _Row, tokens: list[int], reason: str) -> None:
+        gen = Generation(row.index, row.prompt, row.system,
+                         lm.tokenizer.decode(tokens, skip_special_tokens=True),
+                         len(row.ids), len(tokens), reason, row.id)
+        done[row.index] = gen
+        if sink is not None:
+            sink.write(json.dumps({**gen.to_dict(), "settings": settings_id},
+                                  ensure_ascii=False) + "\n")
+            sink.flush()
+        if bar is not None and task is not None:
+            bar.advance(task)
+
+    def on_tokens(count: int) -> None:
+        nonlocal n_tokens
+        n_tokens += count
+        if bar is not None and task is not None:
+            bar.update(task, tokens=n_tokens)
+
+    try:
+        if bar is not None:
+            bar.start()
+        with steering.steer(lm, specs):
+            while pending:
+                batch, rest = pending[:size], pending[size:]
+                try:
+                    _run_batch(lm, batch, settings, emit, on_tokens)
+                except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
+                    if not _is_oom(exc):
+                        raise
+                    if size == 1:
+                        raise GenerationError(
+                            "Out of memory even at batch size 1; lower --max-new-tokens, use a "
+                            "smaller dtype or a machine with more memory."
+                        ) from exc
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    size = max(1, min(size, len(batch)) // 2)
+                    rest = [r for r in batch if r.index not in done] + rest
+                pending = rest
+    finally:
+        if sink is not None:
+            sink.close()
+        if bar is not None:
+            bar.stop()
+
+
+__all__ = ["Generation", "GenerationError", "auto_batch_size", "eos_ids", "generate"]

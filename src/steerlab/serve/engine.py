@@ -1,0 +1,237 @@
+"""Batched, KV-cached decoding of independent requests, one token per row per step.
+
+This is the loop of :func:`steerlab.generate.generate` (its forward call,
+position ids, EOS set, row dropping and seeded sampler), so a request's
+greedy output equals offline ``generate`` for that prompt, and a seeded
+sample equals ``generate(..., do_sample=True, seed=S)`` for a single prompt.
+It adds what a server needs between steps: per-row settings (token budget,
+temperature, seed, stop sequences), text deltas as tokens arrive, and rows
+that can be abandoned (dropped from the batch and its KV cache at once).
+
+Steering is not this module's business: the caller wraps :func:`decode` in
+``steerlab.steering.steer(...)``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from steerlab.model import LoadedModel
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is decoded. ``temperature == 0`` means greedy."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+class RowSink(Protocol):
+    """Where a row's output goes (the batcher's job object)."""
+
+    def delta(self, text: str) -> None: ...
+    def finish(self, reason: str, n_completion: int, text: str) -> None: ...
+    def cancelled(self) -> bool: ...
+
+
+@dataclass
+class Row:
+    """One request inside a batch: its prompt token ids, decoding settings and sink."""
+
+    prompt_ids: Sequence[int]
+    params: SamplingParams
+    sink: RowSink
+
+
+def eos_token_ids(lm: LoadedModel) -> frozenset[int]:
+    """Every token id that ends a turn (the same set offline generation stops on)."""
+    from steerlab.generate import eos_ids
+
+    return eos_ids(lm)
+
+
+class TextTracker:
+    """Turns a growing list of token ids into text deltas, honouring stop sequences.
+
+    Text that could be the start of a stop sequence, or an incomplete UTF-8
+    character, is held back until the next token decides it.
+    """
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.ids: list[int] = []
+        self.emitted = 0
+        self.text = ""
+
+    def _decode(self) -> str:
+        return str(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        """Add a token; return the text now safe to emit and whether a stop sequence hit."""
+        self.ids.append(token_id)
+        text = self._decode()
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = text[: min(hits)]
+            return self._advance(len(self.text)), True
+        self.text = text
+        safe = len(text.rstrip("\ufffd"))
+        for s in self.stop:
+            for k in range(min(len(s) - 1, safe), 0, -1):
+                if text[safe - k : safe] == s[:k]:
+                    safe -= k
+                    break
+        return self._advance(max(safe, self.emitted)), False
+
+    def flush(self) -> str:
+        """Everything not yet emitted (the row has ended without a stop sequence)."""
+        return self._advance(len(self.text))
+
+    def _advance(self, upto: int) -> str:
+        delta = self.text[self.emitted : upto]
+        self.emitted = max(self.emitted, upto)
+        return delta
+
+
+@dataclass
+class _State:
+    row: Row
+    tracker: TextTracker
+    generator: torch.Generator | None
+    n_new: int = 0
+    done: bool = field(default=False)
+
+
+def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
+    """Temperature, then nucleus (top-p) filtering: the rule offline ``generate`` applies."""
+    probs = torch.softmax(logits.float() / max(params.temperature, 1e-6), dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        cum = sorted_p.cumsum(dim=-1)
+        sorted_p = sorted_p.masked_fill(cum - sorted_p > params.top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def _choose(logits: torch.Tensor, states: Sequence[_State]) -> torch.Tensor:
+    """Next token per row: argmax for greedy rows, a seeded sample for the others."""
+    chosen = logits.argmax(dim=-1)
+    for b, st in enumerate(states):
+        if st.generator is not None:
+            chosen[b] = _sample(logits[b], st.row.params, st.generator)
+    return chosen
+
+
+def _left_pad(rows: Sequence[Row], pad_id: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    width = max(len(r.prompt_ids) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, row in enumerate(rows):
+        n = len(row.prompt_ids)
+        ids[b, width - n :] = torch.tensor(list(row.prompt_ids), dtype=torch.long)
+        mask[b, width - n :] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.inference_mode()
+def decode(lm: LoadedModel, rows: Sequence[Row], *, eos_ids: frozenset[int] | None = None,
+           held: list[Callable[[], None]] | None = None) -> int:
+    """Generate every row to its end; return the number of forward passes run.
+
+    Each row's sink gets text deltas as they become safe, then exactly one
+    ``finish`` (``"stop"`` on EOS or a stop sequence, ``"length"`` on the
+    token budget) unless its ``cancelled()`` turned true, in which case the
+    row is dropped silently. With ``held``, the finishes of the last step are
+    appended there instead of delivered, so the caller can deliver them after
+    removing its steering hooks (a client that got its answer then never
+    sees the model still hooked).
+    """
+    from steerlab.generate import _forward
+
+    live = [r for r in rows if not r.sink.cancelled()]
+    if not live:
+        return 0
+    eos = eos_token_ids(lm) if eos_ids is None else eos_ids
+    tok = lm.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids, mask = _left_pad(live, pad_id, lm.device)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    states = [
+        _State(r, TextTracker(tok, r.params.stop), _generator(r.params, lm.device)) for r in live
+    ]
+    logits, cache = _forward(lm, ids, mask, positions, None)
+    next_pos = positions[:, -1] + 1
+    active = list(range(len(states)))
+    steps = 1
+    while True:
+        next_ids = _choose(logits, [states[i] for i in active])
+        done: list[Callable[[], None]] = []
+        keep = [b for b, i in enumerate(active)
+                if _advance(states[i], int(next_ids[b]), eos, done)]
+        if not keep and held is not None:
+            held.extend(done)
+            return steps
+        for deliver in done:
+            deliver()
+        if not keep:
+            return steps
+        if len(keep) < len(active):
+            index = torch.tensor(keep, device=mask.device)
+            cache.batch_select_indices(index)
+            mask, next_pos, next_ids = mask[index], next_pos[index], next_ids[index]
+            active = [active[b] for b in keep]
+        mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+        logits, cache = _forward(lm, next_ids[:, None], mask, next_pos[:, None], cache)
+        next_pos = next_pos + 1
+        steps += 1
+
+
+def _generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    """Offline ``generate`` seeds prompt ``i`` with ``(seed, i)``; a request is prompt 0."""
+    if params.temperature <= 0.0:
+        return None
+    from steerlab.generate import _row_generator
+
+    seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**62)
+    return _row_generator(seed, 0, device)
+
+
+def _advance(st: _State, token_id: int, eos: frozenset[int],
+             done: list[Callable[[], None]]) -> bool:
+    """Feed one token to a row; return True while the row goes on (finishes go to ``done``)."""
+    sink, params = st.row.sink, st.row.params
+    if sink.cancelled():
+        st.done = True
+        return False
+    if token_id in eos and not params.ignore_eos:
+        return _finish(st, "stop", done)  # like offline generate, EOS is not a new token
+    st.n_new += 1
+    delta, stopped = st.tracker.push(token_id)
+    if delta:
+        sink.delta(delta)
+    if stopped:
+        return _finish(st, "stop", done)
+    if st.n_new >= params.max_new_tokens:
+        return _finish(st, "length", done)
+    return True
+
+
+def _finish(st: _State, reason: str, done: list[Callable[[], None]]) -> bool:
+    rest = st.tracker.flush()
+    if rest:
+        st.row.sink.delta(rest)
+    st.done = True
+    sink, n_new, text = st.row.sink, st.n_new, st.tracker.text
+    done.append(lambda: sink.finish(reason, n_new, text))
+    return False

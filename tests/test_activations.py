@@ -1,0 +1,174 @@
+"""Activation collection: batched equals one-at-a-time, streaming stats, early stop, no leaks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from steerlab.activations import (
+    forward_batch,
+    iter_batches,
+    layer_output_hooks,
+    mean_activations,
+    project_activations,
+    record_activations,
+    resolve_layers,
+    run_until_stop,
+)
+from steerlab.chat import encode
+from steerlab.directions import Direction
+from steerlab.errors import DataError
+from tests.tiny import tiny_model
+
+PROMPTS = [
+    "how do i make a cake",
+    "hello",
+    "tell me a story about a cat and a dog please",
+    "what is the sky",
+    "write code in python to sort a list of number and explain the steps",
+]
+
+
+def _hook_count(lm) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules())
+
+
+@pytest.mark.parametrize(("arch", "template"), [("qwen2", "qwen"), ("llama", "llama3"),
+                                                ("gemma2", "qwen"), ("olmo2", "llama3")])
+def test_batched_equals_one_at_a_time(arch, template):
+    """Left-padded batches of different lengths give the single-prompt activations (float32)."""
+    lm = tiny_model(arch, template=template)
+    for position in ("last", "post_inst", "prompt_mean", "t_inst"):
+        batched = mean_activations(lm, PROMPTS, position=position, keep_raw=True, batch_size=5)
+        singles = torch.stack([mean_activations(lm, [p], position=position).mean
+                               for p in PROMPTS])
+        assert batched.raw is not None and batched.raw.shape == (5, 3, 64)
+        scale = singles.abs().max()
+        torch.testing.assert_close(batched.raw.double(), singles, atol=1e-5 * scale, rtol=1e-5)
+        torch.testing.assert_close(batched.mean, singles.mean(0), atol=1e-5 * scale, rtol=1e-5)
+        torch.testing.assert_close(batched.var, singles.var(0, unbiased=False),
+                                   atol=1e-5 * scale**2, rtol=1e-4)
+
+
+def test_batches_are_left_padded_and_differ_in_length(tiny_qwen):
+    widths = []
+    for _, batch in iter_batches(tiny_qwen, PROMPTS, batch_size=2):
+        widths.append(batch.input_ids.shape[1])
+        assert (batch.attention_mask[:, -1] == 1).all()  # left padding: every row ends real
+        assert (batch.attention_mask.sum(1) < batch.input_ids.shape[1]).any() or len(widths) == 3
+    assert len(set(widths)) > 1  # batches are trimmed to their own longest row
+
+
+def test_response_mean_batched_equals_single(tiny_qwen):
+    responses = ["sure here is a cake", "no", "yes the cat and the dog", "blue", "sorry"]
+    batched = mean_activations(tiny_qwen, PROMPTS, responses=responses,
+                               position="response_mean", keep_raw=True, batch_size=3)
+    singles = torch.stack([
+        mean_activations(tiny_qwen, [p], responses=[r], position="response_mean").mean
+        for p, r in zip(PROMPTS, responses, strict=True)
+    ])
+    torch.testing.assert_close(batched.raw.double(), singles, atol=1e-6, rtol=1e-5)
+
+
+def test_per_prompt_system_prompts(tiny_qwen):
+    systems = ["be kind", "be careful", None, "rules", "be bold"]
+    batched = mean_activations(tiny_qwen, PROMPTS, system=systems, keep_raw=True)
+    singles = torch.stack([mean_activations(tiny_qwen, [p], system=s).mean
+                           for p, s in zip(PROMPTS, systems, strict=True)])
+    torch.testing.assert_close(batched.raw.double(), singles, atol=1e-6, rtol=1e-5)
+    plain = mean_activations(tiny_qwen, PROMPTS, keep_raw=True)
+    assert not torch.allclose(plain.raw, batched.raw)  # the system prompt is really read
+
+
+def test_streaming_stats_match_raw_across_batches(tiny_qwen):
+    stats = mean_activations(tiny_qwen, PROMPTS * 3, keep_raw=True, batch_size=4)
+    assert stats.count == 15 and stats.mean.dtype == torch.float64
+    raw = stats.raw.double()
+    torch.testing.assert_close(stats.mean, raw.mean(0), atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(stats.var, raw.var(0, unbiased=False), atol=1e-10, rtol=1e-7)
+    # raw rows come back in prompt order even though batches are sorted by length
+    first = mean_activations(tiny_qwen, [PROMPTS[2]]).mean
+    torch.testing.assert_close(raw[2], first, atol=1e-6, rtol=1e-5)
+
+
+def test_layer_filter_and_negative_layers(tiny_qwen):
+    stats = mean_activations(tiny_qwen, PROMPTS[:2], layers=[-1, 0])
+    assert stats.layers == (0, 2) and stats.mean.shape == (2, 64)
+    full = mean_activations(tiny_qwen, PROMPTS[:2])
+    torch.testing.assert_close(stats.mean[1], full.mean[2])
+    with pytest.raises(DataError, match="out of range"):
+        resolve_layers(tiny_qwen, [3])
+
+
+def test_layer_i_is_the_output_of_decoder_layer_i(tiny_qwen):
+    batch = encode(tiny_qwen.tokenizer, PROMPTS[:1])
+    with record_activations(tiny_qwen, layers=[0, 1]) as acts:
+        out = forward_batch(tiny_qwen, batch, output_hidden_states=True)
+    assert set(acts) == {0, 1} and len(acts[0]) == 1
+    # HF hidden_states[0] is the embedding, [i + 1] the output of layer i
+    torch.testing.assert_close(acts[0][0], out.hidden_states[1])
+    torch.testing.assert_close(acts[1][0], out.hidden_states[2])
+    stats = mean_activations(tiny_qwen, PROMPTS[:1], layers=[1])
+    torch.testing.assert_close(stats.mean[0].float(), out.hidden_states[2][0, -1])
+
+
+def test_forward_stops_after_last_needed_layer(tiny_qwen):
+    calls = {"layer2": 0, "head": 0}
+    later = tiny_qwen.layers[2].register_forward_hook(
+        lambda *a: calls.__setitem__("layer2", calls["layer2"] + 1))
+    head = tiny_qwen.model.lm_head.register_forward_hook(
+        lambda *a: calls.__setitem__("head", calls["head"] + 1))
+    try:
+        mean_activations(tiny_qwen, PROMPTS, layers=[1], batch_size=2)
+        assert calls == {"layer2": 0, "head": 0}
+        mean_activations(tiny_qwen, PROMPTS, batch_size=2)  # all layers: still no LM head
+        assert calls == {"layer2": 3, "head": 0}
+    finally:
+        later.remove()
+        head.remove()
+
+
+def test_hooks_removed_when_forward_raises(tiny_qwen):
+    before = _hook_count(tiny_qwen)
+
+    def boom(layer, hidden):
+        raise RuntimeError("hook failed")
+
+    batch = encode(tiny_qwen.tokenizer, PROMPTS[:2])
+    with pytest.raises(RuntimeError, match="hook failed"), \
+            layer_output_hooks(tiny_qwen, [0, 1, 2], boom, stop_after=True):
+        run_until_stop(tiny_qwen, batch)
+    assert _hook_count(tiny_qwen) == before
+
+    with pytest.raises(ValueError, match="user error"), record_activations(tiny_qwen):
+        assert _hook_count(tiny_qwen) == before + 3
+        raise ValueError("user error")
+    assert _hook_count(tiny_qwen) == before
+
+    # a failure inside the model itself (a module after our hooks raises)
+    failing = tiny_qwen.layers[2].register_forward_pre_hook(
+        lambda *a: (_ for _ in ()).throw(RuntimeError("model failed")))
+    try:
+        with pytest.raises(RuntimeError, match="model failed"):
+            mean_activations(tiny_qwen, PROMPTS, layers=[0, 2])
+    finally:
+        failing.remove()
+    assert _hook_count(tiny_qwen) == before
+
+
+def test_project_activations_matches_raw(tiny_qwen):
+    direction = Direction(torch.randn(2, 64, generator=torch.Generator().manual_seed(0)), (0, 2))
+    proj = project_activations(tiny_qwen, PROMPTS, direction, batch_size=2)
+    raw = mean_activations(tiny_qwen, PROMPTS, layers=[0, 2], keep_raw=True).raw.double()
+    expected = torch.stack([raw[:, i] @ direction.vector(layer, unit=True).double()
+                            for i, layer in enumerate((0, 2))], dim=1)
+    torch.testing.assert_close(proj, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_empty_and_bad_inputs(tiny_qwen):
+    with pytest.raises(DataError, match="empty"):
+        mean_activations(tiny_qwen, [])
+    with pytest.raises(DataError, match="batch_size"):
+        mean_activations(tiny_qwen, PROMPTS, batch_size=0)
+    with pytest.raises(DataError, match="Unknown position"):
+        mean_activations(tiny_qwen, PROMPTS, position="middle")

@@ -1,0 +1,338 @@
+"""The refusal-structure experiments (layer transfer, subspace, positions, hydra):
+each pipeline end to end on a tiny model (all steps, all outputs, results.json
+schema, resume), the subspace-ablation and re-extraction guarantees, the
+verdict logic, the CLI, and a reduced real-model run of each."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from steerlab.activations import record_activations
+from steerlab.chat import encode
+from steerlab.directions import Direction
+from steerlab.experiments.hydra import HydraConfig, reextract, run_hydra
+from steerlab.experiments.layer_transfer import LayerTransferConfig, _verdict, run_layer_transfer
+from steerlab.experiments.positions import PositionsConfig, run_positions
+from steerlab.experiments.subspace import SubspaceConfig, run_subspace
+from steerlab.interventions import SubspaceAblate
+from steerlab.steering import count_hooks, orthonormal_basis, steer
+from tests.tiny import tiny_model
+
+TINY: dict[str, Any] = dict(
+    limit=3, harmless_limit=2, max_new_tokens=3, batch_size=4, kl_tokens=2, extraction_limit=4
+)
+CONDITION_KEYS = {
+    "n",
+    "refusal_rate",
+    "refusal_rate_ci95",
+    "bypass_rate",
+    "degenerate_rate",
+    "vs_baseline_p",
+    "description",
+}
+VERDICTS = {"reproduced", "not reproduced", "inconclusive"}
+
+
+def _check_common(out: Path, experiment: str) -> dict[str, Any]:
+    """Everything every experiment must write, and the shared results.json schema."""
+    results = json.loads((out / "results.json").read_text())
+    assert results["experiment"] == experiment
+    assert results["provenance"]["model"]["fingerprint"] == results["fingerprint"]
+    assert results["provenance"]["config"]["seed"] == 0
+    assert isinstance(results["summary"], str) and results["model"] in results["summary"]
+    assert results["findings"] and all(f["verdict"] in VERDICTS for f in results["findings"])
+    for name, entry in results["conditions"].items():
+        assert set(entry) >= CONDITION_KEYS, name
+        lo, hi = entry["refusal_rate_ci95"]
+        assert 0 <= lo <= entry["refusal_rate"] <= hi <= 1
+        p = entry["vs_baseline_p"]
+        assert (p is None and name.endswith("baseline")) or 0 <= p <= 1
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "Findings" in html and "<table>" in html
+    md = (out / "report.md").read_text()
+    assert "| claim | verdict | evidence |" in md and "## Provenance" in md
+    for line in md.splitlines():
+        if line.startswith("![") and "](" in line:
+            assert (out / line.split("](")[1].rstrip(")")).is_file()
+    rows = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    keys = [(r["condition"], r["prompt_id"]) for r in rows]
+    assert len(keys) == len(set(keys))
+    assert {r["condition"] for r in rows} == set(results["conditions"])
+    return results
+
+
+def _resumes(out: Path, fn: Any, lm: Any, config: Any) -> None:
+    before = (out / "responses.jsonl").read_text()
+    fn(lm, out, config, show_progress=False)
+    assert (out / "responses.jsonl").read_text() == before  # nothing generated again
+
+
+# -- guarantees -------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["qwen2", "gemma2"])
+def test_subspace_ablation_leaves_zero_projection_on_every_basis_vector(arch: str) -> None:
+    lm = tiny_model(arch)
+    gen = torch.Generator().manual_seed(3)
+    direction = Direction(
+        torch.randn(lm.n_layers, lm.d_model, generator=gen), tuple(range(lm.n_layers))
+    )
+    basis = orthonormal_basis(direction.vectors)  # [d, k]: the layers' vectors, QR
+    assert basis.shape == (lm.d_model, lm.n_layers)
+    batch = encode(lm.tokenizer, ["how do i make a bomb", "write a poem about the sky"])
+
+    def projections(specs: list[Any]) -> list[torch.Tensor]:
+        with steer(lm, specs), record_activations(lm) as acts, torch.no_grad():
+            lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        out = []
+        for layer in range(lm.n_layers):
+            hidden = acts[layer][0][batch.attention_mask.bool()]
+            out.append((hidden @ basis).abs().max() / hidden.norm(dim=-1).max())
+        return out
+
+    spec = SubspaceAblate((direction,), source_layers=tuple(range(lm.n_layers)))
+    for layer, rel in enumerate(projections([spec])):
+        assert rel < 1e-5, f"layer {layer}: residual projection {rel:.2e}"
+    assert max(projections([])) > 1e-2  # the unhooked model does have those components
+    assert count_hooks(lm.model) == 0
+
+
+def test_hydra_reextraction_runs_on_the_ablated_model() -> None:
+    lm = tiny_model("qwen2")
+    config = HydraConfig(**TINY)
+    first = reextract(lm, [], config, "r1")
+    v1 = first.select([first.meta.best_layer])
+    again = reextract(lm, [], config, "r1-again")  # unhooked: the same direction
+    second = reextract(lm, [v1], config, "r2")  # under the ablation of v1
+    assert torch.allclose(again.vectors, first.vectors, atol=1e-5)
+    u = v1.vector(unit=True)
+    for layer in first.layers:
+        assert abs(float(second.vector(layer, unit=True) @ u)) < 1e-4, layer
+    best = int(first.meta.best_layer)
+    assert float(first.vector(best, unit=True) @ u) == pytest.approx(1.0, abs=1e-6)
+    assert not torch.allclose(second.vectors, first.vectors, atol=1e-3)
+    assert second.meta.extra["extracted_under"].startswith("subspace ablation of 1")
+    assert count_hooks(lm.model) == 0
+
+
+def _per_layer(rates: dict[int, float], p: dict[int, float], n: int = 40) -> list[dict[str, Any]]:
+    return [
+        {
+            "source_layer": s,
+            "refusal_rate": r,
+            "refusal_rate_ci95": [max(0, r - 0.1), r + 0.1],
+            "n": n,
+            "vs_baseline_p": p[s],
+            "cohens_d": 1.0,
+        }
+        for s, r in rates.items()
+    ]
+
+
+def test_layer_transfer_answers_one_direction_or_subspace_from_the_numbers() -> None:
+    base = {"baseline": {"refusal_rate": 0.8, "refusal_rate_ci95": [0.65, 0.9], "n": 40}}
+    config = LayerTransferConfig()
+    similar = [[1.0, 0.9, 0.8], [0.9, 1.0, 0.85], [0.8, 0.85, 1.0]]
+    analysis = {"layers": [4, 8, 12], "cosine_matrix": similar}
+    one = _verdict(
+        base, _per_layer({4: 0.5, 8: 0.05, 12: 0.1}, {4: 0.01, 8: 1e-6, 12: 1e-5}), analysis, config
+    )
+    assert one["answer"].startswith("one direction") and one["best_source_layer"] == 8
+    assert [f["verdict"] for f in one["findings"]] == ["reproduced", "reproduced"]
+    assert one["rank_of_working"]["k90"] <= 2
+    dissimilar = {
+        "layers": [4, 8, 12],
+        "cosine_matrix": [[1.0, 0.1, 0.0], [0.1, 1.0, 0.1], [0.0, 0.1, 1.0]],
+    }
+    partial = _verdict(
+        base,
+        _per_layer({4: 0.5, 8: 0.45, 12: 0.5}, {4: 0.01, 8: 1e-3, 12: 0.01}),
+        dissimilar,
+        config,
+    )
+    assert partial["answer"].startswith("low-rank subspace")
+    assert partial["rank_of_working"]["k90"] == 3
+    assert [f["verdict"] for f in partial["findings"]] == ["not reproduced", "not reproduced"]
+    none = _verdict(
+        {"baseline": {**base["baseline"], "refusal_rate": 0.0}},
+        _per_layer({4: 0.0}, {4: 1.0}),
+        {"layers": [4], "cosine_matrix": [[1.0]]},
+        config,
+    )
+    assert none["answer"].startswith("undetermined")
+
+
+# -- pipelines on a tiny model ----------------------------------------------------------------
+def test_layer_transfer_pipeline(tmp_path: Path) -> None:
+    lm = tiny_model("qwen2")
+    config = LayerTransferConfig(**TINY)
+    run_layer_transfer(lm, tmp_path, config, show_progress=False)
+    results = _check_common(tmp_path, "layer-transfer")
+    assert [e["source_layer"] for e in results["per_layer"]] == [0, 1, 2]
+    assert set(results["conditions"]) == {"baseline", "source/L0", "source/L1", "source/L2"}
+    cos = results["analysis"]["cosine_matrix"]
+    assert len(cos) == 3 and all(abs(cos[i][i] - 1) < 1e-5 for i in range(3))
+    for entry in results["per_layer"]:
+        assert entry["n"] == 3 and entry["kl_n"] == 2 and entry["kl_first_token"] >= 0
+        assert entry["cohens_d"] is not None
+    assert {f.name for f in (tmp_path / "figures").iterdir()} >= {
+        "refusal_by_source_layer.png",
+        "cosine_matrix.png",
+        "cohens_d_by_layer.png",
+        "kl_by_source_layer.png",
+    }
+    _resumes(tmp_path, run_layer_transfer, lm, config)
+
+
+def test_subspace_pipeline(tmp_path: Path) -> None:
+    lm = tiny_model("qwen2")
+    config = SubspaceConfig(**TINY, layers="0-1", grow=[1])
+    run_subspace(lm, tmp_path, config, show_progress=False)
+    results = _check_common(tmp_path, "subspace")
+    assert results["window"] == [0, 1] and results["wider"] == [[0, 1, 2]]
+    interventions = {
+        "single_paired",
+        "single_tier2",
+        "subspace_paired",
+        "subspace_tier2",
+        "subspace3_paired",
+        "subspace3_tier2",
+        "random_subspace",
+    }
+    for ev in ("paired", "tier2"):
+        assert set(results["by_eval_set"][ev]) == {f"{ev}:baseline"} | {
+            f"{ev}:{c}" for c in interventions
+        }
+    assert set(results["kl"]) == interventions
+    m = results["matrix"]
+    assert set(m) == {"baseline", "paired", "tier2"} and set(m["tier2"]) == {"paired", "tier2"}
+    assert results["eval_sets"]["tier2"]["n"] == 3
+    assert any("two-tier" in f["claim"] for f in results["findings"])
+    _resumes(tmp_path, run_subspace, lm, config)
+
+
+def test_positions_pipeline(tmp_path: Path) -> None:
+    lm = tiny_model("qwen2")
+    config = PositionsConfig(**TINY)
+    run_positions(lm, tmp_path, config, show_progress=False)
+    results = _check_common(tmp_path, "positions")
+    # Qwen's template puts 5 tokens after the instruction: <|im_end|> \n <|im_start|> assistant \n
+    assert results["positions"] == ["t_inst", *[f"post_inst[{k}]" for k in range(5)]]
+    assert "<|im_start|>" in results["labels"]["post_inst[2]"]
+    assert set(results["ablate"]) == {"harmful:baseline"} | {
+        f"ablate/{p}" for p in results["positions"]
+    }
+    assert all(e["n"] == 2 for e in results["add"].values())
+    cos = results["analysis"]["cosine_at_layer"]
+    assert len(cos) == 6 and all(abs(cos[i][i] - 1) < 1e-5 for i in range(6))
+    assert set(results["analysis"]["cohens_d"]["t_inst"]) == {"0", "1", "2"}
+    _resumes(tmp_path, run_positions, lm, config)
+
+
+def test_hydra_pipeline(tmp_path: Path) -> None:
+    lm = tiny_model("qwen2")
+    config = HydraConfig(**TINY, rounds=3)
+    run_hydra(lm, tmp_path, config, show_progress=False)
+    results = _check_common(tmp_path, "hydra")
+    assert set(results["conditions"]) == {
+        "baseline",
+        "round1",
+        "round2",
+        "round3",
+        "random_subspace",
+    }
+    rounds = results["rounds"]
+    assert [r["basis_rank"] for r in rounds] == [1, 2, 3]
+    assert rounds[0]["max_abs_cos_with_earlier_any_layer"] is None
+    for r in rounds[1:]:  # re-extracted on the ablated model: orthogonal to what was removed
+        assert r["max_abs_cos_with_earlier_any_layer"] < 1e-4
+        assert len(r["cos_with_earlier"]) == r["round"] - 1
+        assert 0 <= r["vs_previous_round_p"] <= 1 and r["kl_n"] == 2
+    assert (tmp_path / "directions" / "round3" / "direction.json").is_file()
+    _resumes(tmp_path, run_hydra, lm, config)
+
+
+def test_cli_runs_an_experiment_on_a_model_folder(tmp_path: Path) -> None:
+    from steerlab.cli import main
+
+    lm = tiny_model("qwen2")
+    lm.model.save_pretrained(tmp_path / "model")
+    lm.tokenizer.save_pretrained(tmp_path / "model")
+    config = tmp_path / "config.yaml"
+    config.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in TINY.items() if k != "limit"))
+    out = tmp_path / "run"
+    main(
+        [
+            "experiment",
+            "hydra",
+            str(tmp_path / "model"),
+            "--out",
+            str(out),
+            "--rounds",
+            "2",
+            "--limit",
+            "2",
+            "--config",
+            str(config),
+            "--dtype",
+            "float32",
+        ]
+    )
+    results = json.loads((out / "results.json").read_text())
+    assert results["n_eval"] == 2 and results["n_rounds"] == 2
+    assert results["provenance"]["config"]["rounds"] == 2
+    with pytest.raises(SystemExit) as exc:  # a bad setting is one clear line, exit code 2
+        main(["experiment", "hydra", str(tmp_path / "model"), "--out", str(out), "--rounds", "0"])
+    assert exc.value.code == 2
+
+
+# -- the real embedded model, reduced ---------------------------------------------------------
+REAL: dict[str, Any] = dict(
+    limit=2,
+    harmless_limit=2,
+    max_new_tokens=6,
+    batch_size=8,
+    kl_tokens=1,
+    extraction_limit=4,
+    n_samples=1,
+)
+
+
+@pytest.mark.real
+def test_real_layer_transfer(real_lm: Any, tmp_path: Path) -> None:
+    config = LayerTransferConfig(**REAL, source_layers="8,14")
+    results = run_layer_transfer(real_lm, tmp_path, config, show_progress=False)
+    _check_common(tmp_path, "layer-transfer")
+    assert [e["source_layer"] for e in results["per_layer"]] == [8, 14]
+    assert max(float(v) for v in results["analysis"]["cohens_d"].values()) > 1.0
+    assert results["per_layer"][1]["kl_first_token"] >= 0
+
+
+@pytest.mark.real
+def test_real_subspace(real_lm: Any, tmp_path: Path) -> None:
+    config = SubspaceConfig(**REAL, layers="12-13", grow=[], random_control=False)
+    results = run_subspace(real_lm, tmp_path, config, show_progress=False)
+    _check_common(tmp_path, "subspace")
+    assert results["window"] == [12, 13] and results["wider"] == []
+    assert max(float(v) for v in results["analysis"]["cohens_d"]["tier2"].values()) > 1.0
+
+
+@pytest.mark.real
+def test_real_positions(real_lm: Any, tmp_path: Path) -> None:
+    config = PositionsConfig(**REAL, positions=["t_inst", "post_inst[-1]"])
+    results = run_positions(real_lm, tmp_path, config, show_progress=False)
+    _check_common(tmp_path, "positions")
+    assert results["reference"] == "post_inst[-1]"
+    assert min(results["analysis"]["max_cohens_d"].values()) > 1.0
+
+
+@pytest.mark.real
+def test_real_hydra(real_lm: Any, tmp_path: Path) -> None:
+    config = HydraConfig(**REAL, rounds=2, random_control=False)
+    results = run_hydra(real_lm, tmp_path, config, show_progress=False)
+    _check_common(tmp_path, "hydra")
+    assert results["rounds"][1]["max_abs_cos_with_earlier_any_layer"] < 1e-3
+    assert results["rounds"][0]["cohens_d"] > 1.0
