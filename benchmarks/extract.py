@@ -47,6 +47,16 @@ DATA = Path("/work/shared/data")
 SECTION = "extract"
 WORKER_FLAG = "--peer-worker"
 BASELINE = "plain forward, decoder stack only (no LM head)"
+NOTES = (
+    "Notes: the peers' venv is /work/bench-venv (torch linked to the same torch 2.13.0+cpu "
+    "build; transformers 4.57.6, repeng 0.4.0, steering-vectors 0.12.2, plus httpx so steerlab "
+    "imports there). repeng reads its default 23 layers (hidden_layers = -1..-23) with "
+    "output_hidden_states and fits a PCA per layer; steering-vectors hooks all 24 decoder "
+    "blocks with its mean aggregator (a difference of means, like steerlab's, hence the "
+    "cosine check; why it stays below 1, e.g. bfloat16 rounding under different padding, "
+    "was not investigated). steerlab "
+    "stops each forward after the last layer, so it never runs the final norm or the LM head."
+)
 
 
 def load_instructions(n: int) -> tuple[list[str], list[str]]:
@@ -275,7 +285,7 @@ def markdown(info: dict[str, Any], ours: dict[str, Any], peers: dict[str, Any]) 
         lines += ["", f"Check: {key} = {value:.6f}."]
     for key, value in peers.get("errors", {}).items():
         lines += ["", f"**{key} could not run:** {value}"]
-    lines.append("")
+    lines += ["", NOTES, ""]
     return "\n".join(lines)
 
 

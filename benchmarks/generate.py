@@ -336,7 +336,8 @@ def _run_peers(args: argparse.Namespace, model_dir: str, layer: int) -> dict[str
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "peers.json"
         cmd = [str(python), str(Path(__file__).resolve()), PEER_SCRIPT_FLAG, "--model-dir",
-               model_dir, "--json-out", str(out), "--rounds", str(args.rounds), "--new-tokens",
+               model_dir, "--json-out", str(out), "--rounds", str(args.peer_rounds or args.rounds),
+               "--new-tokens",
                str(args.new_tokens), "--single-prompts", str(args.single_prompts),
                "--batches", ",".join(map(str, args.batches)), "--dtype",
                args.dtype, "--layer", str(layer), "--alpha", str(args.alpha)]
@@ -409,6 +410,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layer", type=int, default=None)
     parser.add_argument("--alpha", type=float, default=1.0)
     parser.add_argument("--peers-python", default="/work/bench-venv/bin/python")
+    parser.add_argument("--peer-rounds", type=int, default=None,
+                        help="rounds for the peers' interpreter (default: --rounds)")
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--write", default=None, help="update this BENCHMARKS.md section")
     args = parser.parse_args(argv)
@@ -464,7 +467,8 @@ def main(argv: list[str] | None = None) -> None:
         *_table(results, args.batches),
     ]
     if peers:
-        lines += ["", "Peers, in their own interpreter (" + (
+        lines += ["", f"Peers (n = {args.peer_rounds or args.rounds} rounds), in their own "
+                  "interpreter (" + (
             ", ".join(f"{k} {v}" for k, v in peers.get("versions", {}).items()) or "not run")
             + "); ratios to that interpreter's own unhooked `generate`:", ""]
         if "error" in peers:

@@ -27,10 +27,12 @@ def test_adapter_resolves_every_module(arch: str) -> None:
         layout.attn_residual[0].register_forward_hook(lambda m, i, o: seen.__setitem__("attn", o)),
         layout.mlp_residual[0].register_forward_hook(lambda m, i, o: seen.__setitem__("mlp", o)),
         layout.layers[0].register_forward_pre_hook(
-            lambda m, a, kw: seen.__setitem__("in", (a[0] if a else kw["hidden_states"]))
-            , with_kwargs=True),
+            lambda m, a, kw: seen.__setitem__("in", (a[0] if a else kw["hidden_states"])),
+            with_kwargs=True,
+        ),
         layout.layers[0].register_forward_hook(
-            lambda m, i, o: seen.__setitem__("out", o[0] if isinstance(o, tuple) else o)),
+            lambda m, i, o: seen.__setitem__("out", o[0] if isinstance(o, tuple) else o)
+        ),
     ]
     try:
         lm.model(ids)
@@ -56,7 +58,7 @@ def test_unknown_architecture_names_what_it_looked_for() -> None:
 
 def test_override_with_wrong_path_is_clear() -> None:
     lm = tiny_model("llama")
-    with pytest.raises(ArchitectureError, match="transformer.h"):
+    with pytest.raises(ArchitectureError, match=r"transformer\.h"):
         architecture_for(lm.model, Architecture(name="custom", layers="transformer.h"))
 
 

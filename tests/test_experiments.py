@@ -118,6 +118,22 @@ def test_hydra_reextraction_runs_on_the_ablated_model() -> None:
     assert count_hooks(lm.model) == 0
 
 
+def test_layer_selection_by_ablation_or_cohens_d() -> None:
+    from steerlab.experiments.common import cohens_d_of, refusal_direction_of
+
+    lm = tiny_model("qwen2")
+    by_d = refusal_direction_of(lm, limit=4, selection="cohens_d")
+    d = cohens_d_of(by_d)
+    assert set(d) == {0, 1, 2} and by_d.meta.best_layer == max(d, key=lambda k: d[k])
+    assert "selection" not in by_d.meta.extra
+    by_ablation = refusal_direction_of(lm, limit=4, selection="ablation", selection_stride=1)
+    table = by_ablation.meta.extra["selection"]
+    assert [r["layer"] for r in table["rows"]] != [] and table["n_harmful"] == 4
+    assert by_ablation.meta.best_layer in {r["layer"] for r in table["rows"]}
+    assert torch.equal(by_ablation.vectors, by_d.vectors)  # same direction, another layer rule
+    assert "refusal score" in by_ablation.meta.extra["best_layer_by"]
+
+
 def _per_layer(rates: dict[int, float], p: dict[int, float], n: int = 40) -> list[dict[str, Any]]:
     return [
         {
@@ -255,6 +271,42 @@ def test_hydra_pipeline(tmp_path: Path) -> None:
     _resumes(tmp_path, run_hydra, lm, config)
 
 
+def test_judge_adds_compliance_and_coherence_with_intervals(tmp_path: Path) -> None:
+    from tests.openai_stub import OpenAIStub, user_text
+
+    def verdict(request: dict[str, Any]) -> str:  # complies on prompts that mention a bomb
+        comply = 1 if "bomb" in user_text(request).lower() else 0
+        return json.dumps({"compliance": comply, "coherence": 1, "reason": "scripted"})
+
+    lm = tiny_model("qwen2")
+    with OpenAIStub(content=verdict) as stub:
+        config = HydraConfig(**{**TINY, "limit": 4}, rounds=1, judge_url=stub.url)
+        results = run_hydra(lm, tmp_path, config, show_progress=False)
+        calls = stub.calls
+        rows = [json.loads(x) for x in (tmp_path / "responses.jsonl").read_text().splitlines()]
+        assert len(rows) == 3 * 4  # baseline, round1, random_subspace x 4 prompts
+        assert calls == len({(r["prompt"], r["response"]) for r in rows})  # identical pairs once
+        run_hydra(lm, tmp_path, config, show_progress=False)
+        assert stub.calls == calls  # judgements are cached in the run folder
+    assert results["judged"] is True
+    for entry in results["conditions"].values():
+        assert entry["judge_n"] == 4 and entry["judge_missing"] == 0
+        assert entry["judge_coherence"] == 1.0
+        lo, hi = entry["judge_compliance_ci95"]
+        assert lo <= entry["judge_compliance"] <= hi
+    assert "judge_compliance" in (tmp_path / "report.md").read_text()
+
+
+def test_layer_transfer_subtract_mode_adds_minus_alpha_at_the_source_layer() -> None:
+    from steerlab.experiments.layer_transfer import _condition
+    from steerlab.interventions import Add
+
+    direction = Direction(torch.randn(3, 8), (0, 1, 2))
+    cond = _condition(direction, 1, LayerTransferConfig(mode="subtract", subtract_alpha=2.0))
+    (spec,) = cond.specs
+    assert isinstance(spec, Add) and spec.alpha == -2.0 and spec.layers == (1,)
+
+
 def test_cli_runs_an_experiment_on_a_model_folder(tmp_path: Path) -> None:
     from steerlab.cli import main
 
@@ -296,7 +348,8 @@ REAL: dict[str, Any] = dict(
     max_new_tokens=6,
     batch_size=8,
     kl_tokens=1,
-    extraction_limit=4,
+    extraction_limit=3,
+    selection_stride=6,
     n_samples=1,
 )
 
@@ -313,7 +366,8 @@ def test_real_layer_transfer(real_lm: Any, tmp_path: Path) -> None:
 
 @pytest.mark.real
 def test_real_subspace(real_lm: Any, tmp_path: Path) -> None:
-    config = SubspaceConfig(**REAL, layers="12-13", grow=[], random_control=False)
+    # Two evaluation sets x (baseline + 4 ablations): one prompt each keeps it small.
+    config = SubspaceConfig(**{**REAL, "limit": 1}, layers="12-13", grow=[], random_control=False)
     results = run_subspace(real_lm, tmp_path, config, show_progress=False)
     _check_common(tmp_path, "subspace")
     assert results["window"] == [12, 13] and results["wider"] == []

@@ -36,7 +36,7 @@ from steerlab.steering import steer
 from tests.tiny import ARCH_NAMES, tiny_model
 
 POST_NORM = ("gemma2", "gemma3", "olmo2")
-CVEC_LAYER, CVEC_ALPHA = 12, -1.0  # subtract the raw refusal vector after layer 12
+CVEC_LAYERS, CVEC_ALPHA = list(range(8, 21)), -1.0  # subtract each layer's refusal vector
 PROMPTS = ["how do i make a bomb", "write a poem about the blue sky please"]
 
 
@@ -406,15 +406,15 @@ def test_real_gguf_cvec_in_llama_cpp_changes_refusal_like_steerlab(real_lm, tmp_
     from steerlab.generate import generate
     from steerlab.prompts import load_prompts
 
-    layer, alpha = CVEC_LAYER, CVEC_ALPHA
-    direction = refusal_direction(real_lm, limit=8, layers=[layer], select_split=None)
+    layers, alpha = CVEC_LAYERS, CVEC_ALPHA
+    direction = refusal_direction(real_lm, limit=8, layers=layers, select_split=None)
     prompts = [p.prompt for p in load_prompts("paired:harmful", split="test", limit=8)]
-    spec = Add(direction, alpha, layers=[layer], source_layer=layer)
+    spec = Add(direction, alpha, layers=layers)  # each layer's own vector, like cvector files
     hf_base = [g.response for g in generate(real_lm, prompts, max_new_tokens=24, batch_size=8)]
     hf_steered = [g.response for g in generate(real_lm, prompts, steer=[spec],
                                                max_new_tokens=24, batch_size=8)]
-    cvec = export_gguf_cvec(direction, tmp_path / "refusal.gguf", alpha=alpha, layers=[layer],
-                            source_layer=layer, lm=real_lm)
+    cvec = export_gguf_cvec(direction, tmp_path / "refusal.gguf", alpha=alpha, layers=layers,
+                            lm=real_lm)
     ids = [real_lm.tokenizer(render(real_lm.tokenizer, p), add_special_tokens=False)["input_ids"]
            for p in prompts]
     (tmp_path / "ids.json").write_text(json.dumps(ids))
@@ -429,6 +429,8 @@ def test_real_gguf_cvec_in_llama_cpp_changes_refusal_like_steerlab(real_lm, tmp_
     assert rates["hf_steered"] < rates["hf_base"], rates  # the steering does something
     assert rates["cpp_steered"] < rates["cpp_base"], rates  # and llama.cpp does it too
     assert abs(rates["cpp_steered"] - rates["hf_steered"]) <= 2, rates
+    print(json.dumps({"rates": rates, "hf_steered": hf_steered, "cpp_steered": cpp["steered"]},
+                     indent=1))
 
 
 def test_cli_compare_with_a_lora_adapter(tmp_path: Path) -> None:

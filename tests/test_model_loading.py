@@ -19,7 +19,7 @@ def test_missing_path_and_uncached_hub_id_fail_clearly(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_model(str(tmp_path / "nope.gguf"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelLoadError, match="no config.json"):
+    with pytest.raises(ModelLoadError, match=r"no config\.json"):
         load_model(str(tmp_path / "empty"))
     with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache"):
         load_model("steerlab-test/definitely-not-cached-model")
@@ -46,9 +46,13 @@ def test_explicit_per_layer_device_map(tmp_path: Path) -> None:
     lm = tiny_model("qwen2")
     lm.model.save_pretrained(tmp_path)
     lm.tokenizer.save_pretrained(tmp_path)
-    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "lm_head": "cpu",
-                  "model.rotary_emb": "cpu",
-                  **{f"model.layers.{i}": "cpu" for i in range(3)}}
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.norm": "cpu",
+        "lm_head": "cpu",
+        "model.rotary_emb": "cpu",
+        **{f"model.layers.{i}": "cpu" for i in range(3)},
+    }
     loaded = load_model(str(tmp_path), dtype="float32", device_map=device_map)
     assert all(loaded.layer_device(i).type == "cpu" for i in range(3))
 
@@ -90,7 +94,11 @@ def test_embedded_default_loads_and_info_prints(real_lm) -> None:  # type: ignor
     info = real_lm.info()
     assert (info["model_type"], info["n_layers"], info["d_model"]) == ("qwen2", 24, 896)
     assert info["chat_template"] is True
-    out = subprocess.run([sys.executable, "-m", "steerlab", "info", "default", "--json"],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "steerlab", "info", "default", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     assert '"n_layers": 24' in out.stdout and "qwen2" in out.stdout

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
+    AutoModelForCausalLM,
     Gemma2Config,
     Gemma3TextConfig,
     LlamaConfig,
@@ -20,7 +21,6 @@ from transformers import (
     Qwen2Config,
     Qwen3Config,
 )
-from transformers import AutoModelForCausalLM
 
 from steerlab.architectures import architecture_for
 from steerlab.model import LoadedModel
@@ -44,20 +44,144 @@ LLAMA3_TEMPLATE = (
 )
 SPECIALS = {
     "qwen": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-    "llama3": ["<|end_of_text|>", "<|begin_of_text|>", "<|start_header_id|>",
-               "<|end_header_id|>", "<|eot_id|>"],
+    "llama3": [
+        "<|end_of_text|>",
+        "<|begin_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+    ],
 }
-WORDS = (
-    "a an the is are was be to of and or in on at for with how what why who where when can "
-    "i you we they he she it my your do does make build write explain tell me give steps "
-    "please help bomb weapon cake bread poem story code python function list sort number "
-    "safe safety danger dangerous harm harmful harmless kill process steal money bank account "
-    "hack computer password email friend teacher cat dog house car city river mountain sky "
-    "blue red green one two three four five six seven eight nine ten yes no not sorry cannot "
-    "assist with that here sure answer question system user assistant helpful model refuse "
-    "comply rule rules persona kind cruel careful bold hello world test data prompt"
-).split()
-PUNCT = list(".,?!:;'\"()-_/") + ["\n", "\n\n", " ", "  "]
+WORDS = [
+    "a",
+    "an",
+    "the",
+    "is",
+    "are",
+    "was",
+    "be",
+    "to",
+    "of",
+    "and",
+    "or",
+    "in",
+    "on",
+    "at",
+    "for",
+    "with",
+    "how",
+    "what",
+    "why",
+    "who",
+    "where",
+    "when",
+    "can",
+    "i",
+    "you",
+    "we",
+    "they",
+    "he",
+    "she",
+    "it",
+    "my",
+    "your",
+    "do",
+    "does",
+    "make",
+    "build",
+    "write",
+    "explain",
+    "tell",
+    "me",
+    "give",
+    "steps",
+    "please",
+    "help",
+    "bomb",
+    "weapon",
+    "cake",
+    "bread",
+    "poem",
+    "story",
+    "code",
+    "python",
+    "function",
+    "list",
+    "sort",
+    "number",
+    "safe",
+    "safety",
+    "danger",
+    "dangerous",
+    "harm",
+    "harmful",
+    "harmless",
+    "kill",
+    "process",
+    "steal",
+    "money",
+    "bank",
+    "account",
+    "hack",
+    "computer",
+    "password",
+    "email",
+    "friend",
+    "teacher",
+    "cat",
+    "dog",
+    "house",
+    "car",
+    "city",
+    "river",
+    "mountain",
+    "sky",
+    "blue",
+    "red",
+    "green",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "yes",
+    "no",
+    "not",
+    "sorry",
+    "cannot",
+    "assist",
+    "with",
+    "that",
+    "here",
+    "sure",
+    "answer",
+    "question",
+    "system",
+    "user",
+    "assistant",
+    "helpful",
+    "model",
+    "refuse",
+    "comply",
+    "rule",
+    "rules",
+    "persona",
+    "kind",
+    "cruel",
+    "careful",
+    "bold",
+    "hello",
+    "world",
+    "test",
+    "data",
+    "prompt",
+]
+PUNCT = [*".,?!:;'\"()-_/", "\n", "\n\n", " ", "  "]
 
 
 def tiny_tokenizer(template: str = "qwen") -> PreTrainedTokenizerFast:
@@ -104,8 +228,13 @@ CONFIGS = {
 ARCH_NAMES = list(CONFIGS)
 
 
-def tiny_model(arch: str = "qwen2", *, template: str = "qwen", seed: int = 0,
-               dtype: torch.dtype = torch.float32) -> LoadedModel:
+def tiny_model(
+    arch: str = "qwen2",
+    *,
+    template: str = "qwen",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> LoadedModel:
     """A randomly initialised ``arch`` model wrapped as a LoadedModel."""
     tok = tiny_tokenizer(template)
     torch.manual_seed(seed)
@@ -119,8 +248,14 @@ def tiny_model(arch: str = "qwen2", *, template: str = "qwen", seed: int = 0,
     model.requires_grad_(False)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
-    return LoadedModel(model=model, tokenizer=tok, arch=architecture_for(model),
-                       spec=f"tiny-{arch}", dtype=dtype, dtype_reason="test")
+    return LoadedModel(
+        model=model,
+        tokenizer=tok,
+        arch=architecture_for(model),
+        spec=f"tiny-{arch}",
+        dtype=dtype,
+        dtype_reason="test",
+    )
 
 
 def _perturb_norms(model: torch.nn.Module, seed: int) -> None:

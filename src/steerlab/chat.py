@@ -58,12 +58,14 @@ def render(
 
     Example:
         >>> render(tok, "Hi", system="Be brief.")  # doctest: +SKIP
-        '<|im_start|>system\\nBe brief.<|im_end|>\\n<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n'
+        '<|im_start|>system\\nBe brief.<|im_end|>\\n<|im_start|>user\\nHi<|im_end|>\\n...'
     """
     template = _template_of(tokenizer, chat_template)
     try:
         text = tokenizer.apply_chat_template(
-            messages(prompt, system), chat_template=template, tokenize=False,
+            messages(prompt, system),
+            chat_template=template,
+            tokenize=False,
             add_generation_prompt=True,
         )
     except Exception as exc:  # jinja errors, e.g. templates that reject system messages
@@ -109,8 +111,13 @@ class ChatBatch:
     texts: list[str]
 
     def to(self, device: torch.device | str) -> ChatBatch:
-        return ChatBatch(self.input_ids.to(device), self.attention_mask.to(device),
-                         self.prompt_end.to(device), self.n_post, self.texts)
+        return ChatBatch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.prompt_end.to(device),
+            self.n_post,
+            self.texts,
+        )
 
     @property
     def has_response(self) -> bool:
@@ -120,7 +127,7 @@ class ChatBatch:
 def encode(
     tokenizer: Any,
     prompts: Sequence[str],
-    system: str | None | Sequence[str | None] = None,
+    system: str | Sequence[str | None] | None = None,
     *,
     responses: Sequence[str] | None = None,
     chat_template: str | None = None,
@@ -180,7 +187,8 @@ def position_weights(batch: ChatBatch, position: str) -> torch.Tensor:
             if not -batch.n_post <= k < batch.n_post:
                 raise DataError(
                     f"Position {position!r} is out of range: this template has {batch.n_post} "
-                    f"post-instruction tokens, so k must be in [{-batch.n_post}, {batch.n_post - 1}]."
+                    f"post-instruction tokens, so k must be in "
+                    f"[{-batch.n_post}, {batch.n_post - 1}]."
                 )
             offset = k - batch.n_post if k >= 0 else k
         selected = cols == (end + offset)

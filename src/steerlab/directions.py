@@ -67,7 +67,8 @@ class Direction:
     def __post_init__(self) -> None:
         if self.vectors.ndim != 2 or self.vectors.shape[0] != len(self.layers):
             raise DirectionError(
-                f"Direction vectors must have shape [n_layers, d_model] matching {len(self.layers)} "
+                f"Direction vectors must have shape [n_layers, d_model] matching "
+                f"{len(self.layers)} "
                 f"layers; got {tuple(self.vectors.shape)}."
             )
         if len(set(self.layers)) != len(self.layers):
@@ -91,7 +92,8 @@ class Direction:
                 layer = self.layers[0]
             else:
                 raise DirectionError(
-                    f"Direction {self.meta.name!r} has {len(self.layers)} layers and no best layer; "
+                    f"Direction {self.meta.name!r} has {len(self.layers)} layers and no best "
+                    "layer; "
                     "say which layer's vector to use (e.g. DIR[14] on the command line)."
                 )
         if layer not in self.layers:
@@ -108,8 +110,9 @@ class Direction:
     def select(self, layers: Iterable[int]) -> Direction:
         """A direction restricted to ``layers``."""
         chosen = tuple(layers)
-        return dataclasses.replace(self, vectors=torch.stack([self.vector(i) for i in chosen]),
-                                   layers=chosen)
+        return dataclasses.replace(
+            self, vectors=torch.stack([self.vector(i) for i in chosen]), layers=chosen
+        )
 
     # -- algebra ------------------------------------------------------------------------------
     def _with(self, vectors: torch.Tensor, **meta: Any) -> Direction:
@@ -156,7 +159,10 @@ class Direction:
         out = {}
         for layer in self.layers:
             if layer in other.layers:
-                a, b = self.vector(layer).float(), other.vector(layer).float().to(self.vectors.device)
+                a, b = (
+                    self.vector(layer).float(),
+                    other.vector(layer).float().to(self.vectors.device),
+                )
                 out[layer] = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
         return out
 
@@ -166,19 +172,26 @@ class Direction:
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".{TENSOR_FILE}.tmp"
-        save_file({"vectors": self.vectors.detach().float().cpu().contiguous()}, str(tmp),
-                  metadata={"format_version": str(FORMAT_VERSION)})
+        save_file(
+            {"vectors": self.vectors.detach().float().cpu().contiguous()},
+            str(tmp),
+            metadata={"format_version": str(FORMAT_VERSION)},
+        )
         tmp.replace(folder / TENSOR_FILE)
-        write_json(folder / META_FILE, {
-            "format_version": FORMAT_VERSION,
-            "layers": list(self.layers),
-            "meta": dataclasses.asdict(self.meta),
-        })
+        write_json(
+            folder / META_FILE,
+            {
+                "format_version": FORMAT_VERSION,
+                "layers": list(self.layers),
+                "meta": dataclasses.asdict(self.meta),
+            },
+        )
         return folder
 
     @classmethod
-    def load(cls, path: str | Path, lm: LoadedModel | None = None, *,
-             allow_mismatch: bool = False) -> Direction:
+    def load(
+        cls, path: str | Path, lm: LoadedModel | None = None, *, allow_mismatch: bool = False
+    ) -> Direction:
         """Load a saved direction; with ``lm``, refuse one made for another model."""
         folder = Path(path)
         if folder.is_file() and folder.name in (TENSOR_FILE, META_FILE):
@@ -196,7 +209,9 @@ class Direction:
             known = {f.name for f in dataclasses.fields(DirectionMeta)}
             meta = DirectionMeta(**{k: v for k, v in info.get("meta", {}).items() if k in known})
         except (ValueError, KeyError, TypeError) as exc:
-            raise DirectionError(f"{meta_path} is malformed ({exc}); re-extract the direction.") from exc
+            raise DirectionError(
+                f"{meta_path} is malformed ({exc}); re-extract the direction."
+            ) from exc
         if version > FORMAT_VERSION:
             raise DirectionError(
                 f"{meta_path} has format version {version}, newer than this steerlab supports "
@@ -217,7 +232,8 @@ class Direction:
             )
         if max(self.layers) >= lm.n_layers:
             raise DirectionError(
-                f"Direction {self.meta.name!r} has layers up to {max(self.layers)} but the model has "
+                f"Direction {self.meta.name!r} has layers up to {max(self.layers)} but the "
+                "model has "
                 f"{lm.n_layers} layers."
             )
         fp = self.meta.model_fingerprint

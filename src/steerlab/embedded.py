@@ -106,7 +106,7 @@ def safetensors_dir() -> Path:
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
     # The weights are dequantized now; drop the GGUF quantizer so the copy is plain safetensors.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tmp = Path(tempfile.mkdtemp(prefix=".convert.", dir=target.parent))

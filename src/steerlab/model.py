@@ -117,7 +117,9 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def choose_dtype(dtype: str | torch.dtype, device: str | torch.device | None) -> tuple[torch.dtype, str]:
+def choose_dtype(
+    dtype: str | torch.dtype, device: str | torch.device | None
+) -> tuple[torch.dtype, str]:
     """Resolve ``dtype`` ("auto", a name or a torch dtype) and say why it was chosen."""
     if isinstance(dtype, torch.dtype):
         return dtype, "requested"
@@ -194,15 +196,21 @@ def load_model(
             "'default', or a hub id that is already in your Hugging Face cache."
         ) from exc
     if device is not None and device_map is None:
-        model = model.to(device)
+        model = model.to(device)  # type: ignore[arg-type]
     model.eval()
     model.requires_grad_(False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     arch = architecture_for(model, architecture)
-    return LoadedModel(model=model, tokenizer=tokenizer, arch=arch, spec=spec,
-                       dtype=torch_dtype, dtype_reason=reason)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        arch=arch,
+        spec=spec,
+        dtype=torch_dtype,
+        dtype_reason=reason,
+    )
 
 
 def _resolve_source(spec: str) -> tuple[str, dict[str, Any]]:

@@ -225,10 +225,12 @@ class SteeringPlan:
         return x
 
 
-def _place_of(module: nn.Module, fallback: nn.Module) -> tuple[torch.device, torch.dtype]:
+def _place_of(module: nn.Module, fallback: nn.Module,
+              dtype: torch.dtype) -> tuple[torch.device, torch.dtype]:
+    """Device of the site's weights; their dtype unless quantized (then the model's)."""
     for source in (module, fallback):
         for param in source.parameters():
-            return param.device, param.dtype
+            return param.device, param.dtype if param.dtype.is_floating_point else dtype
     raise InterventionError(f"{type(module).__name__} has no parameters to place vectors by.")
 
 
@@ -283,7 +285,7 @@ def _compile(lm: LoadedModel, specs: list[Spec], plan: SteeringPlan) -> None:
         if site not in plan.modules:
             module = _site_module(lm, kind, layer)
             plan.modules[site] = module
-            plan.places[site] = _place_of(module, lm.layout.layers[layer])
+            plan.places[site] = _place_of(module, lm.layout.layers[layer], lm.dtype)
             plan.ops[site] = []
         place = plan.places[site]
         placed = {k: _Placed(v, *place) for k, v in tensors.items()}

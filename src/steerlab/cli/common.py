@@ -15,7 +15,8 @@ error_console = Console(stderr=True)
 
 MODEL_ARG = typer.Argument(
     "default",
-    help="HF model directory, cached hub id, .gguf file, or 'default' (embedded Qwen2.5-Coder-0.5B).",
+    help="HF model directory, cached hub id, .gguf file, or 'default' "
+    "(embedded Qwen2.5-Coder-0.5B).",
 )
 DTYPE_OPT = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16.")
 

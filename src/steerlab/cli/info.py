@@ -24,5 +24,10 @@ def register(app: typer.Typer) -> None:
             return
         table = Table(title=f"steerlab info: {model}", show_header=False)
         for key, value in details.items():
-            table.add_row(key, f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value))
+            table.add_row(
+                key,
+                f"{value:,}"
+                if isinstance(value, int) and not isinstance(value, bool)
+                else str(value),
+            )
         console.print(table)

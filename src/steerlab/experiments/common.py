@@ -92,17 +92,31 @@ def refusal_direction_of(
     under: Sequence[Any] = (),
     under_note: str = "",
     batch_size: int = 32,
+    selection: str = "ablation",
+    selection_limit: int = 16,
+    selection_stride: int = 2,
 ) -> Direction:
     """Harmful-minus-harmless direction of a built-in paired set on every layer, with
-    ``meta.best_layer`` = largest Cohen's d on the held-out ``select_split`` pairs.
+    held-out Cohen's d per layer and ``meta.best_layer`` chosen on ``select_split``.
 
-    With ``under`` (intervention specs) the activations are read, and Cohen's d
-    measured, while those interventions are active: the direction of the model
-    as it is after them (what hydra re-extraction needs).
+    ``selection="ablation"`` picks the layer as Arditi et al. do (their section 2.4):
+    among the middle layers, the one whose direction, ablated at every layer, most
+    lowers the first-token refusal score of held-out harmful prompts, while adding it
+    induces refusal and ablating it keeps KL on harmless prompts small
+    (:func:`steerlab.analysis.select_direction` on ``selection_limit`` prompts per
+    side, every ``selection_stride``-th layer). ``"cohens_d"`` takes the layer of
+    largest held-out Cohen's d (cheaper, but separability peaks at late layers whose
+    direction is often not the one that mediates refusal).
+
+    With ``under`` (intervention specs) the activations are read, Cohen's d measured
+    and the layer selected while those interventions are active: the direction of the
+    model as it is after them (what hydra re-extraction needs).
     """
     from steerlab.analysis import cohens_d
     from steerlab.extraction import extract_direction
 
+    if selection not in ("ablation", "cohens_d"):
+        raise DataError(f"Unknown layer selection {selection!r}; use 'ablation' or 'cohens_d'.")
     harmful, harmless = contrast_pairs(source, split, limit)
     val_harmful, val_harmless = contrast_pairs(source, select_split, limit)
     with steered(lm, under):
@@ -122,15 +136,73 @@ def refusal_direction_of(
         d = cohens_d(
             lm, direction, val_harmful, val_harmless, position=position, batch_size=batch_size
         )
-    best = max(d, key=lambda layer: d[layer])
+        chosen: dict[str, Any] = {}
+        if selection == "ablation":
+            chosen = _select_by_ablation(
+                lm,
+                direction,
+                val_harmful[:selection_limit],
+                val_harmless[:selection_limit],
+                selection_stride,
+                batch_size,
+            )
+    best = chosen.get("layer", max(d, key=lambda layer: d[layer]))
+    how = chosen.get("rule", f"largest Cohen's d on held-out {source}:{select_split}")
     extra = {
         **direction.meta.extra,
         "cohens_d": {str(k): v for k, v in d.items()},
-        "best_layer_by": f"largest Cohen's d on held-out {source}:{select_split}",
+        "best_layer_by": f"{how} ({source}:{select_split})",
         "extracted_under": under_note or ("nothing" if not under else f"{len(under)} specs"),
     }
+    if chosen:
+        extra["selection"] = chosen["table"]
     meta = dataclasses.replace(direction.meta, best_layer=best, extra=extra)
     return Direction(direction.vectors, direction.layers, meta)
+
+
+def _select_by_ablation(
+    lm: LoadedModel,
+    direction: Direction,
+    harmful: list[str],
+    harmless: list[str],
+    stride: int,
+    batch_size: int,
+) -> dict[str, Any]:
+    """Arditi et al.'s causal layer choice on held-out prompts (see refusal_direction_of)."""
+    from steerlab.analysis import select_direction
+
+    n = lm.n_layers
+    lo, hi = int(0.2 * n), max(int(0.2 * n) + 1, int(0.8 * n))
+    result = select_direction(
+        lm,
+        direction,
+        harmful,
+        harmless,
+        layers=list(range(lo, hi, max(1, stride))),
+        batch_size=batch_size,
+    )
+    if result.best_layer is not None:
+        layer = result.best_layer
+        rule = (
+            "lowest held-out refusal score with the direction ablated, among middle "
+            "layers that induce refusal when added and keep first-token KL < 0.1"
+        )
+    else:  # no layer passed the filters (e.g. after hydra ablations): best bypass anyway
+        layer = min(result.rows, key=lambda r: r.bypass_score).layer
+        rule = (
+            "lowest held-out refusal score with the direction ablated (no middle layer "
+            "passed the induce/KL filters)"
+        )
+    return {"layer": int(layer), "rule": rule, "table": result.to_dict()}
+
+
+def selection_of(config: ExperimentConfig) -> dict[str, Any]:
+    """The layer-selection keywords of :func:`refusal_direction_of` from a config."""
+    return {
+        "selection": config.layer_selection,
+        "selection_limit": config.selection_limit,
+        "selection_stride": config.selection_stride,
+    }
 
 
 def cohens_d_of(direction: Direction) -> dict[int, float]:
@@ -254,6 +326,25 @@ def kl_table(title: str, kl: Mapping[str, dict[str, Any]], k: int, note: str = "
         f"response token and averaged over the first {k} baseline tokens "
         "(teacher-forced); bootstrap 95% intervals.",
     )
+
+
+def selection_table(title: str, selection: dict[str, Any] | None) -> list[Table]:
+    """The layer-selection scores (Arditi et al.) as a table, when a selection ran."""
+    if not selection:
+        return []
+    return [
+        Table(
+            title,
+            ["layer", "bypass_score", "induce_score", "kl", "passed", "reason"],
+            selection["rows"],
+            note=f"First-token refusal score (log-odds of refusal tokens "
+            f"{', '.join(selection['refusal_tokens'])}) on {selection['n_harmful']} held-out "
+            f"harmful prompts with the direction ablated (bypass, lower is better; baseline "
+            f"{selection['baseline_harmful']:.2f}) and on {selection['n_harmless']} harmless "
+            f"prompts with it added (induce; baseline {selection['baseline_harmless']:.2f}); "
+            "KL on harmless prompts with it ablated. Ranked: passing layers first.",
+        )
+    ]
 
 
 def samples(store: ResponseStore, names: Sequence[str], n: int) -> list[Sample]:

@@ -7,7 +7,7 @@ of them, and the resolved config is written into results.json.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -128,6 +128,18 @@ class ExperimentConfig(BaseModel):
     position: str = Field("last", description="Token position the refusal direction is read at.")
     extraction_limit: int | None = Field(
         None, ge=2, description="Cap on prompt pairs when extracting directions (None: all)."
+    )
+    layer_selection: Literal["ablation", "cohens_d"] = Field(
+        "ablation",
+        description="How a direction's layer is chosen on the validation split: 'ablation' "
+        "(Arditi et al.: lowest refusal score with it ablated, induce and KL filters) or "
+        "'cohens_d' (largest held-out Cohen's d; cheaper).",
+    )
+    selection_limit: int = Field(
+        16, ge=2, description="Validation prompts per side for the ablation layer selection."
+    )
+    selection_stride: int = Field(
+        2, ge=1, description="Ablation selection tries every k-th middle layer."
     )
     kl_tokens: int = Field(4, ge=1, description="KL averaged over this many baseline tokens.")
     judge_url: str | None = Field(None, description="OpenAI-compatible judge endpoint (optional).")

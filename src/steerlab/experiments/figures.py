@@ -161,6 +161,7 @@ def matrix_heatmap(
     vmax: float = 1.0,
     annotate: bool | None = None,
     cmap: str = "RdBu_r",
+    value_format: str = "{:.2f}",
 ) -> Path:
     """A square-ish matrix (e.g. cosines between layers) on a diverging scale.
 
@@ -171,7 +172,13 @@ def matrix_heatmap(
         figsize=(min(14, max(7.0, 0.45 * n_c + 3.5)), min(12, max(4.5, 0.4 * n_r + 2.5)))
     )
     image = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
-    ax.set_xticks(range(n_c), list(cols), rotation=90 if n_c > 12 else 0)
+    crowded = sum(len(str(c)) for c in cols) > 50
+    ax.set_xticks(
+        range(n_c),
+        list(cols),
+        rotation=90 if n_c > 12 else 35 if crowded else 0,
+        ha="right" if crowded and n_c <= 12 else "center",
+    )
     ax.set_yticks(range(n_r), list(rows))
     if annotate if annotate is not None else max(n_r, n_c) <= 12:
         for i, row in enumerate(values):
@@ -184,7 +191,7 @@ def matrix_heatmap(
                 ax.text(
                     j,
                     i,
-                    f"{v:.2f}",
+                    value_format.format(v),
                     ha="center",
                     va="center",
                     fontsize=9,

@@ -65,6 +65,7 @@ def reextract(
         lm,
         position=config.position,
         limit=config.extraction_limit,
+        **common.selection_of(config),
         name=name,
         under=under,
         under_note=note,

@@ -91,7 +91,10 @@ def run_layer_transfer(
         refusal = run.direction(
             "refusal",
             lambda: common.refusal_direction_of(
-                lm, position=config.position, limit=config.extraction_limit
+                lm,
+                position=config.position,
+                limit=config.extraction_limit,
+                **common.selection_of(config),
             ),
         )
         analysis = run.step("analysis", lambda: _analysis(refusal, layers))
@@ -153,13 +156,16 @@ def _analysis(refusal: Direction, layers: list[int]) -> dict[str, Any]:
     from steerlab.analysis import cosine_matrix
 
     cos = cosine_matrix(refusal.select(layers))
+    d = common.cohens_d_of(refusal)
     return {
-        "cohens_d": {str(k): v for k, v in common.cohens_d_of(refusal).items()},
-        "best_layer_by_cohens_d": common.best_layer(refusal),
+        "cohens_d": {str(k): v for k, v in d.items()},
+        "best_layer_by_cohens_d": max(d, key=lambda k: d[k]),
+        "selected_layer": common.best_layer(refusal),
+        "selected_by": refusal.meta.extra.get("best_layer_by", ""),
+        "selection": refusal.meta.extra.get("selection"),
         "layers": layers,
         "cosine_matrix": [[float(x) for x in row] for row in cos],
         "norms": {str(k): v for k, v in refusal.norms.items()},
-        "held_out": refusal.meta.extra.get("best_layer_by", ""),
     }
 
 
@@ -200,8 +206,18 @@ def _verdict(
         f"{common.rate(best)}, McNemar p={best['vs_baseline_p']:.3g}"
         + (f", removes {removed:.0%} of baseline refusal" if removed is not None else "")
         + ". The best layer is picked on the evaluation prompts, so its rate is "
-        "optimistic."
+        "optimistic"
     )
+    selected = next(
+        (e for e in per_layer if e["source_layer"] == analysis.get("selected_layer")), None
+    )
+    if selected is not None:
+        evidence += (
+            f"; the layer chosen on the validation split beforehand ({selected['source_layer']})"
+            f" gives {common.rate(selected)}, McNemar p={selected['vs_baseline_p']:.3g}."
+        )
+    else:
+        evidence += "."
     if not base["refusal_rate"]:
         answer = "undetermined: the model does not refuse these prompts at baseline"
         verdict1 = "inconclusive"
@@ -373,7 +389,7 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: LayerTransf
     names = [
         "baseline",
         f"source/L{results['best_source_layer']}",
-        f"source/L{analysis['best_layer_by_cohens_d']}",
+        f"source/L{analysis['selected_layer']}",
     ]
     report = Report(
         title="steerlab: refusal direction transfer across layers",

@@ -131,13 +131,19 @@ def _directions(
     )
     persona = run.direction(
         "persona",
-        lambda: persona_direction(lm, axis="compliance", split="train", position=config.position),
+        lambda: persona_direction(
+            lm,
+            axis="compliance",
+            split="train",
+            position=config.position,
+            limit=config.extraction_limit,
+        ),
     )
     traits = {
         axis: run.direction(
             axis,
             lambda a=axis: trait_direction(  # type: ignore[misc]
-                lm, a, split="train", position=config.position
+                lm, a, split="train", position=config.position, limit=config.extraction_limit
             ),
         )
         for axis in TRAIT_AXES
@@ -168,19 +174,28 @@ def _analysis(
     harmful = load_prompts("paired:harmful", split="val", limit=config.val_limit)
     harmless = load_prompts("paired:harmless", split="val", limit=config.val_limit)
     selection = select_direction(
-        lm, refusal, harmful, harmless, layers=list(range(int(0.2 * n), int(0.8 * n))),
+        lm,
+        refusal,
+        harmful,
+        harmless,
+        layers=list(range(int(0.2 * n), int(0.8 * n))),
         batch_size=config.batch_size,
     )
     refusal_d = _stored_d(refusal)
     source = selection.best_layer
     if source is None:  # nothing passed the filters: fall back to the best held-out d
-        source = refusal.meta.best_layer if refusal.meta.best_layer is not None else max(
-            refusal_d, key=lambda k: refusal_d[k])
+        source = (
+            refusal.meta.best_layer
+            if refusal.meta.best_layer is not None
+            else max(refusal_d, key=lambda k: refusal_d[k])
+        )
     return {
         "refusal_cohens_d": refusal_d,
         "persona_cohens_d": _stored_d(persona),
-        "cohens_d_held_out": {"refusal": refusal.meta.extra.get("best_layer_by", ""),
-                              "persona": persona.meta.extra.get("best_layer_by", "")},
+        "cohens_d_held_out": {
+            "refusal": refusal.meta.extra.get("best_layer_by", ""),
+            "persona": persona.meta.extra.get("best_layer_by", ""),
+        },
         "refusal_persona_cosine": refusal.cosine(persona),
         "trait_cosine_with_persona": {a: d.cosine(persona) for a, d in traits.items()},
         "trait_cosine_with_refusal": {a: d.cosine(refusal) for a, d in traits.items()},

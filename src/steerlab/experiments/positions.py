@@ -102,7 +102,11 @@ def run_positions(
             pos: run.direction(
                 _safe(pos),
                 lambda p=pos: common.refusal_direction_of(  # type: ignore[misc]
-                    lm, position=p, limit=config.extraction_limit, name=f"refusal@{p}"
+                    lm,
+                    position=p,
+                    limit=config.extraction_limit,
+                    **common.selection_of(config),
+                    name=f"refusal@{p}",
                 ),
             )
             for pos in positions

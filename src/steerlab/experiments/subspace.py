@@ -111,6 +111,7 @@ def run_subspace(
                     "paired",
                     position=config.position,
                     limit=config.extraction_limit,
+                    **common.selection_of(config),
                     name="refusal-paired",
                 ),
             ),
@@ -122,6 +123,7 @@ def run_subspace(
                     split=config.tier2_split,
                     position=config.position,
                     limit=config.extraction_limit,
+                    **common.selection_of(config),
                     name="refusal-tier2",
                 ),
             ),
@@ -423,6 +425,7 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: SubspaceCon
                 vmax=1.0,
                 annotate=True,
                 cmap="viridis",
+                value_format="{:.0%}",
             ),
             "The two-tier 2 x 2: refusal rate with each source's subspace ablated, on each "
             "evaluation set.",
