@@ -7,7 +7,7 @@ of them, and the resolved config is written into results.json.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -15,10 +15,38 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from steerlab.errors import SteerlabError
 
 
-class PersonaGatingConfig(BaseModel):
-    """Settings of ``steerlab reproduce persona-gating``."""
+class FileConfig(BaseModel):
+    """A settings model that loads from a YAML/JSON file with command-line overrides."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @classmethod
+    def from_file(cls, path: str | Path | None, **overrides: Any) -> Self:
+        """Load a YAML/JSON config (or none), then apply non-None ``overrides``."""
+        data: dict[str, Any] = {}
+        if path is not None:
+            file = Path(path)
+            if not file.is_file():
+                raise SteerlabError(f"Config file {file} does not exist; check the path.")
+            try:
+                loaded = yaml.safe_load(file.read_text())
+            except yaml.YAMLError as exc:
+                raise SteerlabError(f"Config file {file} is not valid YAML/JSON: {exc}") from exc
+            if not isinstance(loaded, dict):
+                raise SteerlabError(f"Config file {file} must hold a mapping of settings.")
+            data.update(loaded)
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls(**data)
+        except ValidationError as exc:
+            fields = ", ".join(
+                ".".join(map(str, e["loc"])) + f" ({e['msg']})" for e in exc.errors()
+            )
+            raise SteerlabError(f"Invalid {cls.__name__} settings: {fields}.") from exc
+
+
+class PersonaGatingConfig(FileConfig):
+    """Settings of ``steerlab reproduce persona-gating``."""
 
     seed: int = Field(0, description="Seed for random controls and any sampling.")
     max_new_tokens: int = Field(32, ge=1, description="Greedy tokens generated per prompt.")
@@ -75,30 +103,6 @@ class PersonaGatingConfig(BaseModel):
     judge_model: str = Field("judge", description="Model name sent to the judge endpoint.")
     n_samples: int = Field(2, ge=0, description="Sample generations per condition in the report.")
 
-    @classmethod
-    def from_file(cls, path: str | Path | None, **overrides: Any) -> PersonaGatingConfig:
-        """Load a YAML/JSON config (or none), then apply non-None ``overrides``."""
-        data: dict[str, Any] = {}
-        if path is not None:
-            file = Path(path)
-            if not file.is_file():
-                raise SteerlabError(f"Config file {file} does not exist; check the path.")
-            try:
-                loaded = yaml.safe_load(file.read_text())
-            except yaml.YAMLError as exc:
-                raise SteerlabError(f"Config file {file} is not valid YAML/JSON: {exc}") from exc
-            if not isinstance(loaded, dict):
-                raise SteerlabError(f"Config file {file} must hold a mapping of settings.")
-            data.update(loaded)
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        try:
-            return cls(**data)
-        except ValidationError as exc:
-            fields = ", ".join(
-                ".".join(map(str, e["loc"])) + f" ({e['msg']})" for e in exc.errors()
-            )
-            raise SteerlabError(f"Invalid persona-gating config: {fields}.") from exc
-
     def windows(self, n_layers: int) -> tuple[list[int], list[int]]:
         """(early, late) projection windows for a model with ``n_layers`` layers."""
         early = self.early_window or list(range(0, max(1, n_layers // 3)))
@@ -111,10 +115,8 @@ class PersonaGatingConfig(BaseModel):
         return early, late
 
 
-class ExperimentConfig(BaseModel):
+class ExperimentConfig(FileConfig):
     """Settings every ``steerlab experiment`` shares; each experiment's config extends it."""
-
-    model_config = ConfigDict(extra="forbid")
 
     seed: int = Field(0, description="Seed for random controls and any sampling.")
     max_new_tokens: int = Field(32, ge=1, description="Greedy tokens generated per prompt.")
@@ -146,26 +148,3 @@ class ExperimentConfig(BaseModel):
     judge_model: str = Field("judge", description="Model name sent to the judge endpoint.")
     n_samples: int = Field(2, ge=0, description="Sample generations per condition in the report.")
 
-    @classmethod
-    def from_file(cls, path: str | Path | None, **overrides: Any) -> Any:
-        """Load a YAML/JSON config (or none), then apply non-None ``overrides``."""
-        data: dict[str, Any] = {}
-        if path is not None:
-            file = Path(path)
-            if not file.is_file():
-                raise SteerlabError(f"Config file {file} does not exist; check the path.")
-            try:
-                loaded = yaml.safe_load(file.read_text())
-            except yaml.YAMLError as exc:
-                raise SteerlabError(f"Config file {file} is not valid YAML/JSON: {exc}") from exc
-            if not isinstance(loaded, dict):
-                raise SteerlabError(f"Config file {file} must hold a mapping of settings.")
-            data.update(loaded)
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        try:
-            return cls(**data)
-        except ValidationError as exc:
-            fields = ", ".join(
-                ".".join(map(str, e["loc"])) + f" ({e['msg']})" for e in exc.errors()
-            )
-            raise SteerlabError(f"Invalid {cls.__name__} settings: {fields}.") from exc
