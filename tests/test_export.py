@@ -368,7 +368,8 @@ from gguf import GGUFReader
 
 model_path, cvec_path, ids_path = sys.argv[1:4]
 prompts = json.loads(open(ids_path).read())
-llm = llama_cpp.Llama(model_path=model_path, n_ctx=512, n_threads=2, seed=0, verbose=False)
+llm = llama_cpp.Llama(model_path=model_path, n_ctx=512, n_threads=1, n_threads_batch=1, seed=0,
+                      verbose=False)
 
 def run():
     outs = []
@@ -421,7 +422,7 @@ def test_real_gguf_cvec_in_llama_cpp_changes_refusal_like_steerlab(real_lm, tmp_
     done = subprocess.run(
         [os.environ["STEERLAB_LLAMACPP_PYTHON"], "-c", LLAMA_CPP_SCRIPT, str(gguf_path()),
          str(cvec), str(tmp_path / "ids.json")],
-        check=True, capture_output=True, text=True, timeout=900)
+        check=True, capture_output=True, text=True, timeout=2400)
     cpp = json.loads(done.stdout.strip().splitlines()[-1])
     rates = {name: sum(map(is_refusal, texts)) for name, texts in
              {"hf_base": hf_base, "hf_steered": hf_steered, "cpp_base": cpp["base"],

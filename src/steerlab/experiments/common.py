@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from steerlab.prompts import PromptSet
 
 ALPHA_SIG = 0.05
+KL_THRESHOLD = 0.1  # select_direction's default KL filter
 COND_COLUMNS = [
     "condition",
     "n",
@@ -179,6 +180,7 @@ def _select_by_ablation(
         harmful,
         harmless,
         layers=list(range(lo, hi, max(1, stride))),
+        kl_threshold=KL_THRESHOLD,
         batch_size=batch_size,
     )
     if result.best_layer is not None:
@@ -187,11 +189,15 @@ def _select_by_ablation(
             "lowest held-out refusal score with the direction ablated, among middle "
             "layers that induce refusal when added and keep first-token KL < 0.1"
         )
-    else:  # no layer passed the filters (e.g. after hydra ablations): best bypass anyway
-        layer = min(result.rows, key=lambda r: r.bypass_score).layer
+    else:  # nothing passed every filter (common on small models): keep the KL filter
+        kl_ok = [r for r in result.rows if r.kl < KL_THRESHOLD]
+        layer = min(kl_ok or result.rows, key=lambda r: r.bypass_score).layer
         rule = (
-            "lowest held-out refusal score with the direction ablated (no middle layer "
-            "passed the induce/KL filters)"
+            "lowest held-out refusal score with the direction ablated, among middle layers "
+            + ("with first-token KL < 0.1 " if kl_ok else "")
+            + "(no layer passed the induce filter"
+            + ("" if kl_ok else " or the KL filter")
+            + ")"
         )
     return {"layer": int(layer), "rule": rule, "table": result.to_dict()}
 
