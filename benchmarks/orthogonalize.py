@@ -55,16 +55,11 @@ def _reset_peak() -> bool:
         return False
 
 
-def _gen_speed(lm: Any, steer: list[Any], tokens: int, repeats: int) -> float:
-    """Median generated tokens per second over ``repeats`` runs (one warm-up first)."""
-    generate(lm, PROMPTS, steer=steer, max_new_tokens=4, batch_size=len(PROMPTS))
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        gens = generate(lm, PROMPTS, steer=steer, max_new_tokens=tokens, batch_size=len(PROMPTS))
-        elapsed = time.perf_counter() - start
-        rates.append(sum(g.n_new_tokens for g in gens) / elapsed)
-    return statistics.median(rates)
+def _gen_rate(lm: Any, steer: list[Any], tokens: int) -> float:
+    """Generated tokens per second of one batched greedy run."""
+    start = time.perf_counter()
+    gens = generate(lm, PROMPTS, steer=steer, max_new_tokens=tokens, batch_size=len(PROMPTS))
+    return sum(g.n_new_tokens for g in gens) / (time.perf_counter() - start)
 
 
 def run(dtype: str, tokens: int, repeats: int) -> dict[str, Any]:
@@ -72,18 +67,29 @@ def run(dtype: str, tokens: int, repeats: int) -> dict[str, Any]:
     model_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
     direction = Direction(torch.randn(1, lm.d_model, generator=torch.Generator().manual_seed(0)),
                           (12,), DirectionMeta(name="random"))
-    speeds = {
-        "original": _gen_speed(lm, [], tokens, repeats),
-        "runtime_ablation": _gen_speed(lm, [Ablate(direction)], tokens, repeats),
-    }
+    generate(lm, PROMPTS[:1], max_new_tokens=2)  # warm up allocator and kernels first
     rss_before = _status("VmRSS")
     reset = _reset_peak()
     start = time.perf_counter()
     result = orthogonalize(lm, direction)
     seconds = time.perf_counter() - start
     peak = _status("VmHWM")
-    speeds["orthogonalized"] = _gen_speed(lm, [], tokens, repeats)
     overhead = max(0, peak - rss_before)
+    # Speeds: a second, unedited copy; conditions interleaved round by round so that load
+    # from other processes on a shared machine hits all three alike.
+    base = load_model("default", dtype=dtype)
+    conditions = {
+        "original": (base, []),
+        "runtime_ablation": (base, [Ablate(direction)]),
+        "orthogonalized": (lm, []),
+    }
+    for model, steer in conditions.values():
+        _gen_rate(model, steer, 4)  # warm-up
+    rates: dict[str, list[float]] = {k: [] for k in conditions}
+    for _ in range(repeats):
+        for name, (model, steer) in conditions.items():
+            rates[name].append(_gen_rate(model, steer, tokens))
+    speeds = {k: statistics.median(v) for k, v in rates.items()}
     return {
         "dtype": dtype,
         "model_bytes": model_bytes,
@@ -95,7 +101,7 @@ def run(dtype: str, tokens: int, repeats: int) -> dict[str, Any]:
         "tokens_per_second": {k: round(v, 2) for k, v in speeds.items()},
         "speed_vs_original": {k: round(v / speeds["original"], 3) for k, v in speeds.items()},
         "generation": f"{len(PROMPTS)} prompts batched, {tokens} new tokens, greedy, "
-                      f"median of {repeats}",
+                      f"median of {repeats} interleaved rounds",
     }
 
 
@@ -149,7 +155,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", action="append", help="bfloat16 and/or float32 (both default)")
     parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     args = parser.parse_args()
     results = []

@@ -134,6 +134,24 @@ def test_layer_selection_by_ablation_or_cohens_d() -> None:
     assert "refusal score" in by_ablation.meta.extra["best_layer_by"]
 
 
+def test_fallback_layer_keeps_kl_then_requires_lowering_refusal() -> None:
+    from types import SimpleNamespace as Row
+
+    from steerlab.experiments.common import _fallback_layer
+
+    rows = [
+        Row(layer=4, bypass_score=-3.0, kl=0.5),
+        Row(layer=6, bypass_score=-2.0, kl=0.05),
+        Row(layer=8, bypass_score=-2.5, kl=0.2),
+        Row(layer=10, bypass_score=-0.5, kl=0.01),
+    ]
+    assert _fallback_layer(rows, baseline=-1.0)[0] == 6  # clean and lowers refusal
+    layer, rule = _fallback_layer(rows, baseline=-2.2)  # only 4 and 8 lower it: least KL
+    assert layer == 8 and rule.startswith("smallest first-token KL")
+    layer, rule = _fallback_layer(rows, baseline=-5.0)  # nothing lowers it: say so
+    assert layer == 4 and "no refusal-mediating layer" in rule
+
+
 def _per_layer(rates: dict[int, float], p: dict[int, float], n: int = 40) -> list[dict[str, Any]]:
     return [
         {

@@ -9,8 +9,9 @@ model in turn (only one is in memory at a time) on the same prompts:
   at the first response token, and averaged over the first ``kl_tokens``
   tokens of the original's greedy response (teacher-forced, stopping at its EOS);
 - capability-set accuracy (greedy, graded by steerlab.evaluate.capability);
-- perplexity of the capability set's reference answers, rendered through the
-  chat template (prompt + answer as one text), token-weighted.
+- perplexity of the capability set's questions with their reference answers,
+  rendered through the chat template as one text (every token counts,
+  template included), token-weighted: a relative measure, compare columns.
 
 Every rate has n and a 95% Wilson interval, every mean a seeded bootstrap
 interval, and every model after the first a paired test against the first
@@ -297,7 +298,7 @@ def comparison_markdown(comparison: dict[str, Any]) -> str:
         ("KL first token (nats) ↓", "kl_first_token", "mean", 4),
         (f"KL mean first {cfg['kl_tokens']} tokens ↓", kl_key, "mean", 4),
         ("capability accuracy ↑", "capability_accuracy", "rate", 3),
-        ("perplexity, capability answers ↓", "perplexity", "value", 2),
+        ("perplexity, capability Q+A chat text ↓", "perplexity", "value", 2),
     ]
     lines = [
         f"# steerlab compare (baseline: {comparison['baseline']})", "",

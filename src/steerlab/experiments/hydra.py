@@ -167,6 +167,7 @@ def _rounds(
             "round": i + 1,
             "condition": name,
             "source_layer": layer,
+            "layer_rule": d.meta.extra.get("best_layer_by", ""),
             "basis_rank": i + 1,
             "cohens_d": common.cohens_d_of(d)[layer],
             "cohens_d_by_layer": {str(k): v for k, v in common.cohens_d_of(d).items()},
@@ -281,12 +282,22 @@ def _answer(results: dict[str, Any], config: HydraConfig) -> str:
         )
     if not r1["refusal_rate"]:
         return "no backup needed: ablating the first direction already removes all refusal"
+    rule = results["rounds"][1].get("layer_rule", "")
+    why = (
+        "; on the validation prompts no re-extracted layer's ablation lowered the refusal "
+        "score at all"
+        if "no refusal-mediating layer" in rule
+        else "; the re-extracted directions that lower the validation refusal score all "
+        "disturb harmless prompts (first-token KL >= 0.1), the least disturbing was used"
+        if rule.startswith("smallest first-token KL")
+        else ""
+    )
     if hydra == "not reproduced":
         return (
             "no: re-extracted directions separate the prompts but ablating them does not "
-            "lower refusal further"
+            "lower refusal further" + why
         )
-    return "unclear at this n: the backup direction's effect is not significant"
+    return "unclear at this n: the backup direction's effect is not significant" + why
 
 
 def _summary(results: dict[str, Any], config: HydraConfig) -> str:

@@ -98,6 +98,9 @@ def run_positions(
         show_progress=show_progress,
     ) as run:
         run.plan((len(positions) + 1) * (len(eval_set) + len(harmless)))
+        reference = positions[-1]
+        # Only the reference position's layer is used (all interventions act there), so
+        # only it gets the costly causal selection; the others report their Cohen's d.
         dirs = {
             pos: run.direction(
                 _safe(pos),
@@ -105,13 +108,15 @@ def run_positions(
                     lm,
                     position=p,
                     limit=config.extraction_limit,
-                    **common.selection_of(config),
+                    **{
+                        **common.selection_of(config),
+                        **({} if p == reference else {"selection": "cohens_d"}),
+                    },
                     name=f"refusal@{p}",
                 ),
             )
             for pos in positions
         }
-        reference = positions[-1]
         layer = config.layer if config.layer is not None else common.best_layer(dirs[reference])
         analysis = run.step("analysis", lambda: _analysis(dirs, positions, layer, reference))
         ablate, add = _conditions(dirs, positions, labels, layer, config)
@@ -189,6 +194,7 @@ def _analysis(
             p: {str(k): v for k, v in common.cohens_d_of(dirs[p]).items()} for p in positions
         },
         "best_layer": {p: common.best_layer(dirs[p]) for p in positions},
+        "best_layer_by": {p: dirs[p].meta.extra.get("best_layer_by", "") for p in positions},
         "max_cohens_d": {p: max(common.cohens_d_of(dirs[p]).values()) for p in positions},
         "cohens_d_at_layer": {p: common.cohens_d_of(dirs[p])[layer] for p in positions},
         "cosine_with_reference": {
@@ -363,6 +369,9 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: PositionsCo
         {
             "position": labels[p],
             "best_layer": a["best_layer"][p],
+            "chosen_by": "ablation (Arditi)"
+            if a["best_layer_by"][p].startswith("lowest")
+            else "Cohen's d",
             "max_cohens_d": a["max_cohens_d"][p],
             "cohens_d_at_layer": a["cohens_d_at_layer"][p],
             "norm_at_layer": a["norm_at_layer"][p],
