@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from steerlab.chat import encode
+from steerlab.decoding import decode_loop, left_pad
 from steerlab.directions import Direction, DirectionMeta
 from steerlab.errors import DataError
 from steerlab.generate import Generation, GenerationError, eos_ids, generate
@@ -55,6 +56,27 @@ def test_batched_equals_one_at_a_time_equals_transformers(arch):
     n_prompt = [len(lm.tokenizer(t, add_special_tokens=False)["input_ids"])
                 for t in encode(lm.tokenizer, PROMPTS).texts]
     assert [g.n_prompt_tokens for g in batched] == n_prompt
+
+
+def test_decode_loop_drops_finished_rows_and_counts_passes():
+    lm = tiny_model("qwen2")
+    prompts = [lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in PROMPTS[:3]]
+    budget = {0: 1, 1: 4, 2: 2}  # tokens each row takes before it stops
+    seen: list[list[int]] = []
+    taken = {i: 0 for i in budget}
+
+    def step(logits, live):
+        assert logits.shape[0] == len(live)
+        seen.append(list(live))
+        for i in live:
+            taken[i] += 1
+        return logits.argmax(-1), [j for j, i in enumerate(live) if taken[i] < budget[i]]
+
+    passes = decode_loop(lm, prompts, lm.tokenizer.pad_token_id, step)
+    assert passes == 4
+    assert seen == [[0, 1, 2], [1, 2], [1], [1]]
+    ids, mask = left_pad([[5, 6], [7]], pad_id=0)
+    assert ids.tolist() == [[5, 6], [0, 7]] and mask.tolist() == [[1, 1], [0, 1]]
 
 
 def test_eos_stops_a_row_and_the_rest_of_the_batch_goes_on():

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from steerlab.chat import encode
+from steerlab.decoding import forward_step as forward
 from steerlab.directions import Direction, DirectionMeta
 from steerlab.errors import InterventionError
-from steerlab.generate import _forward as forward
 from steerlab.interventions import Ablate, Add, Project, SubspaceAblate
 from steerlab.steering import (
     _Placed,

@@ -5,7 +5,8 @@ One loop, written for throughput and reproducibility rather than generality:
 - prompts are rendered through the chat template, sorted by token length
   into left-padded batches (little padding), and returned in input order;
 - the prompt is prefilled once, then one token per step from the KV cache,
-  computing logits for the last position only;
+  computing logits for the last position only (the loop is
+  :func:`steerlab.decoding.decode_loop`, shared with the server);
 - rows that reach EOS or ``max_new_tokens`` leave the batch at once (their
   KV cache rows are dropped), so a batch costs what its live rows cost;
 - sampling draws from a per-prompt generator seeded by ``(seed, index)``, so
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -35,6 +35,7 @@ import torch
 from steerlab import steering
 from steerlab._atomic import atomic_open
 from steerlab.chat import render
+from steerlab.decoding import decode_loop, prompt_generator, sampling_probs
 from steerlab.errors import DataError, SteerlabError
 from steerlab.interventions import Spec, resolve_specs, specs_to_json
 
@@ -93,115 +94,45 @@ class _Settings:
     pad: int
 
 
-# -- model call compatibility (transformers 4.57 and 5.x) --------------------------------------
-_KEYWORDS: dict[type, tuple[str, str | None]] = {}
-
-
-def _forward_keywords(model: Any) -> tuple[str, str | None]:
-    """Cache and logits-trimming keyword names of this model class's ``forward``."""
-    model_type = type(model)
-    if model_type in _KEYWORDS:
-        return _KEYWORDS[model_type]
-    params = inspect.signature(model_type.forward).parameters  # the class's, not a wrapper
-    cache_kw = "cache" if "cache" in params else "past_key_values"
-    if "logits_to_keep" in params:
-        keep_kw: str | None = "logits_to_keep"
-    elif "num_logits_to_keep" in params:
-        keep_kw = "num_logits_to_keep"
-    else:
-        keep_kw = None
-    _KEYWORDS[model_type] = (cache_kw, keep_kw)
-    return cache_kw, keep_kw
-
-
-def _forward(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
-             cache: Any) -> tuple[torch.Tensor, Any]:
-    cache_kw, keep_kw = _forward_keywords(lm.model)
-    kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
-                              "use_cache": True}
-    if cache is not None:
-        kwargs[cache_kw] = cache
-    if keep_kw is not None:
-        kwargs[keep_kw] = 1
-    out = lm.model(**kwargs)
-    new_cache = getattr(out, "cache", None)
-    if new_cache is None:
-        new_cache = getattr(out, "past_key_values", None)
-    return out.logits[:, -1, :], new_cache
-
-
 # -- token choice ------------------------------------------------------------------------------
-def _row_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
-    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-
-
 def _choose(logits: torch.Tensor, settings: _Settings,
             generators: Sequence[torch.Generator]) -> torch.Tensor:
     if not settings.do_sample:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / max(settings.temperature, 1e-6), dim=-1)
-    if settings.top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        cum = sorted_p.cumsum(dim=-1)
-        sorted_p = sorted_p.masked_fill(cum - sorted_p > settings.top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    probs = sampling_probs(logits, settings.temperature, settings.top_p)
     picks = [torch.multinomial(probs[i], 1, generator=gen) for i, gen in enumerate(generators)]
     return torch.cat(picks)
 
 
 # -- one batch ---------------------------------------------------------------------------------
-def _left_pad(rows: Sequence[_Row], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r.ids) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, row in enumerate(rows):
-        ids[b, width - len(row.ids):] = torch.tensor(row.ids, dtype=torch.long)
-        mask[b, width - len(row.ids):] = 1
-    return ids, mask
-
-
 def _run_batch(lm: LoadedModel, rows: Sequence[_Row], settings: _Settings,
                emit: Callable[[_Row, list[int], str], None],
                on_tokens: Callable[[int], None]) -> None:
     """Generate for ``rows``; call ``emit`` for each row as soon as it finishes."""
-    device = lm.device
-    ids, mask = _left_pad(rows, settings.pad)
-    ids, mask = ids.to(device), mask.to(device)
-    position = (mask.cumsum(-1) - 1).clamp_min(0)
     tokens: list[list[int]] = [[] for _ in rows]
-    active = list(range(len(rows)))
-    with torch.inference_mode():
-        logits, cache = _forward(lm, ids, mask, position, None)
-        # logits live where the LM head is (not the embedding's device under a device_map)
-        generators = [_row_generator(settings.seed, r.index, logits.device) for r in rows] \
-            if settings.do_sample else []
-        next_pos = position[:, -1] + 1
-        while True:
-            chosen = _choose(logits, settings, [generators[a] for a in active]
-                             if generators else [])
-            keep: list[int] = []
-            for j, (a, tok) in enumerate(zip(active, chosen.tolist(), strict=True)):
-                if tok in settings.eos:
-                    emit(rows[a], tokens[a], "stop")
-                    continue
-                tokens[a].append(tok)
-                if len(tokens[a]) >= settings.max_new_tokens:
-                    emit(rows[a], tokens[a], "length")
-                else:
-                    keep.append(j)
-            on_tokens(len(active))
-            if not keep:
-                return
-            if len(keep) < len(active):
-                index = torch.tensor(keep)  # a CPU index works on every layer's device
-                cache.batch_select_indices(index)
-                mask, chosen, next_pos = mask[index], chosen[index], next_pos[index]
-                active = [active[j] for j in keep]
-            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-            logits, cache = _forward(lm, chosen[:, None].to(device), mask, next_pos[:, None],
-                                     cache)
-            next_pos = next_pos + 1
+    generators: list[torch.Generator] = []
+
+    def step(logits: torch.Tensor, active: list[int]) -> tuple[torch.Tensor, list[int]]:
+        if settings.do_sample and not generators:
+            # logits live where the LM head is (not the embedding's device under a device_map)
+            generators.extend(prompt_generator(settings.seed, r.index, logits.device)
+                              for r in rows)
+        chosen = _choose(logits, settings,
+                         [generators[a] for a in active] if generators else [])
+        keep: list[int] = []
+        for j, (a, tok) in enumerate(zip(active, chosen.tolist(), strict=True)):
+            if tok in settings.eos:
+                emit(rows[a], tokens[a], "stop")
+                continue
+            tokens[a].append(tok)
+            if len(tokens[a]) >= settings.max_new_tokens:
+                emit(rows[a], tokens[a], "length")
+            else:
+                keep.append(j)
+        on_tokens(len(active))
+        return chosen, keep
+
+    decode_loop(lm, [r.ids for r in rows], settings.pad, step)
 
 
 # -- batch size --------------------------------------------------------------------------------

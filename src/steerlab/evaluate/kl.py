@@ -52,13 +52,13 @@ def _step_logprobs(lm: LoadedModel, prompts: list[str], system: str | None, k: i
     With ``forced`` the given tokens are fed (teacher forcing); otherwise greedy.
     """
     from steerlab.chat import encode
-    from steerlab.generate import _forward  # the transformers-version-proof cached forward
+    from steerlab.decoding import forward_step  # the transformers-version-proof cached forward
 
     batch = encode(lm.tokenizer, prompts, system)
     ids = batch.input_ids.to(lm.device)
     mask = batch.attention_mask.to(lm.device)
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    logits, cache = _forward(lm, ids, mask, pos, None)
+    logits, cache = forward_step(lm, ids, mask, pos, None)
     steps: list[torch.Tensor] = []
     fed: list[torch.Tensor] = []
     for step in range(k):
@@ -70,7 +70,7 @@ def _step_logprobs(lm: LoadedModel, prompts: list[str], system: str | None, k: i
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         pos = pos[:, -1:] + 1
-        logits, cache = _forward(lm, tok[:, None], mask, pos, cache)
+        logits, cache = forward_step(lm, tok[:, None], mask, pos, cache)
     return torch.stack(steps, 1), torch.stack(fed, 1)
 
 

@@ -1,12 +1,14 @@
 """Batched, KV-cached decoding of independent requests, one token per row per step.
 
-This is the loop of :func:`steerlab.generate.generate` (its forward call,
-position ids, EOS set, row dropping and seeded sampler), so a request's
-greedy output equals offline ``generate`` for that prompt, and a seeded
-sample equals ``generate(..., do_sample=True, seed=S)`` for a single prompt.
-It adds what a server needs between steps: per-row settings (token budget,
-temperature, seed, stop sequences), text deltas as tokens arrive, and rows
-that can be abandoned (dropped from the batch and its KV cache at once).
+The loop is :func:`steerlab.decoding.decode_loop`, the one offline
+:func:`steerlab.generate.generate` runs (same forward call, position ids, EOS
+set, row dropping, sampling rule and seeded RNG), so a request's greedy
+output equals offline ``generate`` for that prompt, and a seeded sample
+equals ``generate(..., do_sample=True, seed=S)`` for a single prompt. This
+module adds what a server needs between steps: per-row settings (token
+budget, temperature, seed, stop sequences), text deltas as tokens arrive,
+and rows that can be abandoned (dropped from the batch and its KV cache at
+once).
 
 Steering is not this module's business: the caller wraps :func:`decode` in
 ``steerlab.steering.steer(...)``.
@@ -21,6 +23,7 @@ from typing import Any, Protocol
 
 import torch
 
+from steerlab.decoding import decode_loop, prompt_generator, sampling_probs
 from steerlab.model import LoadedModel
 
 
@@ -114,13 +117,8 @@ class _State:
 
 
 def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
-    """Temperature, then nucleus (top-p) filtering: the rule offline ``generate`` applies."""
-    probs = torch.softmax(logits.float() / max(params.temperature, 1e-6), dim=-1)
-    if params.top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        cum = sorted_p.cumsum(dim=-1)
-        sorted_p = sorted_p.masked_fill(cum - sorted_p > params.top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    """A seeded sample by the rule offline ``generate`` applies (temperature, then top-p)."""
+    probs = sampling_probs(logits, params.temperature, params.top_p)
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
@@ -131,17 +129,6 @@ def _choose(logits: torch.Tensor, states: Sequence[_State]) -> torch.Tensor:
         if st.generator is not None:
             chosen[b] = _sample(logits[b], st.row.params, st.generator)
     return chosen
-
-
-def _left_pad(rows: Sequence[Row], pad_id: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    width = max(len(r.prompt_ids) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, row in enumerate(rows):
-        n = len(row.prompt_ids)
-        ids[b, width - n :] = torch.tensor(list(row.prompt_ids), dtype=torch.long)
-        mask[b, width - n :] = 1
-    return ids.to(device), mask.to(device)
 
 
 @torch.inference_mode()
@@ -157,54 +144,37 @@ def decode(lm: LoadedModel, rows: Sequence[Row], *, eos_ids: frozenset[int] | No
     removing its steering hooks (a client that got its answer then never
     sees the model still hooked).
     """
-    from steerlab.generate import _forward
-
     live = [r for r in rows if not r.sink.cancelled()]
     if not live:
         return 0
     eos = eos_token_ids(lm) if eos_ids is None else eos_ids
     tok = lm.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids, mask = _left_pad(live, pad_id, lm.device)
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
     states = [
         _State(r, TextTracker(tok, r.params.stop), _generator(r.params, lm.device)) for r in live
     ]
-    logits, cache = _forward(lm, ids, mask, positions, None)
-    next_pos = positions[:, -1] + 1
-    active = list(range(len(states)))
-    steps = 1
-    while True:
+
+    def step(logits: torch.Tensor, active: list[int]) -> tuple[torch.Tensor, list[int]]:
         next_ids = _choose(logits, [states[i] for i in active])
         done: list[Callable[[], None]] = []
         keep = [b for b, i in enumerate(active)
                 if _advance(states[i], int(next_ids[b]), eos, done)]
         if not keep and held is not None:
             held.extend(done)
-            return steps
-        for deliver in done:
-            deliver()
-        if not keep:
-            return steps
-        if len(keep) < len(active):
-            index = torch.tensor(keep, device=mask.device)
-            cache.batch_select_indices(index)
-            mask, next_pos, next_ids = mask[index], next_pos[index], next_ids[index]
-            active = [active[b] for b in keep]
-        mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-        logits, cache = _forward(lm, next_ids[:, None], mask, next_pos[:, None], cache)
-        next_pos = next_pos + 1
-        steps += 1
+        else:
+            for deliver in done:
+                deliver()
+        return next_ids, keep
+
+    return decode_loop(lm, [r.prompt_ids for r in live], pad_id, step)
 
 
 def _generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
     """Offline ``generate`` seeds prompt ``i`` with ``(seed, i)``; a request is prompt 0."""
     if params.temperature <= 0.0:
         return None
-    from steerlab.generate import _row_generator
-
     seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**62)
-    return _row_generator(seed, 0, device)
+    return prompt_generator(seed, 0, device)
 
 
 def _advance(st: _State, token_id: int, eos: frozenset[int],
