@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from steerlab import plots
 from steerlab.errors import SteerlabError
-from steerlab.experiments import figures
 from steerlab.experiments.store import ResponseStore
 from steerlab.report import Figure, Finding, Report, Sample, Table
 
@@ -45,7 +45,7 @@ def test_store_refuses_corruption_in_the_middle(tmp_path: Path) -> None:
 
 
 def test_report_renders_self_contained_html_and_markdown(tmp_path: Path) -> None:
-    png = figures.bars_with_ci(
+    png = plots.bars_with_ci(
         tmp_path / "figures" / "bars.png",
         ["a", "b"],
         [0.2, 0.6],

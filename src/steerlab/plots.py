@@ -1,7 +1,15 @@
-"""PNG plots of layer analyses, readable without zooming (large fonts, Agg backend).
+"""PNG plots, readable without zooming (Agg backend; global rcParams left alone).
 
-Each function writes one PNG atomically and returns its path;
-:func:`save_scan_plots` writes every plot a :class:`~steerlab.analysis.ScanResult` supports.
+Two families share one frame (:func:`_figure`: style, tight layout, atomic write):
+
+- layer-analysis plots (``plot_*``, :func:`save_scan_plots`, large fonts,
+  :data:`STYLE`) for ``steerlab extract --scan``;
+- experiment-report figures (:func:`rate_by_layer`, :func:`bars_with_ci`,
+  :func:`lines_by_layer`, :func:`grid_heatmap`, :func:`matrix_heatmap`,
+  :data:`REPORT_STYLE`) for the experiment reports.
+
+Each function takes measured numbers, writes one PNG and returns its path;
+nothing here computes results.
 """
 
 from __future__ import annotations
@@ -28,17 +36,26 @@ STYLE: dict[str, Any] = {
     "lines.markersize": 7,
 }
 
+REPORT_STYLE: dict[str, Any] = {
+    "font.size": 12,
+    "axes.titlesize": 14,
+    "axes.labelsize": 13,
+    "legend.fontsize": 11,
+    "figure.dpi": 110,
+}
+
 
 @contextmanager
-def _figure(path: str | Path, width: float = 10, height: float = 6) -> Iterator[tuple[Any, Any]]:
-    """A figure with steerlab's style (the user's global rcParams are left alone),
-    written to ``path`` atomically when the block ends."""
+def _figure(path: str | Path, width: float = 10, height: float = 6,
+            style: Mapping[str, Any] = STYLE) -> Iterator[tuple[Any, Any]]:
+    """A figure in ``style`` (the user's global rcParams are left alone), written to
+    ``path`` atomically when the block ends."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    with plt.rc_context(STYLE):  # type: ignore[arg-type]
+    with plt.rc_context(dict(style)):  # type: ignore[arg-type]
         fig, ax = plt.subplots(figsize=(width, height), dpi=110)
         try:
             yield fig, ax
@@ -51,6 +68,12 @@ def _figure(path: str | Path, width: float = 10, height: float = 6) -> Iterator[
         handle.write(buffer.getvalue())
 
 
+def _plot_by_layer(ax: Any, values: Mapping[Any, float], **style: Any) -> None:
+    """One curve over layers; keys are layer ints or, read back from JSON, digit strings."""
+    xs = sorted(int(k) for k in values)
+    ax.plot(xs, [values[k] if k in values else values[str(k)] for k in xs], **style)
+
+
 def _mark_best(ax: Any, best: int | None) -> None:
     if best is not None:
         ax.axvline(best, color="0.5", linestyle=":", linewidth=2, label=f"best layer {best}")
@@ -60,8 +83,7 @@ def plot_cohens_d(cohens_d: Mapping[int, float], path: str | Path, *,
                   best_layer: int | None = None, title: str = "Separation by layer") -> Path:
     """Cohen's d of the held-out projection per layer."""
     with _figure(path) as (_fig, ax):
-        layers = sorted(cohens_d)
-        ax.plot(layers, [cohens_d[i] for i in layers], marker="o", color="tab:blue")
+        _plot_by_layer(ax, cohens_d, marker="o", color="tab:blue")
         ax.axhline(1.0, color="tab:red", linestyle="--", linewidth=1.5, label="d = 1")
         _mark_best(ax, best_layer)
         ax.set(xlabel="layer (residual stream after it)", ylabel="Cohen's d (held out)",
@@ -110,8 +132,7 @@ def plot_refusal_persona_cosine(cosines: Mapping[int, float], path: str | Path, 
                                 title: str = "Refusal vs compliant-persona direction") -> Path:
     """Cosine between the refusal and the persona direction, per layer."""
     with _figure(path) as (_fig, ax):
-        layers = sorted(cosines)
-        ax.plot(layers, [cosines[i] for i in layers], marker="o", color="tab:purple")
+        _plot_by_layer(ax, cosines, marker="o", color="tab:purple")
         ax.axhline(0.0, color="0.4", linewidth=1.2)
         ax.set(xlabel="layer (residual stream after it)", ylabel="cosine similarity", title=title,
                ylim=(-1.0, 1.0))
@@ -133,3 +154,146 @@ def save_scan_plots(result: ScanResult, out_dir: str | Path) -> list[Path]:
         paths.append(plot_refusal_persona_cosine(result.refusal_persona_cosine,
                                                  folder / "refusal_persona_cosine.png"))
     return paths
+
+
+# -- experiment-report figures ---------------------------------------------------------------------
+def _ci_errors(rates: Sequence[float], cis: Sequence[Sequence[float]]) -> list[list[float]]:
+    """Matplotlib's asymmetric ``yerr`` from rates and their ``[lo, hi]`` intervals."""
+    return [
+        [r - c[0] for r, c in zip(rates, cis, strict=True)],
+        [c[1] - r for r, c in zip(rates, cis, strict=True)],
+    ]
+
+
+def rate_by_layer(
+    path: str | Path,
+    layers: Sequence[int],
+    rates: Sequence[float],
+    cis: Sequence[Sequence[float]],
+    *,
+    title: str,
+    ylabel: str,
+    references: Mapping[str, tuple[float, Sequence[float]]] | None = None,
+    spans: Mapping[str, tuple[float, float]] | None = None,
+) -> Path:
+    """Rates (with 95% CI bars) by layer, with horizontal reference rates and shaded spans."""
+    with _figure(path, 9, 5, REPORT_STYLE) as (_fig, ax):
+        colors = ["#444444", "#d62728", "#2ca02c", "#9467bd"]
+        for (label, (lo_x, hi_x)), color in zip(
+            (spans or {}).items(), ["#e8f0ff", "#fff0e0"], strict=False
+        ):
+            ax.axvspan(lo_x, hi_x, color=color, alpha=0.8, label=label, zorder=0)
+        for (label, (rate, ci)), color in zip((references or {}).items(), colors, strict=False):
+            ax.axhline(rate, color=color, linestyle="--", label=f"{label} ({rate:.0%})")
+            ax.axhspan(ci[0], ci[1], color=color, alpha=0.08)
+        ax.errorbar(layers, rates, yerr=_ci_errors(rates, cis), marker="o", capsize=4,
+                    color="#1f77b4", lw=2, label="measured (95% CI)")
+        ax.set(title=title, xlabel="layer", ylabel=ylabel, ylim=(-0.03, 1.03))
+        ax.legend(loc="best")
+        ax.grid(alpha=0.3)
+    return Path(path)
+
+
+def bars_with_ci(
+    path: str | Path,
+    names: Sequence[str],
+    rates: Sequence[float],
+    cis: Sequence[Sequence[float]],
+    *,
+    title: str,
+    ylabel: str,
+) -> Path:
+    """One bar per condition with its 95% interval."""
+    with _figure(path, max(8, 0.7 * len(names) + 3), 5.5, REPORT_STYLE) as (_fig, ax):
+        ax.bar(range(len(names)), rates, yerr=_ci_errors(rates, cis), capsize=4,
+               color="#4c72b0")
+        ax.set_xticks(range(len(names)), names, rotation=35, ha="right")
+        ax.set(title=title, ylabel=ylabel, ylim=(0, 1.05))
+        ax.grid(axis="y", alpha=0.3)
+    return Path(path)
+
+
+def lines_by_layer(
+    path: str | Path,
+    series: Mapping[str, Mapping[int, float]],
+    *,
+    title: str,
+    ylabel: str,
+    zero_line: bool = True,
+) -> Path:
+    """Several per-layer curves on one axis (cosines, Cohen's d)."""
+    with _figure(path, 9, 5, REPORT_STYLE) as (_fig, ax):
+        for label, values in series.items():
+            _plot_by_layer(ax, values, marker="o", lw=2, label=label)
+        if zero_line:
+            ax.axhline(0, color="black", lw=0.8)
+        ax.set(title=title, xlabel="layer", ylabel=ylabel)
+        ax.legend(loc="best")
+        ax.grid(alpha=0.3)
+    return Path(path)
+
+
+def grid_heatmap(
+    path: str | Path,
+    rows: Sequence[float],
+    cols: Sequence[float],
+    values: Sequence[Sequence[float]],
+    *,
+    title: str,
+    row_label: str,
+    col_label: str,
+    value_label: str,
+) -> Path:
+    """A labelled heatmap of rates with the value printed in each cell."""
+    with _figure(path, 1.4 * len(cols) + 3, 0.9 * len(rows) + 2.5, REPORT_STYLE) as (fig, ax):
+        image = ax.imshow(values, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(len(cols)), [f"{c:g}" for c in cols])
+        ax.set_yticks(range(len(rows)), [f"{r:g}" for r in rows])
+        for i, row in enumerate(values):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.0%}", ha="center", va="center",
+                        color="white" if v < 0.5 else "black", fontsize=12)
+        ax.set(title=title, xlabel=col_label, ylabel=row_label)
+        fig.colorbar(image, ax=ax, label=value_label)
+    return Path(path)
+
+
+def matrix_heatmap(
+    path: str | Path,
+    rows: Sequence[str],
+    cols: Sequence[str],
+    values: Sequence[Sequence[float]],
+    *,
+    title: str,
+    row_label: str,
+    col_label: str,
+    value_label: str,
+    vmin: float = -1.0,
+    vmax: float = 1.0,
+    annotate: bool | None = None,
+    cmap: str = "RdBu_r",
+    value_format: str = "{:.2f}",
+) -> Path:
+    """A square-ish matrix (e.g. cosines between layers) on a diverging scale.
+
+    Values are printed in the cells when ``annotate`` (default: up to 12x12).
+    """
+    n_r, n_c = len(rows), len(cols)
+    width = min(14, max(7.0, 0.45 * n_c + 3.5))
+    height = min(12, max(4.5, 0.4 * n_r + 2.5))
+    with _figure(path, width, height, REPORT_STYLE) as (fig, ax):
+        image = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+        crowded = sum(len(str(c)) for c in cols) > 50
+        ax.set_xticks(range(n_c), list(cols), rotation=90 if n_c > 12 else 35 if crowded else 0,
+                      ha="right" if crowded and n_c <= 12 else "center")
+        ax.set_yticks(range(n_r), list(rows))
+        if annotate if annotate is not None else max(n_r, n_c) <= 12:
+            for i, row in enumerate(values):
+                for j, v in enumerate(row):
+                    dark = (abs(v) > 0.6 * max(abs(vmin), abs(vmax)) if cmap == "RdBu_r"
+                            else v < (vmin + vmax) / 2)
+                    ax.text(j, i, value_format.format(v), ha="center", va="center", fontsize=9,
+                            color="white" if dark else "black")
+        ax.set(title=title, xlabel=col_label, ylabel=row_label)
+        fig.colorbar(image, ax=ax, label=value_label)
+    return Path(path)

@@ -1,5 +1,5 @@
 """Experiments: persona gating, sweeps and the field's follow-up experiments.
 
 Each experiment is a ``run_<name>(lm, out_dir, config)`` function built on the
-shared machinery in ``runner``, ``store``, ``figures`` and ``steerlab.report``.
+shared machinery in ``runner``, ``store``, ``steerlab.plots`` and ``steerlab.report``.
 """

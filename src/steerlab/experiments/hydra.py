@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from pydantic import Field
 
-from steerlab.experiments import common, figures
+from steerlab import plots
+from steerlab.experiments import common
 from steerlab.experiments.config import ExperimentConfig
 from steerlab.experiments.runner import Condition, Runner, kl_conditions, paired_p
 from steerlab.report import Figure, Finding, Report, Table
@@ -327,7 +328,7 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: HydraConfig
     names = list(c)
     fig_list = [
         Figure(
-            figures.bars_with_ci(
+            plots.bars_with_ci(
                 figs / "refusal_by_round.png",
                 names,
                 [c[n]["refusal_rate"] for n in names],
@@ -338,7 +339,7 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: HydraConfig
             "Refusal rate (95% Wilson CI) with the subspace of rounds 1..k ablated.",
         ),
         Figure(
-            figures.lines_by_layer(
+            plots.lines_by_layer(
                 figs / "cohens_d_by_layer.png",
                 {
                     f"round {r['round']}": {int(k): v for k, v in r["cohens_d_by_layer"].items()}
@@ -351,7 +352,7 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: HydraConfig
             "harmful from harmless prompts, per layer.",
         ),
         Figure(
-            figures.lines_by_layer(
+            plots.lines_by_layer(
                 figs / "cosine_with_round1.png",
                 {
                     f"round {r['round']}": {

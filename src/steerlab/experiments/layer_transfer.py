@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
+from steerlab import plots
 from steerlab.errors import SteerlabError
-from steerlab.experiments import common, figures
+from steerlab.experiments import common
 from steerlab.experiments.config import ExperimentConfig
 from steerlab.experiments.runner import Condition, Runner, kl_conditions
 from steerlab.report import Figure, Finding, Report
@@ -316,7 +317,7 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: LayerTransf
     kl_key = "kl_first_token"
     fig_list = [
         Figure(
-            figures.rate_by_layer(
+            plots.rate_by_layer(
                 figs / "refusal_by_source_layer.png",
                 layers,
                 [e["refusal_rate"] for e in per],
@@ -329,7 +330,7 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: LayerTransf
             "each source layer is removed; dashed: no intervention.",
         ),
         Figure(
-            figures.lines_by_layer(
+            plots.lines_by_layer(
                 figs / "cohens_d_by_layer.png",
                 {
                     "Cohen's d (held-out harmful vs harmless)": {
@@ -342,7 +343,7 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: LayerTransf
             "Held-out Cohen's d of the projection on each layer's refusal direction.",
         ),
         Figure(
-            figures.matrix_heatmap(
+            plots.matrix_heatmap(
                 figs / "cosine_matrix.png",
                 [str(x) for x in layers],
                 [str(x) for x in layers],
@@ -358,7 +359,7 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: LayerTransf
     if all(kl_key in e for e in per):
         fig_list.append(
             Figure(
-                figures.lines_by_layer(
+                plots.lines_by_layer(
                     figs / "kl_by_source_layer.png",
                     {
                         "first-token KL": {e["source_layer"]: e[kl_key] for e in per},

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from steerlab.experiments import figures
+from steerlab import plots
 from steerlab.experiments.config import PersonaGatingConfig
 from steerlab.experiments.store import ResponseStore
 from steerlab.report import Figure, Finding, Report, Sample, Table
@@ -39,7 +39,7 @@ def write_persona_report(
     n_layers = results["provenance"]["model"]["n_layers"]
     figures_ = [
         Figure(
-            figures.rate_by_layer(
+            plots.rate_by_layer(
                 figs / "readd_by_layer.png",
                 [k for k, _ in readd],
                 [v["refusal_rate"] for _, v in readd],
@@ -62,7 +62,7 @@ def write_persona_report(
             "with baseline and persona-steered rates for reference.",
         ),
         Figure(
-            figures.bars_with_ci(
+            plots.bars_with_ci(
                 figs / "conditions.png",
                 [m for m in MAIN if m in c],
                 [c[m]["refusal_rate"] for m in MAIN if m in c],
@@ -74,7 +74,7 @@ def write_persona_report(
             "over seeds.",
         ),
         Figure(
-            figures.lines_by_layer(
+            plots.lines_by_layer(
                 figs / "cosine_by_layer.png",
                 {
                     "refusal vs compliant persona": analysis["refusal_persona_cosine"],
@@ -90,7 +90,7 @@ def write_persona_report(
             "each relational-trait direction and the compliant-persona direction.",
         ),
         Figure(
-            figures.lines_by_layer(
+            plots.lines_by_layer(
                 figs / "cohens_d_by_layer.png",
                 {
                     "refusal (harmful vs harmless, held-out)": analysis["refusal_cohens_d"],
@@ -114,7 +114,7 @@ def write_persona_report(
     ]
     figures_.append(
         Figure(
-            figures.grid_heatmap(
+            plots.grid_heatmap(
                 figs / "selection_grid.png",
                 layers,
                 alphas,

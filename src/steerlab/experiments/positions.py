@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from steerlab.experiments import common, figures
+from steerlab import plots
+from steerlab.experiments import common
 from steerlab.experiments.config import ExperimentConfig
 from steerlab.experiments.runner import Condition, Runner, paired_p
 from steerlab.report import Figure, Finding, Report, Table
@@ -305,7 +306,7 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: PositionsCo
     ab, ad = results["ablate"], results["add"]
     fig_list = [
         Figure(
-            figures.lines_by_layer(
+            plots.lines_by_layer(
                 figs / "cohens_d_by_layer.png",
                 {labels[p]: {int(k): v for k, v in a["cohens_d"][p].items()} for p in positions},
                 title="Held-out Cohen's d of the refusal direction by read position",
@@ -315,7 +316,7 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: PositionsCo
             "the direction read at each position, per layer.",
         ),
         Figure(
-            figures.lines_by_layer(
+            plots.lines_by_layer(
                 figs / "cosine_with_reference.png",
                 {
                     labels[p]: {int(k): v for k, v in a["cosine_with_reference"][p].items()}
@@ -327,7 +328,7 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: PositionsCo
             "Per-layer cosine of each position's direction with the last-token direction.",
         ),
         Figure(
-            figures.matrix_heatmap(
+            plots.matrix_heatmap(
                 figs / "cosine_at_layer.png",
                 [labels[p] for p in positions],
                 [labels[p] for p in positions],
@@ -342,7 +343,7 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: PositionsCo
             "intervention layer.",
         ),
         Figure(
-            figures.bars_with_ci(
+            plots.bars_with_ci(
                 figs / "ablate.png",
                 list(ab),
                 [e["refusal_rate"] for e in ab.values()],
@@ -353,7 +354,7 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: PositionsCo
             "Refusal on harmful prompts (95% Wilson CI).",
         ),
         Figure(
-            figures.bars_with_ci(
+            plots.bars_with_ci(
                 figs / "add.png",
                 list(ad),
                 [e["refusal_rate"] for e in ad.values()],

@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
+from steerlab import plots
 from steerlab.errors import SteerlabError
-from steerlab.experiments import common, figures
+from steerlab.experiments import common
 from steerlab.experiments.config import ExperimentConfig
 from steerlab.experiments.runner import Condition, Runner, kl_conditions, paired_p
 from steerlab.report import Figure, Finding, Report, Table
@@ -397,7 +398,7 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: SubspaceCon
     m = results["matrix"]
     fig_list = [
         Figure(
-            figures.bars_with_ci(
+            plots.bars_with_ci(
                 figs / "conditions.png",
                 order,
                 [c[n]["refusal_rate"] for n in order],
@@ -409,7 +410,7 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: SubspaceCon
             "harmful prompts, 'tier2:' rows the extreme-harm prompts.",
         ),
         Figure(
-            figures.matrix_heatmap(
+            plots.matrix_heatmap(
                 figs / "two_tier_matrix.png",
                 ["no ablation", "paired subspace", "tier-2 subspace"],
                 ["ordinary prompts", "tier-2 prompts"],
@@ -431,7 +432,7 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: SubspaceCon
             "evaluation set.",
         ),
         Figure(
-            figures.lines_by_layer(
+            plots.lines_by_layer(
                 figs / "cohens_d_by_layer.png",
                 {
                     f"{src} (held-out)": {int(k): v for k, v in d.items()}
@@ -443,7 +444,7 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: SubspaceCon
             "Held-out Cohen's d per layer of the paired-set and tier-2 refusal directions.",
         ),
         Figure(
-            figures.lines_by_layer(
+            plots.lines_by_layer(
                 figs / "cosine_by_layer.png",
                 {
                     "paired vs tier-2 direction": {

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from steerlab import plots
 from steerlab._atomic import write_json
 from steerlab.errors import InterventionError
-from steerlab.experiments import figures
 from steerlab.experiments.runner import Condition, Runner, condition_summary, paired_flags
 from steerlab.report import Figure, Report, Table
 
@@ -109,7 +109,7 @@ def _report(
 
     figs = [
         Figure(
-            figures.grid_heatmap(
+            plots.grid_heatmap(
                 out / "figures" / f"{key}.png",
                 list(layers),
                 list(alphas),
