@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from steerlab import plots
 from steerlab._atomic import write_json
 from steerlab.directions import Direction
 from steerlab.errors import DataError
@@ -24,7 +25,7 @@ from steerlab.experiments.runner import (
     judge_conditions,
     paired_p,
 )
-from steerlab.report import Sample, Table
+from steerlab.report import Figure, Finding, Report, Sample, Table
 
 if TYPE_CHECKING:
     from steerlab.experiments.config import ExperimentConfig
@@ -34,15 +35,15 @@ if TYPE_CHECKING:
 
 ALPHA_SIG = 0.05
 KL_THRESHOLD = 0.1  # select_direction's default KL filter
-COND_COLUMNS = [
-    "condition",
+RATE_KEYS = (
     "n",
     "refusal_rate",
     "refusal_rate_ci95",
     "bypass_rate",
     "degenerate_rate",
     "vs_baseline_p",
-]
+)
+COND_COLUMNS = ["condition", *RATE_KEYS]
 JUDGE_COLUMNS = [
     "judge_compliance",
     "judge_compliance_ci95",
@@ -194,6 +195,23 @@ def _select_by_ablation(
     return {"layer": int(layer), "rule": rule, "table": result.to_dict()}
 
 
+def configured_refusal_direction(
+    lm: LoadedModel, config: ExperimentConfig, source: str = "paired", **overrides: Any
+) -> Direction:
+    """:func:`refusal_direction_of` with the config's read position, extraction limit and
+    layer selection; ``overrides`` (e.g. ``name``, ``split``, ``under``) take precedence.
+
+    One place, so every experiment extracts its reference direction the same way.
+    """
+    settings: dict[str, Any] = {
+        "position": config.position,
+        "limit": config.extraction_limit,
+        **selection_of(config),
+        **overrides,
+    }
+    return refusal_direction_of(lm, source, **settings)
+
+
 def selection_of(config: ExperimentConfig) -> dict[str, Any]:
     """The layer-selection keywords of :func:`refusal_direction_of` from a config."""
     return {
@@ -262,6 +280,20 @@ def effective_rank(gram: Any, share: float = 0.9) -> dict[str, float]:
     return {"participation_ratio": total**2 / float((eig**2).sum()), key: k}
 
 
+# -- running ----------------------------------------------------------------------------------
+def open_runner(
+    lm: LoadedModel, out_dir: str | Path, config: ExperimentConfig, show_progress: bool = True
+) -> Runner:
+    """The experiment's resumable :class:`Runner`, generating as the config says."""
+    return Runner(
+        lm,
+        out_dir,
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.batch_size,
+        show_progress=show_progress,
+    )
+
+
 # -- conditions and tables --------------------------------------------------------------------
 def rows_of(run: Runner, name: str, prompts: PromptSet) -> list[dict[str, Any]]:
     ids = {p.id for p in prompts}
@@ -305,6 +337,28 @@ def newcombe_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
     lo = diff - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)
     hi = diff + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
     return {"diff": diff, "ci95": [max(-1.0, lo), min(1.0, hi)]}
+
+
+def random_control_finding(
+    random: Mapping[str, Any], baseline: Mapping[str, Any]
+) -> dict[str, str]:
+    """The random same-rank subspace control: reproduced when it leaves refusal unchanged
+    (McNemar p against the baseline at least :data:`ALPHA_SIG`)."""
+    return {
+        "claim": "A random subspace of the same rank does nothing",
+        "verdict": "reproduced" if random["vs_baseline_p"] >= ALPHA_SIG else "not reproduced",
+        "evidence": f"{rate(random, 'random_subspace')} vs {rate(baseline, 'baseline')}, "
+        f"McNemar p={random['vs_baseline_p']:.3g}.",
+    }
+
+
+def setup_sentence(results: Mapping[str, Any], config: ExperimentConfig) -> str:
+    """The opening of a summary: model, evaluation prompts, decoding and scoring."""
+    return (
+        f"Model {results['model']} (fingerprint {results['fingerprint']}), "
+        f"{results['n_eval']} harmful evaluation prompts from {results['eval_prompts']}, "
+        f"greedy {config.max_new_tokens} new tokens, substring refusal scoring"
+    )
 
 
 def rate(entry: Mapping[str, Any], name: str = "") -> str:
@@ -374,6 +428,20 @@ def selection_table(title: str, selection: dict[str, Any] | None) -> list[Table]
     ]
 
 
+def refusal_bars(
+    path: Path, entries: Mapping[str, Mapping[str, Any]], names: Sequence[str], *, title: str
+) -> Path:
+    """Bar chart of the refusal rate (95% Wilson CI) of the conditions ``names``."""
+    return plots.bars_with_ci(
+        path,
+        list(names),
+        [entries[n]["refusal_rate"] for n in names],
+        [entries[n]["refusal_rate_ci95"] for n in names],
+        title=title,
+        ylabel="refusal rate",
+    )
+
+
 def samples(store: ResponseStore, names: Sequence[str], n: int) -> list[Sample]:
     out = []
     for name in names:
@@ -409,6 +477,32 @@ def finish(
     }
     write_json(Path(run.out) / "results.json", results)
     return results
+
+
+def write_report(
+    out: Path,
+    results: Mapping[str, Any],
+    run: Runner,
+    config: ExperimentConfig,
+    *,
+    title: str,
+    tables: Sequence[Table],
+    figures: Sequence[Figure],
+    sample_names: Sequence[str],
+) -> Path:
+    """Write ``report.html`` and ``report.md``: the summary, findings and provenance from
+    ``results``, the given tables and figures, and sample responses of ``sample_names``."""
+    report = Report(
+        title=title,
+        summary=results["summary"],
+        findings=[Finding(**f) for f in results["findings"]],
+        tables=list(tables),
+        figures=list(figures),
+        samples=samples(run.store, sample_names, config.n_samples),
+        provenance=results["provenance"],
+    )
+    html, _ = report.write(out)
+    return html
 
 
 def eval_prompts(config: ExperimentConfig) -> PromptSet:

@@ -26,7 +26,7 @@ from steerlab import plots
 from steerlab.experiments import common
 from steerlab.experiments.config import ExperimentConfig
 from steerlab.experiments.runner import Condition, Runner, kl_conditions, paired_p
-from steerlab.report import Figure, Finding, Report, Table
+from steerlab.report import Figure, Table
 
 if TYPE_CHECKING:
     from steerlab.directions import Direction
@@ -62,14 +62,8 @@ def reextract(
         if basis
         else "nothing"
     )
-    return common.refusal_direction_of(
-        lm,
-        position=config.position,
-        limit=config.extraction_limit,
-        **common.selection_of(config),
-        name=name,
-        under=under,
-        under_note=note,
+    return common.configured_refusal_direction(
+        lm, config, name=name, under=under, under_note=note
     )
 
 
@@ -81,13 +75,7 @@ def run_hydra(
 
     started = time.perf_counter()
     eval_set, harmless = common.eval_prompts(config), common.harmless_prompts(config)
-    with Runner(
-        lm,
-        out_dir,
-        max_new_tokens=config.max_new_tokens,
-        batch_size=config.batch_size,
-        show_progress=show_progress,
-    ) as run:
+    with common.open_runner(lm, out_dir, config, show_progress) as run:
         run.plan((config.rounds + 1 + int(config.random_control)) * len(eval_set))
         conds = [Condition("baseline", description="no intervention")]
         run.run(conds[0], eval_set, tag="eval")
@@ -178,17 +166,7 @@ def _rounds(
             "max_abs_cos_with_earlier_any_layer": ortho,
             "cos_with_round1_by_layer": {str(k): c for k, c in d.cosine(first).items()},
             "norm_ratio_to_round1": d.norms[layer] / max(first.norms[layer], 1e-12),
-            **{
-                k: table[name][k]
-                for k in (
-                    "n",
-                    "refusal_rate",
-                    "refusal_rate_ci95",
-                    "bypass_rate",
-                    "degenerate_rate",
-                    "vs_baseline_p",
-                )
-            },
+            **{k: table[name][k] for k in common.RATE_KEYS},
             "vs_previous_round_p": paired_p(
                 common.rows_of(run, name, eval_set), common.rows_of(run, prev, eval_set)
             ),
@@ -256,15 +234,7 @@ def _findings(results: dict[str, Any], config: HydraConfig) -> list[dict[str, st
         }
     )
     if "random_subspace" in c:
-        rnd = c["random_subspace"]
-        out.append(
-            {
-                "claim": "A random subspace of the same rank does nothing",
-                "verdict": "reproduced" if rnd["vs_baseline_p"] >= sig else "not reproduced",
-                "evidence": f"{common.rate(rnd, 'random_subspace')} vs "
-                f"{common.rate(base, 'baseline')}, McNemar p={rnd['vs_baseline_p']:.3g}.",
-            }
-        )
+        out.append(common.random_control_finding(c["random_subspace"], base))
     return out
 
 
@@ -314,9 +284,7 @@ def _summary(results: dict[str, Any], config: HydraConfig) -> str:
         else ""
     )
     return (
-        f"Model {results['model']} (fingerprint {results['fingerprint']}), "
-        f"{results['n_eval']} harmful evaluation prompts from {results['eval_prompts']}, "
-        f"greedy {config.max_new_tokens} new tokens, substring refusal scoring. Baseline "
+        f"{common.setup_sentence(results, config)}. Baseline "
         f"{common.rate(results['conditions']['baseline'])}; {per}.{check} Do backup refusal "
         f"directions take over on this model? {results['answer']}."
     )
@@ -328,13 +296,11 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: HydraConfig
     names = list(c)
     fig_list = [
         Figure(
-            plots.bars_with_ci(
+            common.refusal_bars(
                 figs / "refusal_by_round.png",
+                c,
                 names,
-                [c[n]["refusal_rate"] for n in names],
-                [c[n]["refusal_rate_ci95"] for n in names],
                 title="Refusal after each round of ablate / re-extract",
-                ylabel="refusal rate",
             ),
             "Refusal rate (95% Wilson CI) with the subspace of rounds 1..k ablated.",
         ),
@@ -393,14 +359,13 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: HydraConfig
         common.condition_table("Conditions", c, judged=bool(results["judged"])),
         common.kl_table("Harmless prompts: KL per round", results["kl"], config.kl_tokens),
     ]
-    report = Report(
+    return common.write_report(
+        out,
+        results,
+        run,
+        config,
         title="steerlab: backup refusal directions (hydra) — ablate, re-extract, repeat",
-        summary=results["summary"],
-        findings=[Finding(**f) for f in results["findings"]],
         tables=tables,
         figures=fig_list,
-        samples=common.samples(run.store, names, config.n_samples),
-        provenance=results["provenance"],
+        sample_names=names,
     )
-    html, _ = report.write(out)
-    return html

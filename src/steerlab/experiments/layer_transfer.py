@@ -27,7 +27,7 @@ from steerlab.errors import SteerlabError
 from steerlab.experiments import common
 from steerlab.experiments.config import ExperimentConfig
 from steerlab.experiments.runner import Condition, Runner, kl_conditions
-from steerlab.report import Figure, Finding, Report
+from steerlab.report import Figure
 
 if TYPE_CHECKING:
     from steerlab.directions import Direction
@@ -81,22 +81,11 @@ def run_layer_transfer(
     started = time.perf_counter()
     eval_set, harmless = common.eval_prompts(config), common.harmless_prompts(config)
     layers = source_layers(config, lm.n_layers)
-    with Runner(
-        lm,
-        out_dir,
-        max_new_tokens=config.max_new_tokens,
-        batch_size=config.batch_size,
-        show_progress=show_progress,
-    ) as run:
+    with common.open_runner(lm, out_dir, config, show_progress) as run:
         run.plan((len(layers) + 1) * len(eval_set))
         refusal = run.direction(
             "refusal",
-            lambda: common.refusal_direction_of(
-                lm,
-                position=config.position,
-                limit=config.extraction_limit,
-                **common.selection_of(config),
-            ),
+            lambda: common.configured_refusal_direction(lm, config),
         )
         analysis = run.step("analysis", lambda: _analysis(refusal, layers))
         conditions = [Condition("baseline", description="no intervention")]
@@ -300,11 +289,9 @@ def _verdict(
 def _summary(results: dict[str, Any], verdict: dict[str, Any], config: LayerTransferConfig) -> str:
     c = results["conditions"]
     return (
-        f"Model {results['model']} (fingerprint {results['fingerprint']}), "
-        f"{results['n_eval']} harmful evaluation prompts from {results['eval_prompts']}, "
-        f"greedy {config.max_new_tokens} new tokens, substring refusal scoring with a "
-        f"degeneracy check. Baseline refusal {common.rate(c['baseline'])}. Mode: "
-        f"{config.mode}. Answer on this model: {verdict['answer']}."
+        f"{common.setup_sentence(results, config)} with a degeneracy check. Baseline refusal "
+        f"{common.rate(c['baseline'])}. Mode: {config.mode}. Answer on this model: "
+        f"{verdict['answer']}."
     )
 
 
@@ -392,14 +379,13 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: LayerTransf
         f"source/L{results['best_source_layer']}",
         f"source/L{analysis['selected_layer']}",
     ]
-    report = Report(
+    return common.write_report(
+        out,
+        results,
+        run,
+        config,
         title="steerlab: refusal direction transfer across layers",
-        summary=results["summary"],
-        findings=[Finding(**f) for f in results["findings"]],
         tables=tables,
         figures=fig_list,
-        samples=common.samples(run.store, list(dict.fromkeys(names)), config.n_samples),
-        provenance=results["provenance"],
+        sample_names=list(dict.fromkeys(names)),
     )
-    html, _ = report.write(out)
-    return html

@@ -23,7 +23,7 @@ from steerlab import plots
 from steerlab.experiments import common
 from steerlab.experiments.config import ExperimentConfig
 from steerlab.experiments.runner import Condition, Runner, paired_p
-from steerlab.report import Figure, Finding, Report, Table
+from steerlab.report import Figure, Table
 
 if TYPE_CHECKING:
     from steerlab.directions import Direction
@@ -91,13 +91,7 @@ def run_positions(
     eval_set, harmless = common.eval_prompts(config), common.harmless_prompts(config)
     positions = positions_of(lm, config)
     labels = position_labels(lm, positions)
-    with Runner(
-        lm,
-        out_dir,
-        max_new_tokens=config.max_new_tokens,
-        batch_size=config.batch_size,
-        show_progress=show_progress,
-    ) as run:
+    with common.open_runner(lm, out_dir, config, show_progress) as run:
         run.plan((len(positions) + 1) * (len(eval_set) + len(harmless)))
         reference = positions[-1]
         # Only the reference position's layer is used (all interventions act there), so
@@ -105,15 +99,12 @@ def run_positions(
         dirs = {
             pos: run.direction(
                 _safe(pos),
-                lambda p=pos: common.refusal_direction_of(  # type: ignore[misc]
+                lambda p=pos: common.configured_refusal_direction(  # type: ignore[misc]
                     lm,
+                    config,
                     position=p,
-                    limit=config.extraction_limit,
-                    **{
-                        **common.selection_of(config),
-                        **({} if p == reference else {"selection": "cohens_d"}),
-                    },
                     name=f"refusal@{p}",
+                    **({} if p == reference else {"selection": "cohens_d"}),
                 ),
             )
             for pos in positions
@@ -343,24 +334,20 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: PositionsCo
             "intervention layer.",
         ),
         Figure(
-            plots.bars_with_ci(
+            common.refusal_bars(
                 figs / "ablate.png",
+                ab,
                 list(ab),
-                [e["refusal_rate"] for e in ab.values()],
-                [e["refusal_rate_ci95"] for e in ab.values()],
                 title="Harmful prompts: refusal with each position's direction ablated",
-                ylabel="refusal rate",
             ),
             "Refusal on harmful prompts (95% Wilson CI).",
         ),
         Figure(
-            plots.bars_with_ci(
+            common.refusal_bars(
                 figs / "add.png",
+                ad,
                 list(ad),
-                [e["refusal_rate"] for e in ad.values()],
-                [e["refusal_rate_ci95"] for e in ad.values()],
                 title="Harmless prompts: refusal induced by adding each position's direction",
-                ylabel="refusal rate",
             ),
             "Refusal on harmless prompts (95% Wilson CI).",
         ),
@@ -400,14 +387,13 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: PositionsCo
         f"add/{results['reference']}",
         "add/t_inst",
     ]
-    report = Report(
+    return common.write_report(
+        out,
+        results,
+        run,
+        config,
         title="steerlab: where refusal is read — t_inst vs post-instruction tokens",
-        summary=results["summary"],
-        findings=[Finding(**f) for f in results["findings"]],
         tables=tables,
         figures=fig_list,
-        samples=common.samples(run.store, names, config.n_samples),
-        provenance=results["provenance"],
+        sample_names=names,
     )
-    html, _ = report.write(out)
-    return html

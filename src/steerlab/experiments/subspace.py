@@ -27,7 +27,7 @@ from steerlab.errors import SteerlabError
 from steerlab.experiments import common
 from steerlab.experiments.config import ExperimentConfig
 from steerlab.experiments.runner import Condition, Runner, kl_conditions, paired_p
-from steerlab.report import Figure, Finding, Report, Table
+from steerlab.report import Figure, Table
 
 if TYPE_CHECKING:
     from steerlab.directions import Direction
@@ -97,35 +97,18 @@ def run_subspace(
         "tier2": load_prompts("tier2:harmful", split=config.tier2_eval_split, limit=config.limit),
     }
     harmless = common.harmless_prompts(config)
-    with Runner(
-        lm,
-        out_dir,
-        max_new_tokens=config.max_new_tokens,
-        batch_size=config.batch_size,
-        show_progress=show_progress,
-    ) as run:
+    with common.open_runner(lm, out_dir, config, show_progress) as run:
         dirs = {
             "paired": run.direction(
                 "refusal_paired",
-                lambda: common.refusal_direction_of(
-                    lm,
-                    "paired",
-                    position=config.position,
-                    limit=config.extraction_limit,
-                    **common.selection_of(config),
-                    name="refusal-paired",
+                lambda: common.configured_refusal_direction(
+                    lm, config, "paired", name="refusal-paired"
                 ),
             ),
             "tier2": run.direction(
                 "refusal_tier2",
-                lambda: common.refusal_direction_of(
-                    lm,
-                    "tier2",
-                    split=config.tier2_split,
-                    position=config.position,
-                    limit=config.extraction_limit,
-                    **common.selection_of(config),
-                    name="refusal-tier2",
+                lambda: common.configured_refusal_direction(
+                    lm, config, "tier2", split=config.tier2_split, name="refusal-tier2"
                 ),
             ),
         }
@@ -350,15 +333,7 @@ def _findings(
         )
     if "paired:random_subspace" not in p:
         return out
-    rnd = p["paired:random_subspace"]
-    out.append(
-        {
-            "claim": "A random subspace of the same rank does nothing",
-            "verdict": "reproduced" if rnd["vs_baseline_p"] >= sig else "not reproduced",
-            "evidence": f"{rate(rnd, 'random_subspace')} vs {rate(base_p, 'baseline')}, McNemar "
-            f"p={rnd['vs_baseline_p']:.3g}.",
-        }
-    )
+    out.append(common.random_control_finding(p["paired:random_subspace"], base_p))
     return out
 
 
@@ -398,13 +373,11 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: SubspaceCon
     m = results["matrix"]
     fig_list = [
         Figure(
-            plots.bars_with_ci(
+            common.refusal_bars(
                 figs / "conditions.png",
+                c,
                 order,
-                [c[n]["refusal_rate"] for n in order],
-                [c[n]["refusal_rate_ci95"] for n in order],
                 title="Refusal rate by condition (eval set : intervention)",
-                ylabel="refusal rate",
             ),
             "Refusal rate per condition with 95% Wilson intervals; 'paired:' rows are ordinary "
             "harmful prompts, 'tier2:' rows the extreme-harm prompts.",
@@ -488,14 +461,13 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: SubspaceCon
         "tier2:subspace_paired",
         "tier2:subspace_tier2",
     ]
-    report = Report(
+    return common.write_report(
+        out,
+        results,
+        run,
+        config,
         title="steerlab: refusal subspace ablation and the two-tier hypothesis",
-        summary=results["summary"],
-        findings=[Finding(**f) for f in results["findings"]],
         tables=tables,
         figures=fig_list,
-        samples=common.samples(run.store, sample_names, config.n_samples),
-        provenance=results["provenance"],
+        sample_names=sample_names,
     )
-    html, _ = report.write(out)
-    return html
