@@ -7,6 +7,8 @@ responses.jsonl, report.html and report.md into ``--out`` (a rerun resumes).
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,21 @@ EVAL_OPT = typer.Option(
     "--eval-prompts",
     help="Evaluation prompts file or built-in name (default: built-in harmful test split).",
 )
+
+
+def _shared_options(
+    model: str = MODEL_ARG,
+    out: Path = OUT_OPT,
+    limit: int | None = LIMIT_OPT,
+    judge: str | None = JUDGE_OPT,
+    judge_model: str | None = JUDGE_MODEL_OPT,
+    config: Path | None = CONFIG_OPT,
+    seed: int | None = SEED_OPT,
+    max_new_tokens: int | None = TOKENS_OPT,
+    eval_prompts: str | None = EVAL_OPT,
+    dtype: str = DTYPE_OPT,
+) -> None:
+    """The options every experiment command takes (its signature is all that is used)."""
 
 
 def _run(
@@ -56,6 +73,52 @@ def _run(
     console.print(f"report: {out / 'report.html'}  results: {out / 'results.json'}")
 
 
+def _experiment_command(
+    group: typer.Typer, name: str, module: str, config_cls: str, runner: str
+) -> Callable[[Callable[..., dict[str, Any]]], Callable[..., dict[str, Any]]]:
+    """Register ``steerlab experiment NAME`` from a function of its own options.
+
+    The decorated function declares only what is particular to the experiment
+    and returns those options as config overrides; the command gets the
+    :func:`_shared_options` around them (``--dtype`` last) and runs
+    ``steerlab.experiments.MODULE.RUNNER`` with ``CONFIG_CLS``, imported only
+    when the command runs so ``--help`` stays fast.
+    """
+    shared = list(inspect.signature(_shared_options, eval_str=True).parameters.values())
+
+    def decorate(own: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+        own_params = list(inspect.signature(own, eval_str=True).parameters.values())
+
+        def command(**values: Any) -> None:
+            given = {p.name: values.pop(p.name) for p in shared}
+            experiment = importlib.import_module(f"steerlab.experiments.{module}")
+            _run(
+                given["model"],
+                given["out"],
+                given["dtype"],
+                getattr(experiment, config_cls),
+                getattr(experiment, runner),
+                given["config"],
+                given["eval_prompts"],
+                limit=given["limit"],
+                judge_url=given["judge"],
+                judge_model=given["judge_model"],
+                seed=given["seed"],
+                max_new_tokens=given["max_new_tokens"],
+                **own(**values),
+            )
+
+        command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            [*shared[:-1], *own_params, shared[-1]]
+        )
+        command.__doc__ = own.__doc__
+        command.__name__ = own.__name__
+        group.command(name)(command)
+        return own
+
+    return decorate
+
+
 def register(app: typer.Typer) -> None:
     group = typer.Typer(
         help="Refusal-structure experiments: layer transfer, subspace ablation "
@@ -64,17 +127,10 @@ def register(app: typer.Typer) -> None:
     )
     app.add_typer(group, name="experiment")
 
-    @group.command("layer-transfer")
+    @_experiment_command(
+        group, "layer-transfer", "layer_transfer", "LayerTransferConfig", "run_layer_transfer"
+    )
     def layer_transfer(
-        model: str = MODEL_ARG,
-        out: Path = OUT_OPT,
-        limit: int | None = LIMIT_OPT,
-        judge: str | None = JUDGE_OPT,
-        judge_model: str | None = JUDGE_MODEL_OPT,
-        config: Path | None = CONFIG_OPT,
-        seed: int | None = SEED_OPT,
-        max_new_tokens: int | None = TOKENS_OPT,
-        eval_prompts: str | None = EVAL_OPT,
         source_layers: str | None = typer.Option(
             None, "--source-layers", help="Source layers to test, e.g. '4-20' (default: all)."
         ),
@@ -82,130 +138,33 @@ def register(app: typer.Typer) -> None:
             None, "--layer-stride", help="Test every k-th layer."
         ),
         mode: str | None = typer.Option(None, "--mode", help="ablate (default) or subtract."),
-        dtype: str = DTYPE_OPT,
-    ) -> None:
+    ) -> dict[str, Any]:
         """Each layer's refusal direction ablated everywhere: one direction or a subspace?"""
-        from steerlab.experiments.layer_transfer import LayerTransferConfig, run_layer_transfer
+        return {"source_layers": source_layers, "layer_stride": layer_stride, "mode": mode}
 
-        _run(
-            model,
-            out,
-            dtype,
-            LayerTransferConfig,
-            run_layer_transfer,
-            config,
-            eval_prompts,
-            limit=limit,
-            judge_url=judge,
-            judge_model=judge_model,
-            seed=seed,
-            max_new_tokens=max_new_tokens,
-            source_layers=source_layers,
-            layer_stride=layer_stride,
-            mode=mode,
-        )
-
-    @group.command("subspace")
+    @_experiment_command(group, "subspace", "subspace", "SubspaceConfig", "run_subspace")
     def subspace(
-        model: str = MODEL_ARG,
-        out: Path = OUT_OPT,
-        limit: int | None = LIMIT_OPT,
-        judge: str | None = JUDGE_OPT,
-        judge_model: str | None = JUDGE_MODEL_OPT,
-        config: Path | None = CONFIG_OPT,
-        seed: int | None = SEED_OPT,
-        max_new_tokens: int | None = TOKENS_OPT,
-        eval_prompts: str | None = EVAL_OPT,
         layers: str | None = typer.Option(
             None, "--layers", help="Basis layers, e.g. '7-10' (default: 4 around the best)."
         ),
-        dtype: str = DTYPE_OPT,
-    ) -> None:
+    ) -> dict[str, Any]:
         """Ablate a multi-layer refusal subspace; test the two-tier refusal hypothesis."""
-        from steerlab.experiments.subspace import SubspaceConfig, run_subspace
+        return {"layers": layers}
 
-        _run(
-            model,
-            out,
-            dtype,
-            SubspaceConfig,
-            run_subspace,
-            config,
-            eval_prompts,
-            limit=limit,
-            judge_url=judge,
-            judge_model=judge_model,
-            seed=seed,
-            max_new_tokens=max_new_tokens,
-            layers=layers,
-        )
-
-    @group.command("positions")
+    @_experiment_command(group, "positions", "positions", "PositionsConfig", "run_positions")
     def positions(
-        model: str = MODEL_ARG,
-        out: Path = OUT_OPT,
-        limit: int | None = LIMIT_OPT,
-        judge: str | None = JUDGE_OPT,
-        judge_model: str | None = JUDGE_MODEL_OPT,
-        config: Path | None = CONFIG_OPT,
-        seed: int | None = SEED_OPT,
-        max_new_tokens: int | None = TOKENS_OPT,
-        eval_prompts: str | None = EVAL_OPT,
         layer: int | None = typer.Option(
             None, "--layer", help="Layer of the interventions (default: best last-token layer)."
         ),
-        dtype: str = DTYPE_OPT,
-    ) -> None:
+    ) -> dict[str, Any]:
         """Directions read at t_inst vs each post-instruction token: harmfulness vs refusal."""
-        from steerlab.experiments.positions import PositionsConfig, run_positions
+        return {"layer": layer}
 
-        _run(
-            model,
-            out,
-            dtype,
-            PositionsConfig,
-            run_positions,
-            config,
-            eval_prompts,
-            limit=limit,
-            judge_url=judge,
-            judge_model=judge_model,
-            seed=seed,
-            max_new_tokens=max_new_tokens,
-            layer=layer,
-        )
-
-    @group.command("hydra")
+    @_experiment_command(group, "hydra", "hydra", "HydraConfig", "run_hydra")
     def hydra(
-        model: str = MODEL_ARG,
-        out: Path = OUT_OPT,
-        limit: int | None = LIMIT_OPT,
-        judge: str | None = JUDGE_OPT,
-        judge_model: str | None = JUDGE_MODEL_OPT,
-        config: Path | None = CONFIG_OPT,
-        seed: int | None = SEED_OPT,
-        max_new_tokens: int | None = TOKENS_OPT,
-        eval_prompts: str | None = EVAL_OPT,
         rounds: int | None = typer.Option(
             None, "--rounds", help="Ablate / re-extract rounds (default 3)."
         ),
-        dtype: str = DTYPE_OPT,
-    ) -> None:
+    ) -> dict[str, Any]:
         """Ablate, re-extract on the ablated model, repeat: do backup directions take over?"""
-        from steerlab.experiments.hydra import HydraConfig, run_hydra
-
-        _run(
-            model,
-            out,
-            dtype,
-            HydraConfig,
-            run_hydra,
-            config,
-            eval_prompts,
-            limit=limit,
-            judge_url=judge,
-            judge_model=judge_model,
-            seed=seed,
-            max_new_tokens=max_new_tokens,
-            rounds=rounds,
-        )
+        return {"rounds": rounds}
