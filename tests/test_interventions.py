@@ -11,6 +11,7 @@ import torch
 from steerlab.directions import Direction, DirectionMeta
 from steerlab.errors import DirectionError, InterventionError
 from steerlab.interventions import (
+    MAX_LAYERS,
     Ablate,
     Add,
     DirectionRegistry,
@@ -61,6 +62,27 @@ def test_parse_layers_with_model_size_expands_and_checks():
     assert parse_layers("1-2", 3) == (1, 2)
     with pytest.raises(InterventionError, match="model has 3 layers"):
         parse_layers("2-3", 3)
+
+
+def test_parse_layers_refuses_a_huge_range_before_expanding_it(monkeypatch):
+    from steerlab import interventions
+
+    def no_expansion(*args):
+        raise AssertionError(f"range{args} was expanded")
+
+    # a range past the model (or past MAX_LAYERS) must fail before range() builds it
+    monkeypatch.setattr(interventions, "range", no_expansion, raising=False)
+    with pytest.raises(InterventionError, match=r"'0-99999999999'.*model has 24 layers \(0-23\)"):
+        parse_layers("0-99999999999", 24)
+    with pytest.raises(InterventionError, match=r"'3-99999999999'.*below 1024 \(0-1023\)"):
+        parse_layers("1,3-99999999999")
+    with pytest.raises(InterventionError, match=r"'0-99999999999'.*below 1024"):
+        Add("runs/x", 1.0, layers="0-99999999999")  # specs parse without a model: the cap
+    with pytest.raises(InterventionError, match=r"'5-24'.*model has 24 layers"):
+        parse_layers("5-24", 24)
+    monkeypatch.undo()
+    assert parse_layers("0-1023") == tuple(range(MAX_LAYERS))  # the cap itself is allowed
+    assert parse_layers("5-23", 24) == tuple(range(5, 24))
 
 
 @pytest.mark.parametrize("layers", ["all", (3,), (1, 2, 3, 7), (0, 2, 4), (5, 6, 9, 10, 11)])

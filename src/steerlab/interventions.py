@@ -60,6 +60,10 @@ DEFAULT_ABLATE_SITES = ("input", "attn", "mlp")
 SPEC_FORMAT_VERSION = 1
 
 _RANGE = re.compile(r"^(\d+)\s*-\s*(\d+)$")
+MAX_LAYERS = 1024
+"""Layer numbers must stay below this when the model's layer count is not known (the
+deepest open models have a few hundred layers); it keeps a typo such as ``"0-99999999999"``
+from being expanded into a list of billions of layers."""
 _RANDOM = re.compile(r"^random_like\((.+?),\s*(-?\d+)\s*(?:,\s*(orthogonal|orth)\s*)?\)$")
 
 
@@ -78,6 +82,8 @@ def parse_layers(
     """Normalise a layer spec: ``"all"``, ``12``, ``"12"``, ``"12-18"`` (inclusive),
     ``"3,5,7"``, ``"3,5-7"`` or a list of ints → ``"all"`` or a sorted tuple.
     With ``n_layers``, ``"all"`` is expanded and every layer checked to exist.
+    A range is checked against ``n_layers`` (or :data:`MAX_LAYERS` when it is
+    not known) before it is expanded.
 
     Example:
         >>> parse_layers("3,5-7")
@@ -85,11 +91,27 @@ def parse_layers(
         >>> parse_layers("all", 4)
         (0, 1, 2, 3)
     """
-    parsed = _parse_layers(value)
+    parsed = _parse_layers(value, n_layers)
     return parsed if n_layers is None else resolve_layers(parsed, n_layers)
 
 
-def _parse_layers(value: str | int | Iterable[int] | None) -> Literal["all"] | tuple[int, ...]:
+def _range_limit_error(part: str, n_layers: int | None) -> InterventionError:
+    """The error for a range past the last layer, naming the range and the valid one."""
+    if n_layers is not None:
+        return InterventionError(
+            f"Layer range {part!r} goes past the last layer: the model has {n_layers} layers "
+            f"(0-{n_layers - 1}); give a range within them, e.g. '0-{n_layers - 1}'."
+        )
+    return InterventionError(
+        f"Layer range {part!r} is larger than any model: layer numbers must be below "
+        f"{MAX_LAYERS} (0-{MAX_LAYERS - 1}); give a range within the model's layers, "
+        "e.g. '12-18'."
+    )
+
+
+def _parse_layers(
+    value: str | int | Iterable[int] | None, n_layers: int | None = None
+) -> Literal["all"] | tuple[int, ...]:
     if value is None or (isinstance(value, str) and value.strip().lower() == "all"):
         return "all"
     if isinstance(value, bool):
@@ -109,6 +131,8 @@ def _parse_layers(value: str | int | Iterable[int] | None) -> Literal["all"] | t
                     raise InterventionError(
                         f"Layer range {part!r} runs backwards; write it low-high, e.g. {hi}-{lo}."
                     )
+                if hi >= (n_layers if n_layers is not None else MAX_LAYERS):
+                    raise _range_limit_error(part, n_layers)
                 items.extend(range(lo, hi + 1))
             elif part.isdigit():
                 items.append(int(part))
@@ -775,6 +799,7 @@ def parse_steer_args(values: Sequence[str] | None) -> list[Spec]:
 
 
 __all__ = [
+    "MAX_LAYERS",
     "POSITIONS",
     "SCALES",
     "SITES",

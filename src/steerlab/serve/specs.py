@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -120,16 +119,11 @@ class SteerRegistry:
                                                        allow_paths=False))
 
     def _layers(self, value: Any, param: str) -> tuple[int, ...]:
-        """Parse and range-check a layer spec; numbers past the model are refused before a
-        range such as ``"0-99999999999"`` is ever expanded."""
-        from steerlab.interventions import parse_layers, resolve_layers
+        """Parse and range-check a layer spec against the model (``parse_layers`` refuses a
+        range such as ``"0-99999999999"`` before expanding it)."""
+        from steerlab.interventions import parse_layers
 
-        numbers = [int(x) for x in re.findall(r"\d+", value)] if isinstance(value, str) else []
-        too_big = [x for x in numbers if x >= self.n_layers]
-        if too_big:
-            raise RequestError(param, f"layer(s) {too_big} out of range: the model has "
-                               f"{self.n_layers} layers (0-{self.n_layers - 1}).")
-        return _field(param, lambda: resolve_layers(parse_layers(value), self.n_layers))
+        return _field(param, lambda: parse_layers(value, self.n_layers))
 
     def _one(self, item: SteerItem, param: str) -> Any:
         from steerlab import interventions as iv
