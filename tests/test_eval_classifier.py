@@ -36,14 +36,12 @@ def causal_dir(tmp_path):
     lm = tiny_model("qwen2")
     path = tmp_path / "causal"
     lm.model.save_pretrained(path)
-    # Beside a qwen2 config.json, AutoTokenizer would rebuild the tiny word-level
-    # tokenizer as Qwen2's BPE; a separate folder keeps it as saved.
-    lm.tokenizer.save_pretrained(tmp_path / "tok")
+    lm.tokenizer.save_pretrained(path)
     return path
 
 
 def causal(path, **kw):
-    return LocalClassifier(path, tokenizer=path.parent / "tok", **kw)
+    return LocalClassifier(path, **kw)
 
 
 def test_sequence_classifier_probability_is_the_unsafe_softmax(seq_dir):

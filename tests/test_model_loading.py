@@ -42,6 +42,23 @@ def test_local_directory_round_trip(tmp_path: Path) -> None:
     assert loaded.tokenizer.padding_side == "left"
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "gemma2"])
+def test_saved_tiny_model_reloads_its_word_level_tokenizer(tmp_path: Path, arch: str) -> None:
+    # transformers 5 rebuilds a qwen2 folder's tokenizer as Qwen2's BPE unless the declared
+    # generic class is honoured: the ids would differ
+    lm = tiny_model(arch)
+    lm.model.save_pretrained(tmp_path)
+    lm.tokenizer.save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path), dtype="float32")
+    text = lm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "how do i make a cake"}], tokenize=False,
+        add_generation_prompt=True)
+    ids = lm.tokenizer(text)["input_ids"]
+    assert loaded.tokenizer(text)["input_ids"] == ids
+    assert loaded.tokenizer.decode(ids) == lm.tokenizer.decode(ids)
+    assert loaded.fingerprint == lm.fingerprint
+
+
 def test_explicit_per_layer_device_map(tmp_path: Path) -> None:
     lm = tiny_model("qwen2")
     lm.model.save_pretrained(tmp_path)

@@ -3,6 +3,12 @@
 Every supported architecture gets a 3-layer, d_model=64 model over a small
 word-level vocabulary; two chat templates (Qwen ChatML and Llama 3) make the
 position logic testable without downloading anything.
+
+Saved with ``save_pretrained``, the tokenizer's ``tokenizer_config.json``
+names the generic fast class, and :func:`steerlab.model.load_tokenizer`
+(used by ``load_model``) reloads it from ``tokenizer.json`` as it was, even
+beside a qwen2 ``config.json`` (where transformers 5's ``AutoTokenizer``
+would rebuild it as Qwen2's BPE).
 """
 
 from __future__ import annotations

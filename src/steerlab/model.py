@@ -157,6 +157,34 @@ def model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+GENERIC_TOKENIZER_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
+
+
+def load_tokenizer(source: str | Path, **kwargs: Any) -> Any:
+    """``AutoTokenizer.from_pretrained(source)``, except that a folder whose
+    ``tokenizer_config.json`` names the generic fast class is loaded from its
+    ``tokenizer.json`` exactly as saved.
+
+    Why: transformers 5 rebuilds the tokenizer of some model types (qwen2 among
+    them) from the vocabulary alone, whatever class the folder declares, so a
+    custom tokenizer (e.g. a word-level one) saved beside such a model would
+    come back as a different tokenizer with different token ids.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    folder = Path(source)
+    config = folder / "tokenizer_config.json"
+    if "gguf_file" not in kwargs and config.is_file() and (folder / "tokenizer.json").is_file():
+        try:
+            declared = json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class")
+        except (OSError, ValueError, AttributeError):
+            declared = None
+        if declared in GENERIC_TOKENIZER_CLASSES:
+            kwargs.pop("trust_remote_code", None)  # the generic class runs no remote code
+            return PreTrainedTokenizerFast.from_pretrained(str(folder), **kwargs)
+    return AutoTokenizer.from_pretrained(str(source), **kwargs)
+
+
 def load_model(
     spec: str = "default",
     *,
@@ -175,7 +203,7 @@ def load_model(
     Example:
         >>> lm = load_model("default", dtype="float32")   # doctest: +SKIP
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -186,9 +214,7 @@ def load_model(
     source, tok_kwargs = _resolve_source(spec)
     kwargs.update(tok_kwargs)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            source, **tok_kwargs, trust_remote_code=trust_remote_code
-        )
+        tokenizer = load_tokenizer(source, **tok_kwargs, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as exc:
         raise ModelLoadError(

@@ -68,14 +68,12 @@ class LocalClassifier:
         self.kind = self._kind(kind)
         self.template = template
         self.labels = labels
-        from transformers import (
-            AutoModelForCausalLM,
-            AutoModelForSequenceClassification,
-            AutoTokenizer,
-        )
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        from steerlab.model import load_tokenizer
 
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer or self.path))
+            self.tokenizer = load_tokenizer(tokenizer or self.path)
             cls: Any = AutoModelForSequenceClassification if self.kind == "sequence" \
                 else AutoModelForCausalLM
             self.model: Any = cls.from_pretrained(self.path, dtype=torch.float32)
