@@ -112,6 +112,16 @@ def test_concurrency_is_bounded():
     assert stub.max_inflight == 3  # used, and never exceeded
 
 
+def test_identical_pairs_submitted_together_cost_one_request():
+    # Without a cache, and with every copy queued before the first answer arrives.
+    pairs = [("p", "same answer")] * 6 + [("q", "other")] * 2
+    with OpenAIStub(lambda req: VALID, delay=0.2) as stub, \
+            Judge(stub.url, "m", max_concurrency=4) as judge:
+        scores = judge.score_many(pairs)
+    assert [s.compliance for s in scores] == [1.0] * len(pairs)
+    assert stub.calls == 2
+
+
 def test_score_many_keeps_input_order():
     pairs = [("p", "sorry no"), ("p", "here you go"), ("p", "sorry"), ("p", "sure")]
     with OpenAIStub(verdict_by_response) as stub, Judge(stub.url, "m") as judge:

@@ -134,22 +134,29 @@ def test_layer_selection_by_ablation_or_cohens_d() -> None:
     assert "refusal score" in by_ablation.meta.extra["best_layer_by"]
 
 
-def test_fallback_layer_keeps_kl_then_requires_lowering_refusal() -> None:
-    from types import SimpleNamespace as Row
+def test_selection_fallback_keeps_kl_then_requires_lowering_refusal() -> None:
+    from steerlab.analysis import SelectionResult, SelectionRow
 
-    from steerlab.experiments.common import _fallback_layer
+    def result(baseline: float) -> SelectionResult:
+        rows = [
+            SelectionRow(4, -3.0, -1.0, 0.5, False, "induce; KL"),
+            SelectionRow(6, -2.0, -1.0, 0.05, False, "induce"),
+            SelectionRow(8, -2.5, -1.0, 0.2, False, "induce; KL"),
+            SelectionRow(10, -0.5, -1.0, 0.01, False, "induce"),
+            SelectionRow(22, -9.0, -1.0, 0.0, False, "in last 20% of layers"),
+        ]
+        return SelectionResult(rows, None, baseline, -1.0, ["I"], 4, 4,
+                               {"kl_threshold": 0.1, "induce_threshold": 0.0,
+                                "prune_last_fraction": 0.2})
 
-    rows = [
-        Row(layer=4, bypass_score=-3.0, kl=0.5),
-        Row(layer=6, bypass_score=-2.0, kl=0.05),
-        Row(layer=8, bypass_score=-2.5, kl=0.2),
-        Row(layer=10, bypass_score=-0.5, kl=0.01),
-    ]
-    assert _fallback_layer(rows, baseline=-1.0)[0] == 6  # clean and lowers refusal
-    layer, rule = _fallback_layer(rows, baseline=-2.2)  # only 4 and 8 lower it: least KL
+    assert result(-1.0).choice()[0] == 6  # clean and lowers refusal; pruned 22 never used
+    layer, rule = result(-2.2).choice()  # only 4 and 8 lower it: least KL
     assert layer == 8 and rule.startswith("smallest first-token KL")
-    layer, rule = _fallback_layer(rows, baseline=-5.0)  # nothing lowers it: say so
+    layer, rule = result(-5.0).choice()  # nothing lowers it: say so
     assert layer == 4 and "no refusal-mediating layer" in rule
+    passing = result(-1.0)
+    passing.best_layer = 10
+    assert passing.choice()[0] == 10
 
 
 def _per_layer(rates: dict[int, float], p: dict[int, float], n: int = 40) -> list[dict[str, Any]]:

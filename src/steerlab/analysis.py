@@ -335,6 +335,45 @@ class SelectionResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def choice(self) -> tuple[int, str]:
+        """The layer to use and the rule that chose it, saying when the filters were relaxed.
+
+        When no candidate passes every filter (common on small models, which rarely reach
+        positive refusal log-odds from one added vector), the induce filter is dropped
+        first, then the KL filter; the last-layers prune is never dropped. A layer must
+        at least lower the refusal score below the unablated one; only when none does is
+        the least bad taken, and the rule says no refusal-mediating layer was found.
+        """
+        kl_max = self.filters["kl_threshold"]
+        if self.best_layer is not None:
+            return self.best_layer, (
+                "lowest held-out refusal score with the direction ablated, among middle "
+                f"layers that induce refusal when added and keep first-token KL < {kl_max:g}"
+            )
+        if not self.rows:
+            raise DirectionError("No candidate layers were scored; pass at least one layer.")
+        kept = [r for r in self.rows if "in last" not in r.reason] or self.rows
+        lowering = [r for r in kept if r.bypass_score < self.baseline_harmful]
+        clean = [r for r in lowering if r.kl < kl_max]
+        if clean:
+            best = min(clean, key=lambda r: r.bypass_score)
+            return best.layer, (
+                "lowest held-out refusal score with the direction ablated among middle layers "
+                f"with first-token KL < {kl_max:g} (no layer passed the induce filter)"
+            )
+        if lowering:
+            best = min(lowering, key=lambda r: r.kl)
+            return best.layer, (
+                "smallest first-token KL among middle layers whose ablation lowers the "
+                f"held-out refusal score (none both lowers it and keeps KL < {kl_max:g})"
+            )
+        best = min(kept, key=lambda r: r.bypass_score)
+        return best.layer, (
+            "lowest held-out refusal score with the direction ablated, though no middle "
+            "layer's ablation lowers it below the unablated score: no refusal-mediating "
+            "layer found"
+        )
+
     def markdown(self) -> str:
         """The ranked table as Markdown."""
         lines = ["| rank | layer | refusal score, ablated (harmful) | refusal score, added "

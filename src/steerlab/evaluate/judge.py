@@ -184,6 +184,7 @@ class Judge:
                                  max_connections=max_concurrency)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        self._inflight: dict[str, Future[JudgeScore]] = {}
 
     @property
     def requests(self) -> int:
@@ -227,16 +228,29 @@ class Judge:
         return JudgeScore(None, None, missing=True,
                           error=f"unparseable judge output: {last[:200]!r}")
 
-    def _executor(self) -> ThreadPoolExecutor:
+    def submit(self, prompt: str, response: str) -> Future[JudgeScore]:
+        """Queue one judgement; at most ``max_concurrency`` run at once.
+
+        An identical pair already queued or running shares its future: without this,
+        duplicates submitted together would all miss the cache and each cost a request.
+        """
+        key = JudgeCache.key(self.model, prompt, response, self.rubric_version)
         with self._pool_lock:
+            pending = self._inflight.get(key)
+            if pending is not None:
+                return pending
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.max_concurrency,
                                                 thread_name_prefix="steerlab-judge")
-            return self._pool
+            future = self._pool.submit(self.score, prompt, response)
+            self._inflight[key] = future
+        future.add_done_callback(lambda _f: self._forget(key, _f))
+        return future
 
-    def submit(self, prompt: str, response: str) -> Future[JudgeScore]:
-        """Queue one judgement; at most ``max_concurrency`` run at once."""
-        return self._executor().submit(self.score, prompt, response)
+    def _forget(self, key: str, future: Future[JudgeScore]) -> None:
+        with self._pool_lock:
+            if self._inflight.get(key) is future:
+                del self._inflight[key]
 
     def score_many(self, pairs: Iterable[tuple[str, str]]) -> list[JudgeScore]:
         """Judge many pairs concurrently (bounded); results in input order."""

@@ -184,14 +184,7 @@ def _select_by_ablation(
         kl_threshold=KL_THRESHOLD,
         batch_size=batch_size,
     )
-    if result.best_layer is not None:
-        layer = result.best_layer
-        rule = (
-            "lowest held-out refusal score with the direction ablated, among middle "
-            "layers that induce refusal when added and keep first-token KL < 0.1"
-        )
-    else:  # nothing passed every filter (common on small models)
-        layer, rule = _fallback_layer(result.rows, result.baseline_harmful)
+    layer, rule = result.choice()
     return {"layer": int(layer), "rule": rule, "table": result.to_dict()}
 
 
@@ -219,35 +212,6 @@ def selection_of(config: ExperimentConfig) -> dict[str, Any]:
         "selection_limit": config.selection_limit,
         "selection_stride": config.selection_stride,
     }
-
-
-def _fallback_layer(rows: Sequence[Any], baseline: float) -> tuple[int, str]:
-    """The layer when no middle layer passes all of Arditi et al.'s filters.
-
-    The induce filter is dropped first (small models rarely reach positive refusal
-    log-odds from one added vector), then the KL filter; a layer must at least
-    lower the held-out refusal score, and only when none does is the least bad one
-    taken (and the rule says so).
-    """
-    lowering = [r for r in rows if r.bypass_score < baseline]
-    clean = [r for r in lowering if r.kl < KL_THRESHOLD]
-    if clean:
-        best = min(clean, key=lambda r: r.bypass_score)
-        return best.layer, (
-            "lowest held-out refusal score with the direction ablated among middle layers "
-            f"with first-token KL < {KL_THRESHOLD:g} (no layer passed the induce filter)"
-        )
-    if lowering:
-        best = min(lowering, key=lambda r: r.kl)
-        return best.layer, (
-            "smallest first-token KL among middle layers whose ablation lowers the held-out "
-            f"refusal score (none both lowers it and keeps KL < {KL_THRESHOLD:g})"
-        )
-    best = min(rows, key=lambda r: r.bypass_score)
-    return best.layer, (
-        "lowest held-out refusal score with the direction ablated, though no middle layer's "
-        "ablation lowers it below the unablated score: no refusal-mediating layer found"
-    )
 
 
 def cohens_d_of(direction: Direction) -> dict[int, float]:

@@ -165,7 +165,8 @@ def _analysis(
     The ablation layer is chosen as in Arditi et al.: lowest refusal score on
     validation harmful prompts with the direction ablated, among layers in the
     middle 20-80% of the model that still induce refusal on harmless prompts
-    and keep KL small.
+    and keep KL small; when none passes, the relaxed rule of
+    :meth:`SelectionResult.choice` is recorded beside the layer.
     """
     from steerlab.analysis import select_direction
     from steerlab.prompts import load_prompts
@@ -182,13 +183,7 @@ def _analysis(
         batch_size=config.batch_size,
     )
     refusal_d = _stored_d(refusal)
-    source = selection.best_layer
-    if source is None:  # nothing passed the filters: fall back to the best held-out d
-        source = (
-            refusal.meta.best_layer
-            if refusal.meta.best_layer is not None
-            else max(refusal_d, key=lambda k: refusal_d[k])
-        )
+    source, rule = selection.choice()
     return {
         "refusal_cohens_d": refusal_d,
         "persona_cohens_d": _stored_d(persona),
@@ -200,6 +195,7 @@ def _analysis(
         "trait_cosine_with_persona": {a: d.cosine(persona) for a, d in traits.items()},
         "trait_cosine_with_refusal": {a: d.cosine(refusal) for a, d in traits.items()},
         "refusal_source_layer": int(source),
+        "refusal_source_rule": rule,
         "refusal_selection": selection.to_dict(),
         "persona_best_layer": persona.meta.best_layer,
         "refusal_norms": refusal.norms,
