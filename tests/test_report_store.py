@@ -82,3 +82,20 @@ def test_report_renders_self_contained_html_and_markdown(tmp_path: Path) -> None
 def test_finding_rejects_unknown_verdict() -> None:
     with pytest.raises(ValueError, match="verdict"):
         Finding("c", "maybe", "e")
+
+
+def test_runner_refuses_to_resume_a_run_of_other_settings(tmp_path: Path) -> None:
+    from steerlab.experiments.runner import Runner
+    from tests.tiny import tiny_model
+
+    lm = tiny_model("qwen2")
+    settings = {"limit": 8, "alphas": [4.0, 8.0], "n_samples": 2}
+    Runner(lm, tmp_path / "run", show_progress=False, settings=settings)
+    # Same settings, or a change that only affects the report: resumes.
+    Runner(lm, tmp_path / "run", show_progress=False, settings={**settings, "n_samples": 5})
+    with pytest.raises(SteerlabError, match=r"alphas: \[4.0, 8.0\] -> \[4.0\].*new --out"):
+        Runner(lm, tmp_path / "run", show_progress=False, settings={**settings, "alphas": [4.0]})
+    lm.fingerprint = "0" * 16  # another model in the same folder
+    with pytest.raises(SteerlabError, match="model fingerprint"):
+        Runner(lm, tmp_path / "run", show_progress=False, settings=settings)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["alphas"] == [4, 8]

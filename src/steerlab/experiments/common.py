@@ -255,6 +255,7 @@ def open_runner(
         max_new_tokens=config.max_new_tokens,
         batch_size=config.batch_size,
         show_progress=show_progress,
+        settings=config.model_dump(mode="json"),
     )
 
 

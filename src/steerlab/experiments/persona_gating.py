@@ -55,6 +55,7 @@ def run_persona_gating(
         max_new_tokens=config.max_new_tokens,
         batch_size=config.batch_size,
         show_progress=show_progress,
+        settings=config.model_dump(mode="json"),
     ) as run:
         refusal, persona, traits = _directions(run, config)
         analysis = run.step("analysis", lambda: _analysis(lm, refusal, persona, traits, config))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -26,6 +26,7 @@ from rich.progress import (
 
 from steerlab._atomic import write_json
 from steerlab.directions import Direction
+from steerlab.errors import SteerlabError
 from steerlab.experiments.store import ResponseStore
 
 if TYPE_CHECKING:
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
     from steerlab.prompts import PromptSet
 
 T = TypeVar("T")
+
+# Settings that change only how results are reported, never what is generated.
+REPORT_ONLY_SETTINGS = frozenset({"n_samples", "judge_url", "judge_model"})
 
 
 @dataclass(frozen=True)
@@ -72,9 +76,12 @@ class Runner:
         max_new_tokens: int = 32,
         batch_size: int = 16,
         show_progress: bool = True,
+        settings: Mapping[str, Any] | None = None,
     ) -> None:
         self.lm = lm
         self.out = Path(out_dir)
+        if settings is not None:
+            self._claim(settings)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "steps").mkdir(exist_ok=True)
         self.store = ResponseStore(self.out / "responses.jsonl")
@@ -92,6 +99,45 @@ class Runner:
             transient=False,
         )
         self._overall: Any = None
+
+    def _claim(self, settings: Mapping[str, Any]) -> None:
+        """Record what this run folder is a run of, or refuse to resume a different one.
+
+        Rows are cached by (condition, prompt): resuming with another model or other
+        settings would silently mix old generations with new ones.
+        """
+        wanted = {
+            "model_fingerprint": self.lm.fingerprint,
+            "settings": json.loads(
+                json.dumps(
+                    {k: v for k, v in settings.items() if k not in REPORT_ONLY_SETTINGS},
+                    default=str,
+                )
+            ),
+        }
+        path = self.out / "run.json"
+        if not path.exists():
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json(path, wanted)
+            return
+        held = json.loads(path.read_text())
+        diffs = []
+        if held.get("model_fingerprint") != wanted["model_fingerprint"]:
+            diffs.append(
+                f"model fingerprint {held.get('model_fingerprint')} -> {self.lm.fingerprint}"
+            )
+        old, new = held.get("settings", {}), wanted["settings"]
+        diffs += [
+            f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+            for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)
+        ]
+        if diffs:
+            raise SteerlabError(
+                f"{self.out} holds a run made with a different model or settings "
+                f"({'; '.join(diffs)}); resuming would mix its generations with new ones. "
+                "Use a new --out folder, or delete this one to start over."
+            )
 
     # -- progress -----------------------------------------------------------------------------
     def __enter__(self) -> Runner:

@@ -49,7 +49,13 @@ def run_sweep(
     out = Path(out_dir)
     cells: list[dict[str, Any]] = []
     with Runner(
-        lm, out, max_new_tokens=max_new_tokens, batch_size=batch_size, show_progress=show_progress
+        lm,
+        out,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        show_progress=show_progress,
+        # Cells are named by layer and alpha: the grid may grow on resume, the template not.
+        settings={"template": template, "max_new_tokens": max_new_tokens},
     ) as run:
         run.plan((len(layers) * len(alphas) + 1) * len(prompts))
         base = run.run(Condition("baseline"), prompts)
