@@ -67,7 +67,12 @@ def forward_step(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch
                               "position_ids": position_ids, "use_cache": True}
     if cache is not None:
         kwargs[cache_kw] = cache
-    if keep_kw is not None:
+    if keep_kw == "logits_to_keep":
+        # An index tensor, not the int 1: the int form feeds the LM head a non-contiguous
+        # [B, 1, d] slice of a longer prefill, which on CPU bfloat16 with tied embeddings
+        # copies the whole vocabulary matrix per call (~7x slower prefill here).
+        kwargs[keep_kw] = torch.tensor([input_ids.shape[1] - 1], device=input_ids.device)
+    elif keep_kw is not None:
         kwargs[keep_kw] = 1
     out = lm.model(**kwargs)
     new_cache = getattr(out, "cache", None)

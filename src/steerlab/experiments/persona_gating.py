@@ -348,19 +348,23 @@ def _kl(
     conditions: Sequence[Condition],
     config: PersonaGatingConfig,
 ) -> dict[str, Any]:
-    from steerlab.evaluate import kl_divergence
+    from steerlab.evaluate.kl import kl_per_prompt_many
 
-    out = {}
-    for cond in conditions:
-        if not cond.specs:
-            continue
-        first = kl_divergence(lm, harmless.texts(), cond.specs, k=1)
-        avg = kl_divergence(lm, harmless.texts(), cond.specs, k=config.kl_tokens)
-        out[cond.name.removeprefix("harmless/")] = {
-            "kl_first_token": first,
-            f"kl_first_{config.kl_tokens}": avg,
+    # One baseline pass shared by every condition; the first-token KL is step 0 of it.
+    per = kl_per_prompt_many(
+        lm,
+        harmless.texts(),
+        {c.name.removeprefix("harmless/"): c.specs for c in conditions if c.specs},
+        k=config.kl_tokens,
+        batch_size=config.batch_size,
+    )
+    return {
+        name: {
+            "kl_first_token": sum(v[0] for v in rows) / len(rows),
+            f"kl_first_{config.kl_tokens}": sum(sum(v) / len(v) for v in rows) / len(rows),
         }
-    return out
+        for name, rows in per.items()
+    }
 
 
 def _judge(run: Runner, config: PersonaGatingConfig) -> dict[str, Any]:
