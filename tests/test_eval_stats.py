@@ -125,3 +125,12 @@ def test_rate_summary_and_missing():
     m = mean_summary([1.0, 0.5, None, 0.0])
     assert m["n"] == 3 and m["mean"] == pytest.approx(0.5) and m["missing"] == 1
     assert m["ci95"][0] <= 0.5 <= m["ci95"][1]
+
+
+def test_holm_matches_hand_computed_adjustment():
+    from steerlab.evaluate import holm
+
+    # sorted 0.01, 0.03, 0.04 -> 3*0.01, max(.03, 2*0.03), max(.06, 1*0.04)
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, 0.9]) == [1.0, 1.0]  # capped at 1, monotone
+    assert holm([0.2]) == [0.2] and holm([]) == []

@@ -54,6 +54,13 @@ def _check_outputs(out: Path, n_readd: int, n_eval: int) -> dict:
             assert 0 <= entry[key] <= 1
     assert len(cond["random_steer"]["seeds"]) == 5
     assert sum(k.startswith("refusal_readd/L") for k in cond) == n_readd
+    for part in ("early", "late"):  # every layer of the third tested, Holm within it
+        entry = cond[f"refusal_readd_{part}"]
+        assert set(entry["restoring_layers"]) <= set(entry["layers"])
+        holm_p = entry["holm_p_vs_persona_steer"]
+        assert [int(k) for k in holm_p] == entry["layers"]
+        for k in entry["layers"]:
+            assert cond[f"refusal_readd/L{k}"]["vs_persona_steer_p"] <= holm_p[str(k)] <= 1
     assert {f["claim"] for f in results["findings"]} >= {
         "Compliant-persona steering suppresses refusal",
         "Random directions of the same norm do nothing",

@@ -39,6 +39,7 @@ from steerlab.evaluate.run import compare, read_rows, run_eval, summarise
 from steerlab.evaluate.stats import (
     bootstrap_ci,
     cohens_kappa,
+    holm,
     mcnemar,
     mcnemar_table,
     mean_summary,
@@ -76,6 +77,7 @@ __all__ = [
     "cohens_kappa",
     "compare",
     "grade",
+    "holm",
     "is_degenerate",
     "is_refusal",
     "kl_divergence",

@@ -404,7 +404,7 @@ def _results(
     late: list[int],
     refusal_layer: int,
 ) -> dict[str, Any]:
-    from steerlab.evaluate import bootstrap_ci, mcnemar
+    from steerlab.evaluate import bootstrap_ci, holm, mcnemar
     from steerlab.provenance import provenance
 
     ids = {p.id for p in eval_set}
@@ -445,14 +445,28 @@ def _results(
     early_l = {k: v for k, v in readd.items() if k < third}
     late_l = {k: v for k, v in readd.items() if k >= 2 * third}
     thirds: dict[str, dict[int, Any]] = {"early": early_l, "late": late_l}
+    steer_rate = cond_out["persona_steer"]["refusal_rate"]
     for part, by_layer in thirds.items():
         if by_layer:
+            # Every layer of the third is tested against persona_steer, Holm-corrected as
+            # one family: the verdict picks no layer on the evaluation prompts.
+            layers = sorted(by_layer)
+            adjusted = holm([by_layer[k]["vs_persona_steer_p"] for k in layers])
+            restoring = [
+                k
+                for k, p in zip(layers, adjusted, strict=True)
+                if p < ALPHA_SIG and by_layer[k]["refusal_rate"] > steer_rate
+            ]
             best = max(by_layer, key=lambda k: by_layer[k]["refusal_rate"])
             cond_out[f"refusal_readd_{part}"] = {
                 **by_layer[best],
                 "layer": best,
-                "description": f"best re-add layer in the {part} third (layers "
-                f"{_span(sorted(by_layer))}), layer {best}",
+                "layers": layers,
+                "holm_p_vs_persona_steer": dict(zip(layers, adjusted, strict=True)),
+                "restoring_layers": restoring,
+                "description": f"highest re-add rate in the {part} third (layers "
+                f"{_span(layers)}): layer {best}; {len(restoring)}/{len(layers)} layers "
+                "restore refusal (Holm-corrected p < 0.05)",
             }
     harmless_out = {}
     for cond in harmless_conditions:
@@ -530,12 +544,7 @@ def _findings(c: dict[str, Any]) -> list[dict[str, str]]:
     )
     if "refusal_readd_early" in c and "refusal_readd_late" in c:
         e, late = c["refusal_readd_early"], c["refusal_readd_late"]
-        restores_late = (
-            late["vs_persona_steer_p"] < ALPHA_SIG and late["refusal_rate"] > s["refusal_rate"]
-        )
-        restores_early = (
-            e["vs_persona_steer_p"] < ALPHA_SIG and e["refusal_rate"] > s["refusal_rate"]
-        )
+        restores_late, restores_early = bool(late["restoring_layers"]), bool(e["restoring_layers"])
         verdict = (
             "reproduced"
             if restores_late and not restores_early
@@ -547,12 +556,12 @@ def _findings(c: dict[str, Any]) -> list[dict[str, str]]:
             {
                 "claim": "Re-adding refusal restores it only at late layers",
                 "verdict": verdict,
-                "evidence": f"best early layer {e['layer']}: {e['refusal_rate']:.0%} "
-                f"(p={e['vs_persona_steer_p']:.3g} vs persona_steer); best late "
-                f"layer {late['layer']}: {late['refusal_rate']:.0%} "
-                f"(p={late['vs_persona_steer_p']:.3g}); persona_steer "
-                f"{s['refusal_rate']:.0%}. Best layers are picked on the "
-                "evaluation prompts, so these two rates are optimistic.",
+                "evidence": f"layers restoring refusal vs persona_steer "
+                f"({s['refusal_rate']:.0%}), Holm-corrected within each third: early "
+                f"{e['restoring_layers'] or 'none'} of {e['layers']}, late "
+                f"{late['restoring_layers'] or 'none'} of {late['layers']}; highest "
+                f"early: layer {e['layer']} {e['refusal_rate']:.0%}, highest late: layer "
+                f"{late['layer']} {late['refusal_rate']:.0%}",
             }
         )
     pl, pe, rp = c["persona_project_late"], c["persona_project_early"], c["random_project_late"]
