@@ -66,6 +66,14 @@ def _check_outputs(out: Path, n_readd: int, n_eval: int) -> dict:
         "Random directions of the same norm do nothing",
     }
     assert results["selection"]["cells"] and "layer" in results["selection"]
+    readd = results["readd_selection"]  # strength chosen on validation, used at every layer
+    assert readd["alpha"] in [c["alpha"] for c in readd["cells"]]
+    assert all(c["n"] == readd["n_val"] for c in readd["cells"])
+    assert f"x{readd['alpha']:g} re-added" in cond["refusal_readd/L0"]["description"]
+    cost = results["cost"]
+    assert cost["total_seconds"] == pytest.approx(
+        (cost["generation_in_passes"] + cost["extraction_in_passes"]
+         + cost["analysis_and_kl_in_passes"]) * cost["baseline_pass_seconds"])
     assert set(results["harmless"]) >= {"baseline", "persona_steer", "refusal_ablate"}
     assert "kl_first_token" in results["harmless"]["persona_steer"]
     assert results["provenance"]["model"]["fingerprint"] == results["fingerprint"]

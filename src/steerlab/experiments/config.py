@@ -83,8 +83,17 @@ class PersonaGatingConfig(FileConfig):
         le=1,
         description="Grid cells whose validation degenerate rate exceeds this are not chosen.",
     )
-    readd_alpha: float = Field(
-        2.0, description="Refusal re-add strength, in multiples of the raw refusal vector."
+    readd_alpha: float | None = Field(
+        None,
+        description="Refusal re-add strength, in multiples of the raw refusal vector "
+        "(None: chosen on the validation split from readd_alphas).",
+    )
+    readd_alphas: list[float] = Field(
+        [2.0, 4.0, 8.0],
+        min_length=1,
+        description="Re-add strengths tried on the validation split, at the layer at 75% of "
+        "depth, while persona-steered: the smallest that restores the validation baseline's "
+        "refusal rate (coherently) is used at every re-add layer.",
     )
     readd_every: int = Field(
         2, ge=1, description="Re-add the refusal direction at every k-th layer."

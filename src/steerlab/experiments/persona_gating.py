@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 TRAIT_AXES = ("evil_nurturing", "callous_supportive", "hostile_patient", "arrogant_diplomatic")
 ALPHA_SIG = 0.05
+GENERATING_STEPS = frozenset({"selection", "readd_selection"})
 
 
 def run_persona_gating(
@@ -67,10 +68,15 @@ def run_persona_gating(
             + _n_eval_conditions(n_layers, config) * len(eval_set)
             + (3 + len(config.random_seeds)) * len(harmless)
         )
-        run.plan(plan_units)
+        run.plan(plan_units + (1 + len(config.readd_alphas)) * len(val_set))
 
         selection = run.step("selection", lambda: _select(run, val_set, persona, grid, config))
         layer, alpha = int(selection["layer"]), float(selection["alpha"])
+        readd = run.step(
+            "readd_selection",
+            lambda: _select_readd(run, val_set, refusal, persona, layer, alpha, config),
+        )
+        config = config.model_copy(update={"readd_alpha": float(readd["alpha"])})
 
         conditions = _eval_conditions(
             lm,
@@ -108,6 +114,7 @@ def run_persona_gating(
             late,
             refusal_layer,
         )
+        results["readd_selection"] = readd
         _record_timings(run, results, len(eval_set), time.perf_counter() - started)
         write_json(out / "results.json", results)
 
@@ -248,6 +255,53 @@ def _select(
     }
 
 
+def _select_readd(
+    run: Runner,
+    val_set: PromptSet,
+    refusal: Direction,
+    persona: Direction,
+    layer: int,
+    alpha: float,
+    config: PersonaGatingConfig,
+) -> dict[str, Any]:
+    """Pick the refusal re-add strength on the validation split, blind to the evaluation.
+
+    While persona-steered, the refusal direction is re-added at the layer at 75% of
+    depth with each strength of ``readd_alphas``; the smallest whose validation refusal
+    rate reaches the unsteered validation baseline's, among coherent cells, is used at
+    every re-add layer (early ones too, so the early/late comparison is at equal
+    strength). If none reaches it, the coherent cell with the most refusal is taken.
+    A fixed ``readd_alpha`` in the config skips the search.
+    """
+    from steerlab.interventions import Add
+
+    if config.readd_alpha is not None:
+        return {"alpha": config.readd_alpha, "rule": "fixed by the config", "cells": []}
+    probe = min(run.lm.n_layers - 1, round(0.75 * run.lm.n_layers))
+    base = condition_summary(run.run(Condition("val/baseline"), val_set, tag="val"))
+    steer = Add(persona, alpha=alpha, layers=[layer])
+    cells = []
+    for a in sorted(config.readd_alphas):
+        cond = Condition(
+            f"val/readd_L{probe}_a{a:g}", (steer, Add(refusal, alpha=a, layers=[probe]))
+        )
+        cells.append({"alpha": a, **condition_summary(run.run(cond, val_set, tag="val"))})
+    ok = [c for c in cells if c["degenerate_rate"] <= config.max_degenerate_rate] or cells
+    restoring = [c for c in ok if c["refusal_rate"] >= base["refusal_rate"]]
+    best = restoring[0] if restoring else max(ok, key=lambda c: (c["refusal_rate"], -c["alpha"]))
+    return {
+        "alpha": best["alpha"],
+        "probe_layer": probe,
+        "val_baseline_refusal_rate": base["refusal_rate"],
+        "cells": cells,
+        "rule": "smallest strength whose validation refusal (persona-steered, refusal re-added "
+        f"at layer {probe}) reaches the validation baseline's, degenerate rate <= "
+        f"{config.max_degenerate_rate}"
+        + ("" if restoring else "; none reached it, so the one with the most refusal"),
+        "n_val": len(val_set),
+    }
+
+
 # -- conditions ---------------------------------------------------------------------------------
 def _readd_layers(n_layers: int, config: PersonaGatingConfig) -> list[int]:
     return list(range(0, n_layers, config.readd_every))
@@ -271,6 +325,7 @@ def _eval_conditions(
 ) -> list[Condition]:
     from steerlab.interventions import Ablate, Add, Project, random_like
 
+    readd_alpha = config.readd_alpha if config.readd_alpha is not None else 2.0
     steer = Add(persona, alpha=alpha, layers=[layer])
     conds = [
         Condition("baseline", description="no intervention"),
@@ -305,8 +360,8 @@ def _eval_conditions(
         conds.append(
             Condition(
                 f"refusal_readd/L{readd}",
-                (steer, Add(refusal, alpha=config.readd_alpha, layers=[readd])),
-                description=f"persona-steered, refusal x{config.readd_alpha:g} re-added at {readd}",
+                (steer, Add(refusal, alpha=readd_alpha, layers=[readd])),
+                description=f"persona-steered, refusal x{readd_alpha:g} re-added at {readd}",
             )
         )
     conds += [
@@ -439,6 +494,14 @@ def _results(
             f"n_seeds_p_lt_0.05_vs_{ref}": sum(
                 cond_out[n][f"vs_{ref}_p"] < ALPHA_SIG for n in members
             ),
+            # The seeds are one family of controls: Holm-correct before counting them.
+            f"seeds_holm_p_vs_{ref}": dict(
+                zip(
+                    [n.split("/")[1] for n in members],
+                    holm([cond_out[n][f"vs_{ref}_p"] for n in members]),
+                    strict=True,
+                )
+            ),
         }
     readd = {int(n.split("/L")[1]): cond_out[n] for n in cond_out if n.startswith("refusal_readd/")}
     third = lm.n_layers / 3
@@ -531,15 +594,20 @@ def _findings(c: dict[str, Any]) -> list[dict[str, str]]:
     r = c["random_steer"]
     n_sig = r["n_seeds_p_lt_0.05_vs_baseline"]
     n_seeds = len(r["seeds"])
-    verdict = "reproduced" if n_sig == 0 else "not reproduced"
+    holm_sig = [k for k, p in r["seeds_holm_p_vs_baseline"].items() if p < ALPHA_SIG]
+    lowering = [k for k in holm_sig if r["seeds"][k] < b["refusal_rate"]]
+    verdict = (
+        "reproduced" if not holm_sig else "not reproduced" if lowering else "inconclusive"
+    )
     out.append(
         {
             "claim": "Random directions of the same norm do nothing",
             "verdict": verdict,
             "evidence": f"random_steer over {n_seeds} seeds: mean {r['seed_mean']:.0%} "
             f"(sd {r['seed_sd']:.0%}, range {r['seed_min']:.0%}–"
-            f"{r['seed_max']:.0%}); {n_sig}/{n_seeds} seeds differ from baseline "
-            f"at p<0.05; baseline {b['refusal_rate']:.0%}",
+            f"{r['seed_max']:.0%}); baseline {b['refusal_rate']:.0%}; {n_sig}/{n_seeds} "
+            f"seeds differ from baseline at p<0.05 uncorrected, {len(holm_sig)} after Holm "
+            f"correction over the seeds ({len(lowering)} lowering refusal)",
         }
     )
     if "refusal_readd_early" in c and "refusal_readd_late" in c:
@@ -607,7 +675,10 @@ def _record_timings(run: Runner, results: dict[str, Any], n_eval: int, total: fl
     if not base:
         return
     passes = sum(history["generated_prompts"].values()) / n_eval
-    all_work = sum(history["steps"].values()) + sum(history["generation"].values())
+    # The selection steps' time is their generations, already counted under "generation".
+    steps = {k: v for k, v in history["steps"].items() if k not in GENERATING_STEPS}
+    generation = sum(history["generation"].values())
+    all_work = sum(steps.values()) + generation
     results["cost"] = {
         "baseline_pass_seconds": base,
         "generation_passes": passes,
@@ -615,6 +686,13 @@ def _record_timings(run: Runner, results: dict[str, Any], n_eval: int, total: fl
         "ratio_to_baseline_pass": all_work / base,
         "budget_ratio": passes + 2,
         "within_budget": all_work / base <= passes + 2,
+        "generation_in_passes": generation / base,
+        "extraction_in_passes": sum(v for k, v in steps.items() if k.startswith("extract_"))
+        / base,
+        "analysis_and_kl_in_passes": sum(
+            v for k, v in steps.items() if not k.startswith("extract_")
+        )
+        / base,
     }
 
 

@@ -177,6 +177,18 @@ def write_persona_report(
             note=sel["rule"],
         ),
     ]
+    readd_sel = results.get("readd_selection", {})
+    if readd_sel.get("cells"):
+        tables.append(
+            Table(
+                "Validation choice of the re-add strength (persona-steered, refusal re-added at "
+                f"layer {readd_sel['probe_layer']}; validation baseline refusal "
+                f"{readd_sel['val_baseline_refusal_rate']:.2f})",
+                ["alpha", "n", "refusal_rate", "refusal_rate_ci95", "degenerate_rate"],
+                readd_sel["cells"],
+                note=f"{readd_sel['rule']}: alpha {readd_sel['alpha']:g}",
+            )
+        )
     if "cost" in results:
         cost = results["cost"]
         tables.append(
