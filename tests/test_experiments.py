@@ -204,6 +204,16 @@ def test_layer_transfer_answers_one_direction_or_subspace_from_the_numbers() -> 
         config,
     )
     assert none["answer"].startswith("undetermined")
+    # Layer 8 removes refusal but rewrites harmless answers: it is not the refusal direction.
+    kl_rows = _per_layer({4: 0.5, 8: 0.05, 12: 0.1}, {4: 0.01, 8: 1e-6, 12: 1e-5})
+    for row, kl in zip(kl_rows, (0.02, 1.2, 0.05), strict=True):
+        row["kl_first_token"] = kl
+    filtered = _verdict(base, kl_rows, analysis, config)
+    assert filtered["best_source_layer"] == 12 and filtered["disruptive_layers"] == [8]
+    assert filtered["working_layers"] == [4, 12]
+    assert "Not counted: source layer(s) 8" in filtered["findings"][0]["evidence"]
+    all_bad = [{**row, "kl_first_token": 0.5} for row in kl_rows]
+    assert _verdict(base, all_bad, analysis, config)["answer"].startswith("no single direction")
 
 
 # -- pipelines on a tiny model ----------------------------------------------------------------

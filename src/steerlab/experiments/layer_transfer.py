@@ -171,12 +171,22 @@ def _verdict(
     base = table["baseline"]
     if not per_layer:
         raise SteerlabError("No source layers were tested; give --source-layers.")
-    best = min(per_layer, key=lambda e: (e["refusal_rate"], -(e["cohens_d"] or 0.0)))
+    # A direction whose removal also rewrites harmless answers (first-token KL >= 0.1, the
+    # Arditi et al. filter) is not a refusal direction, however much refusal it removes.
+    clean = [e for e in per_layer if e.get("kl_first_token", 0.0) < common.KL_THRESHOLD]
+    disruptive = [
+        e["source_layer"]
+        for e in per_layer
+        if e not in clean
+        and e["vs_baseline_p"] < common.ALPHA_SIG
+        and e["refusal_rate"] < base["refusal_rate"]
+    ]
+    best = min(clean or per_layer, key=lambda e: (e["refusal_rate"], -(e["cohens_d"] or 0.0)))
     layers = analysis["layers"]
     cos = torch.tensor(analysis["cosine_matrix"])
     works = [
         e["source_layer"]
-        for e in per_layer
+        for e in clean
         if e["vs_baseline_p"] < common.ALPHA_SIG and e["refusal_rate"] < base["refusal_rate"]
     ]
     idx = [layers.index(s) for s in works]
@@ -208,13 +218,26 @@ def _verdict(
         )
     else:
         evidence += "."
+    if disruptive:
+        evidence += (
+            f" Not counted: source layer(s) {common.span(disruptive)} lower refusal only while "
+            f"disturbing harmless prompts (first-token KL >= {common.KL_THRESHOLD:g})."
+        )
+    if not clean:
+        evidence += f" No source layer keeps first-token KL < {common.KL_THRESHOLD:g}."
     if not base["refusal_rate"]:
         answer = "undetermined: the model does not refuse these prompts at baseline"
         verdict1 = "inconclusive"
-    elif best["vs_baseline_p"] >= common.ALPHA_SIG:
+    elif best["vs_baseline_p"] >= common.ALPHA_SIG or not clean:
         answer = (
-            "no single direction measurably lowers refusal here; the direction is not "
-            "the mechanism on this model, or n is too small"
+            "no single direction measurably lowers refusal here without disturbing harmless "
+            "prompts; the direction is not the mechanism on this model, or n is too small"
+            + (
+                f" (layer(s) {common.span(disruptive)} lower it only with first-token KL >= "
+                f"{common.KL_THRESHOLD:g})"
+                if disruptive
+                else ""
+            )
         )
         verdict1 = "not reproduced"
     elif removed is not None and removed >= config.removal_share:
@@ -260,7 +283,8 @@ def _verdict(
                 "direction (high cross-layer cosine)",
                 "verdict": verdict2,
                 "evidence": f"{len(works)} source layers ({common.span(works)}) lower refusal at "
-                f"p<0.05; smallest pairwise cosine among them {min_cos:.2f}; "
+                f"p<0.05 with first-token KL < {common.KL_THRESHOLD:g}; smallest pairwise "
+                f"cosine among them {min_cos:.2f}; "
                 f"participation ratio {rank['participation_ratio']:.2f}, "
                 f"{rank['k90']} component(s) hold 90% of their energy.",
             }
@@ -271,14 +295,15 @@ def _verdict(
                 "claim": "The directions that remove refusal at different source layers are one "
                 "direction (high cross-layer cosine)",
                 "verdict": "inconclusive",
-                "evidence": f"only {len(works)} source layer(s) lower refusal at p<0.05, "
-                "too few to compare.",
+                "evidence": f"only {len(works)} source layer(s) lower refusal at p<0.05 with "
+                f"first-token KL < {common.KL_THRESHOLD:g}, too few to compare.",
             }
         )
     return {
         "answer": answer,
         "findings": findings,
         "working_layers": works,
+        "disruptive_layers": disruptive,
         "best_source_layer": best["source_layer"],
         "removed_share": removed,
         "rank_of_working": rank,
