@@ -697,5 +697,8 @@ def _record_timings(run: Runner, results: dict[str, Any], n_eval: int, total: fl
 
 
 def _span(layers: Sequence[int]) -> str:
+    """``14-23`` for a contiguous window, ``0,3,6`` otherwise."""
     layers = sorted(layers)
-    return f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
+    if len(layers) > 1 and layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}-{layers[-1]}"
+    return ",".join(map(str, layers))
