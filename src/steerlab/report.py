@@ -144,15 +144,14 @@ class Report:
             if table.note:
                 parts.append(f"<p class='note'>{e(table.note)}</p>")
             parts.append(
-                "<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in table.columns) + "</tr>"
+                "<div class='wide'><table><tr>"
+                + "".join(f"<th>{e(c)}</th>" for c in table.columns)
+                + "</tr>"
             )
             for row in table.rows:
-                parts.append(
-                    "<tr>"
-                    + "".join(f"<td>{e(_fmt(row.get(c, '')))}</td>" for c in table.columns)
-                    + "</tr>"
-                )
-            parts.append("</table>")
+                parts.append("<tr>" + "".join(_cell(_fmt(row.get(c, ""))) for c in table.columns)
+                             + "</tr>")
+            parts.append("</table></div>")
         for fig in self.figures:
             data = base64.b64encode(fig.path.read_bytes()).decode("ascii")
             parts.append(
@@ -192,6 +191,12 @@ def _md(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _cell(text: str) -> str:
+    """A table cell: short values (numbers, intervals) never wrap, prose gets room to."""
+    cls = "text" if len(text) > 28 else "num"
+    return f"<td class='{cls}'>{html.escape(text)}</td>"
+
+
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>
@@ -200,6 +205,7 @@ body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto;
 table {{ border-collapse: collapse; margin: 1em 0; font-size: 0.92em; }}
 th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top; }}
 th {{ background: #f3f3f3; }}
+.wide {{ overflow-x: auto; }} td.num {{ white-space: nowrap; }} td.text {{ min-width: 18em; }}
 td.reproduced {{ background: #dff3df; font-weight: bold; }}
 td.not-reproduced {{ background: #f8dcdc; font-weight: bold; }}
 td.inconclusive {{ background: #f6efd0; font-weight: bold; }}
