@@ -131,7 +131,9 @@ def test_killed_run_resumes_without_repeating(tmp_path: Path) -> None:
     assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    first = responses.read_text().splitlines()
+    text = responses.read_text()
+    # A row the kill tore mid-write is dropped on resume and generated again, as designed.
+    first = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
     assert not (out / "results.json").exists()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr
