@@ -99,3 +99,20 @@ def test_runner_refuses_to_resume_a_run_of_other_settings(tmp_path: Path) -> Non
     with pytest.raises(SteerlabError, match="model fingerprint"):
         Runner(lm, tmp_path / "run", show_progress=False, settings=settings)
     assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["alphas"] == [4, 8]
+
+
+def test_runner_keeps_generation_timings_across_interruptions(tmp_path: Path) -> None:
+    from steerlab.experiments.runner import Condition, Runner
+    from steerlab.prompts import load_prompts
+    from tests.tiny import tiny_model
+
+    lm = tiny_model("qwen2")
+    prompts = load_prompts("paired:harmful", split="test", limit=4)
+    first = Runner(lm, tmp_path, max_new_tokens=2, batch_size=2, show_progress=False)
+    first.run(Condition("baseline"), prompts)
+    # A new process on the same folder (as after a kill) starts from the recorded cost.
+    resumed = Runner(lm, tmp_path, max_new_tokens=2, batch_size=2, show_progress=False)
+    assert resumed.timings.generated_prompts == {"baseline": 4}
+    assert resumed.timings.generation["baseline"] > 0
+    resumed.run(Condition("baseline"), prompts)  # nothing left to generate: cost unchanged
+    assert resumed.timings.generated_prompts == {"baseline": 4}

@@ -661,13 +661,9 @@ def _record_timings(run: Runner, results: dict[str, Any], n_eval: int, total: fl
     import json
 
     path = run.out / "timings.json"
-    history = (
-        json.loads(path.read_text())
-        if path.exists()
-        else {"steps": {}, "generation": {}, "generated_prompts": {}}
-    )
-    for key in ("steps", "generation", "generated_prompts"):
-        history[key].update(getattr(run.timings, key))
+    # run.timings already holds the work of earlier, interrupted runs (Runner keeps it).
+    history = {**(json.loads(path.read_text()) if path.exists() else {}),
+               **run.timings.as_dict()}
     history.setdefault("wall_seconds", 0.0)
     history["wall_seconds"] += total
     write_json(path, history)

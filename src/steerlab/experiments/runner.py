@@ -87,7 +87,7 @@ class Runner:
         self.store = ResponseStore(self.out / "responses.jsonl")
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
-        self.timings = Timings()
+        self.timings = self._load_timings()
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -99,6 +99,26 @@ class Runner:
             transient=False,
         )
         self._overall: Any = None
+
+    # -- timings, kept across interruptions ---------------------------------------------------
+    def _load_timings(self) -> Timings:
+        """Timings of earlier, interrupted runs in this folder: a resumed run's cost still
+        counts the work done before the interruption."""
+        path = self.out / "timings.json"
+        if not path.exists():
+            return Timings()
+        data = json.loads(path.read_text())
+        return Timings(
+            steps=dict(data.get("steps", {})),
+            generation=dict(data.get("generation", {})),
+            generated_prompts=dict(data.get("generated_prompts", {})),
+        )
+
+    def _save_timings(self) -> None:
+        path = self.out / "timings.json"
+        data = json.loads(path.read_text()) if path.exists() else {}
+        data.update(self.timings.as_dict())
+        write_json(path, data)
 
     def _claim(self, settings: Mapping[str, Any]) -> None:
         """Record what this run folder is a run of, or refuse to resume a different one.
@@ -165,6 +185,7 @@ class Runner:
         start = time.perf_counter()
         result = compute()
         self.timings.steps[name] = time.perf_counter() - start
+        self._save_timings()
         self.progress.update(task, total=1, completed=1)
         write_json(path, result)
         return result
@@ -178,6 +199,7 @@ class Runner:
         start = time.perf_counter()
         direction = compute()
         self.timings.steps[f"extract_{name}"] = time.perf_counter() - start
+        self._save_timings()
         direction.save(folder)
         self.progress.update(task, total=1, completed=1)
         return direction
@@ -195,8 +217,8 @@ class Runner:
         done = len(prompts) - len(todo)
         task = self.progress.add_task(name, total=len(prompts), completed=done)
         self._advance(done)
-        start = time.perf_counter()
         for i in range(0, len(todo), self.batch_size):
+            start = time.perf_counter()
             chunk = todo[i : i + self.batch_size]
             outs = generate(
                 self.lm,
@@ -223,11 +245,15 @@ class Runner:
                     }
                 )
             self.store.append(rows)
+            # Per batch, so an interrupted condition's finished batches keep their cost.
+            elapsed = time.perf_counter() - start
+            self.timings.generation[name] = self.timings.generation.get(name, 0.0) + elapsed
+            self.timings.generated_prompts[name] = (
+                self.timings.generated_prompts.get(name, 0) + len(chunk)
+            )
+            self._save_timings()
             self.progress.advance(task, len(chunk))
             self._advance(len(chunk))
-        if todo:
-            self.timings.generation[name] = time.perf_counter() - start
-            self.timings.generated_prompts[name] = len(todo)
         return [r for r in self.store.rows(name) if r["prompt_id"] in {p.id for p in prompts}]
 
     def rows(self, condition: str) -> list[dict[str, Any]]:
