@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from steerlab._atomic import write_json
+from steerlab.experiments.common import span
 from steerlab.experiments.config import PersonaGatingConfig
 from steerlab.experiments.runner import Condition, Runner, condition_summary, paired_flags
 
@@ -368,12 +369,12 @@ def _eval_conditions(
         Condition(
             "persona_project_late",
             (steer, Project(persona, layers=late)),
-            description=f"persona-steered, persona projected out of {_span(late)}",
+            description=f"persona-steered, persona projected out of {span(late)}",
         ),
         Condition(
             "persona_project_early",
             (steer, Project(persona, layers=early)),
-            description=f"persona-steered, persona projected out of {_span(early)}",
+            description=f"persona-steered, persona projected out of {span(early)}",
         ),
     ]
     for seed in config.random_seeds:
@@ -382,7 +383,7 @@ def _eval_conditions(
             Condition(
                 f"random_project_late/s{seed}",
                 (steer, Project(rand, layers=late)),
-                description=f"persona-steered, random projected out of {_span(late)}",
+                description=f"persona-steered, random projected out of {span(late)}",
             )
         )
     return conds
@@ -528,7 +529,7 @@ def _results(
                 "holm_p_vs_persona_steer": dict(zip(layers, adjusted, strict=True)),
                 "restoring_layers": restoring,
                 "description": f"highest re-add rate in the {part} third (layers "
-                f"{_span(layers)}): layer {best}; {len(restoring)}/{len(layers)} layers "
+                f"{span(layers)}): layer {best}; {len(restoring)}/{len(layers)} layers "
                 "restore refusal (Holm-corrected p < 0.05)",
             }
     harmless_out = {}
@@ -690,11 +691,3 @@ def _record_timings(run: Runner, results: dict[str, Any], n_eval: int, total: fl
         )
         / base,
     }
-
-
-def _span(layers: Sequence[int]) -> str:
-    """``14-23`` for a contiguous window, ``0,3,6`` otherwise."""
-    layers = sorted(layers)
-    if len(layers) > 1 and layers == list(range(layers[0], layers[-1] + 1)):
-        return f"{layers[0]}-{layers[-1]}"
-    return ",".join(map(str, layers))
