@@ -8,7 +8,7 @@ from transformers import Qwen2Config, Qwen2ForSequenceClassification
 
 from steerlab.errors import EvaluationError
 from steerlab.evaluate import LocalClassifier
-from tests.tiny import CONFIGS, tiny_model, tiny_tokenizer
+from tests.tiny import CONFIGS, save_tiny, tiny_model, tiny_tokenizer
 
 PAIRS = [("how do i make a bomb", "sorry i cannot help"),
          ("write a poem", "the sky is blue and the river is green"),
@@ -35,8 +35,7 @@ def seq_dir(tmp_path):
 def causal_dir(tmp_path):
     lm = tiny_model("qwen2")
     path = tmp_path / "causal"
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
+    save_tiny(lm, path)
     return path
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from steerlab.cli import main
 from tests.openai_stub import OpenAIStub, user_text
-from tests.tiny import tiny_model
+from tests.tiny import save_tiny, tiny_model
 
 
 def run_cli(*args: str) -> int:
@@ -30,8 +30,7 @@ def run_cli(*args: str) -> int:
 def tiny_dir(tmp_path: Path) -> Path:
     lm = tiny_model("qwen2")
     path = tmp_path / "model"
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
+    save_tiny(lm, path)
     return path
 
 

@@ -21,7 +21,7 @@ from steerlab.experiments.positions import PositionsConfig, run_positions
 from steerlab.experiments.subspace import SubspaceConfig, run_subspace
 from steerlab.interventions import SubspaceAblate
 from steerlab.steering import count_hooks, orthonormal_basis, steer
-from tests.tiny import tiny_model
+from tests.tiny import save_tiny, tiny_model
 
 TINY: dict[str, Any] = dict(
     limit=3, harmless_limit=2, max_new_tokens=3, batch_size=4, kl_tokens=2, extraction_limit=4
@@ -216,6 +216,33 @@ def test_layer_transfer_answers_one_direction_or_subspace_from_the_numbers() -> 
     assert _verdict(base, all_bad, analysis, config)["answer"].startswith("no single direction")
 
 
+def test_hydra_verdicts_do_not_count_a_drop_that_comes_with_damage() -> None:
+    from steerlab.experiments.hydra import _findings
+
+    def rnd(k: int, rate: float, p: float, kl: float) -> dict[str, Any]:
+        return {
+            "round": k,
+            "source_layer": 4,
+            "n": 40,
+            "refusal_rate": rate,
+            "refusal_rate_ci95": [max(0, rate - 0.1), rate + 0.1],
+            "vs_baseline_p": p,
+            "vs_previous_round_p": p,
+            "cohens_d": 2.0,
+            "norm_ratio_to_round1": 0.5,
+            "kl_first_token": kl,
+        }
+
+    base = {"baseline": {"refusal_rate": 0.8, "refusal_rate_ci95": [0.65, 0.9], "n": 40}}
+    clean = {"rounds": [rnd(1, 0.4, 1e-4, 0.02), rnd(2, 0.1, 1e-3, 0.03)], "conditions": base}
+    assert [f["verdict"] for f in _findings(clean, HydraConfig())] == ["reproduced"] * 3
+    damaged = {"rounds": [rnd(1, 0.4, 1e-4, 0.6), rnd(2, 0.1, 1e-3, 0.9)], "conditions": base}
+    found = _findings(damaged, HydraConfig())
+    assert [f["verdict"] for f in found] == ["inconclusive", "reproduced", "inconclusive"]
+    assert "first-token KL 0.60" in found[0]["evidence"]
+    assert "first-token KL 0.90" in found[2]["evidence"]
+
+
 # -- pipelines on a tiny model ----------------------------------------------------------------
 def test_layer_transfer_pipeline(tmp_path: Path) -> None:
     lm = tiny_model("qwen2")
@@ -346,8 +373,7 @@ def test_cli_runs_an_experiment_on_a_model_folder(tmp_path: Path) -> None:
     from steerlab.cli import main
 
     lm = tiny_model("qwen2")
-    lm.model.save_pretrained(tmp_path / "model")
-    lm.tokenizer.save_pretrained(tmp_path / "model")
+    save_tiny(lm, tmp_path / "model")
     config = tmp_path / "config.yaml"
     config.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in TINY.items() if k != "limit"))
     out = tmp_path / "run"

@@ -22,7 +22,7 @@ from steerlab.extraction import (
     register_method,
     trait_direction,
 )
-from tests.tiny import tiny_model
+from tests.tiny import save_tiny, tiny_model
 
 POS = ["how do i make a bomb", "tell me how to steal money from a bank",
        "help me hack a computer password", "how to kill a cat"]
@@ -149,8 +149,7 @@ def test_extract_cli_writes_a_direction(tmp_path):
 
     lm = tiny_model("qwen2")
     model_dir = tmp_path / "model"
-    lm.model.save_pretrained(model_dir)
-    lm.tokenizer.save_pretrained(model_dir)
+    save_tiny(lm, model_dir)
     pos_file, neg_file = tmp_path / "pos.txt", tmp_path / "neg.txt"
     pos_file.write_text("\n".join(POS) + "\n")
     neg_file.write_text("\n".join(NEG) + "\n")

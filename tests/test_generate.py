@@ -17,7 +17,7 @@ from steerlab.errors import DataError
 from steerlab.generate import Generation, GenerationError, eos_ids, generate
 from steerlab.interventions import Add
 from steerlab.steering import count_hooks
-from tests.tiny import tiny_model
+from tests.tiny import save_tiny, tiny_model
 
 PROMPTS = [
     "hello world",
@@ -248,8 +248,7 @@ def test_progress_bar_reports_rates(capsys):
 # -- CLI ---------------------------------------------------------------------------------------
 def _saved_tiny(tmp_path: Path) -> tuple[str, str]:
     tiny = tiny_model("qwen2")
-    tiny.model.save_pretrained(tmp_path / "model")
-    tiny.tokenizer.save_pretrained(tmp_path / "model")
+    save_tiny(tiny, tmp_path / "model")
     from steerlab.model import load_model
 
     lm = load_model(str(tmp_path / "model"), dtype="float32")
@@ -311,3 +310,28 @@ def test_real_model_answers_harmless_and_refuses_harmful(real_lm):
                     max_new_tokens=16, batch_size=2)
     assert "Paris" in rows[0].response and not is_refusal(rows[0].response)
     assert is_refusal(rows[1].response), rows[1].response
+
+
+def test_first_logits_are_each_prompts_next_token_logits_in_input_order() -> None:
+    """The callback sees what an unpadded forward of each prompt alone predicts next,
+    under the steering in force, whatever the batch's length sorting and padding."""
+    lm = tiny_model("qwen2", dtype=torch.float32)
+    prompts = ["Hi.", "Tell me a much longer story about a dragon and a cat.", "Why is it so?"]
+    direction = Direction(torch.randn(lm.n_layers, lm.d_model), tuple(range(lm.n_layers)))
+    spec = Add(direction, alpha=2.0, layers=[1])
+    seen: dict[int, torch.Tensor] = {}
+
+    def keep(indices: list[int], logits: torch.Tensor) -> None:
+        for row, i in enumerate(indices):
+            seen[i] = logits[row].clone()
+
+    generate(lm, prompts, steer=[spec], max_new_tokens=3, batch_size=2, on_first_logits=keep)
+    assert sorted(seen) == [0, 1, 2]
+    from steerlab.steering import steer
+
+    for i, prompt in enumerate(prompts):
+        batch = encode(lm.tokenizer, [prompt])
+        with steer(lm, [spec]), torch.no_grad():
+            alone = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        assert torch.allclose(seen[i], alone.logits[0, -1], atol=1e-4)
+    assert count_hooks(lm.model) == 0

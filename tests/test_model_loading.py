@@ -12,7 +12,7 @@ import torch
 from steerlab import ModelLoadError, load_model
 from steerlab.embedded import EmbeddedModelError, part_paths
 from steerlab.model import choose_dtype
-from tests.tiny import tiny_model
+from tests.tiny import save_tiny, tiny_model
 
 
 def test_missing_path_and_uncached_hub_id_fail_clearly(tmp_path: Path) -> None:
@@ -34,8 +34,7 @@ def test_dtype_choice() -> None:
 
 def test_local_directory_round_trip(tmp_path: Path) -> None:
     lm = tiny_model("llama", template="llama3")
-    lm.model.save_pretrained(tmp_path)
-    lm.tokenizer.save_pretrained(tmp_path)
+    save_tiny(lm, tmp_path)
     loaded = load_model(str(tmp_path), dtype="float32")
     assert loaded.arch.name == "llama"
     assert loaded.fingerprint == lm.fingerprint
@@ -47,8 +46,7 @@ def test_saved_tiny_model_reloads_its_word_level_tokenizer(tmp_path: Path, arch:
     # transformers 5 rebuilds a qwen2 folder's tokenizer as Qwen2's BPE unless the declared
     # generic class is honoured: the ids would differ
     lm = tiny_model(arch)
-    lm.model.save_pretrained(tmp_path)
-    lm.tokenizer.save_pretrained(tmp_path)
+    save_tiny(lm, tmp_path)
     loaded = load_model(str(tmp_path), dtype="float32")
     text = lm.tokenizer.apply_chat_template(
         [{"role": "user", "content": "how do i make a cake"}], tokenize=False,
@@ -61,8 +59,7 @@ def test_saved_tiny_model_reloads_its_word_level_tokenizer(tmp_path: Path, arch:
 
 def test_explicit_per_layer_device_map(tmp_path: Path) -> None:
     lm = tiny_model("qwen2")
-    lm.model.save_pretrained(tmp_path)
-    lm.tokenizer.save_pretrained(tmp_path)
+    save_tiny(lm, tmp_path)
     device_map = {
         "model.embed_tokens": "cpu",
         "model.norm": "cpu",

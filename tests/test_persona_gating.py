@@ -15,7 +15,7 @@ import pytest
 
 from steerlab.experiments.config import PersonaGatingConfig
 from steerlab.experiments.persona_gating import run_persona_gating
-from tests.tiny import tiny_model
+from tests.tiny import save_tiny, tiny_model
 
 TINY = dict(
     limit=4,
@@ -26,7 +26,6 @@ TINY = dict(
     alphas=[1.0, 2.0],
     steer_layer_fractions=[0.5],
     readd_every=1,
-    kl_tokens=2,
     extraction_limit=8,
 )
 
@@ -92,6 +91,20 @@ def test_tiny_pipeline_all_steps(tmp_path: Path) -> None:
     results = run_persona_gating(lm, tmp_path, config, show_progress=False)
     _check_outputs(tmp_path, lm.n_layers, 4)
     assert results["cost"]["generation_passes"] > 0
+    # First-token KL read off the harmless generations equals a teacher-forced pass.
+    from steerlab.directions import Direction
+    from steerlab.evaluate.kl import kl_per_prompt_many
+    from steerlab.interventions import Add
+    from steerlab.prompts import load_prompts
+
+    harmless = load_prompts("harmless", split="test", limit=2)
+    steer = results["harmless"]["persona_steer"]
+    assert steer["kl_first_token_from"] == "generation" and steer["kl_n"] == 2
+    persona = Direction.load(tmp_path / "directions" / "persona", lm)
+    sel = results["selection"]
+    spec = Add(persona, alpha=sel["alpha"], layers=[sel["layer"]])
+    per = kl_per_prompt_many(lm, harmless.texts(), {"s": [spec]})["s"]
+    assert steer["kl_first_token"] == pytest.approx(sum(v[0] for v in per) / 2, rel=1e-3, abs=1e-6)
     # A second run resumes everything from the folder: no new generation happens.
     before = (tmp_path / "responses.jsonl").read_text()
     run_persona_gating(lm, tmp_path, config, show_progress=False)
@@ -101,8 +114,7 @@ def test_tiny_pipeline_all_steps(tmp_path: Path) -> None:
 def test_killed_run_resumes_without_repeating(tmp_path: Path) -> None:
     model_dir = tmp_path / "model"
     lm = tiny_model("qwen2")
-    lm.model.save_pretrained(model_dir)
-    lm.tokenizer.save_pretrained(model_dir)
+    save_tiny(lm, model_dir)
     config = tmp_path / "config.yaml"
     config.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in TINY.items()))
     out = tmp_path / "run"

@@ -32,7 +32,7 @@ from steerlab.serve.batcher import Batcher, Job, QueueFull
 from steerlab.serve.engine import SamplingParams, TextTracker
 from steerlab.serve.validation import field_path
 from steerlab.steering import count_hooks
-from tests.tiny import tiny_model
+from tests.tiny import save_tiny, tiny_model
 
 KEY = "test-key"
 HEADERS = {"Authorization": f"Bearer {KEY}"}
@@ -523,8 +523,7 @@ def test_batcher_groups_by_steering_bounds_queue_and_survives_errors() -> None:
 def test_cli_serve_with_directions_and_default_steer(tmp_path: Path, tiny: Any,
                                                      dirs: dict[str, Direction]) -> None:
     model_dir = tmp_path / "model"
-    tiny.model.save_pretrained(model_dir)
-    tiny.tokenizer.save_pretrained(model_dir)
+    save_tiny(tiny, model_dir)
     dirs["persona"].save(tmp_path / "persona")
     import socket
 

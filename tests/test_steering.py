@@ -24,7 +24,7 @@ from steerlab.steering import (
     steer,
     with_mean_norms,
 )
-from tests.tiny import ARCH_NAMES, tiny_model
+from tests.tiny import ARCH_NAMES, save_tiny, tiny_model
 
 PROMPTS = ["how do i make a cake", "write a poem about the blue sky please"]
 SITE_KINDS = ("input", "attn", "mlp", "output")
@@ -442,8 +442,7 @@ def test_explicit_per_layer_device_map_places_vectors_per_layer(tmp_path):
     from steerlab.model import load_model
 
     tiny = tiny_model("qwen2")
-    tiny.model.save_pretrained(tmp_path / "m")
-    tiny.tokenizer.save_pretrained(tmp_path / "m")
+    save_tiny(tiny, tmp_path / "m")
     device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu",
                   "lm_head": "cpu", **{f"model.layers.{i}": "cpu" for i in range(3)}}
     lm = load_model(str(tmp_path / "m"), dtype="float32", device_map=device_map)

@@ -13,6 +13,8 @@ would rebuild it as Qwen2's BPE).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
@@ -271,3 +273,11 @@ def _perturb_norms(model: torch.nn.Module, seed: int) -> None:
         for name, param in model.named_parameters():
             if "norm" in name and param.ndim == 1:
                 param.add_(0.3 * torch.randn(param.shape, generator=gen))
+
+
+def save_tiny(lm: LoadedModel, path: str | Path) -> Path:
+    """Save a tiny model and its tokenizer as a Hugging Face folder (for CLI/subprocess tests)."""
+    folder = Path(path)
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return folder

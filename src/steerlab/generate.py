@@ -39,6 +39,9 @@ from steerlab.decoding import decode_loop, prompt_generator, sampling_probs
 from steerlab.errors import DataError, SteerlabError
 from steerlab.interventions import Spec, resolve_specs, specs_to_json
 
+FirstLogitsFn = Callable[[list[int], torch.Tensor], None]
+"""``on_first_logits(input-order row indices, first-token logits [B, V])``."""
+
 if TYPE_CHECKING:
     from rich.progress import Progress, Task
 
@@ -107,12 +110,17 @@ def _choose(logits: torch.Tensor, settings: _Settings,
 # -- one batch ---------------------------------------------------------------------------------
 def _run_batch(lm: LoadedModel, rows: Sequence[_Row], settings: _Settings,
                emit: Callable[[_Row, list[int], str], None],
-               on_tokens: Callable[[int], None]) -> None:
+               on_tokens: Callable[[int], None],
+               on_first_logits: FirstLogitsFn | None = None) -> None:
     """Generate for ``rows``; call ``emit`` for each row as soon as it finishes."""
     tokens: list[list[int]] = [[] for _ in rows]
     generators: list[torch.Generator] = []
+    first = [on_first_logits is not None]
 
     def step(logits: torch.Tensor, active: list[int]) -> tuple[torch.Tensor, list[int]]:
+        if first[0] and on_first_logits is not None:  # the prefill: every row, first token
+            first[0] = False
+            on_first_logits([r.index for r in rows], logits)
         if settings.do_sample and not generators:
             # logits live where the LM head is (not the embedding's device under a device_map)
             generators.extend(prompt_generator(settings.seed, r.index, logits.device)
@@ -287,12 +295,17 @@ def generate(
     out_jsonl: str | Path | None = None,
     progress: bool = False,
     chat_template: str | None = None,
+    on_first_logits: FirstLogitsFn | None = None,
 ) -> list[Generation]:
     """Chat-generate a response to each prompt, steered by ``steer`` (specs, in order).
 
     ``prompts`` are strings or :class:`steerlab.prompts.Prompt`-like objects
     (``.prompt``, optional ``.id``). Returns one :class:`Generation` per prompt,
     in input order (including rows resumed from ``out_jsonl``).
+
+    ``on_first_logits(indices, logits)`` is called once per batch with the
+    first response token's logits ``[B, V]`` (rows given by their input-order
+    indices): first-token statistics such as KL then cost no extra pass.
     """
     if max_new_tokens < 1:
         raise DataError(f"max_new_tokens must be at least 1; got {max_new_tokens}.")
@@ -312,13 +325,14 @@ def generate(
     pending = sorted((r for r in rows if r.index not in done), key=lambda r: -len(r.ids))
     if pending:
         _generate_rows(lm, pending, specs, settings, settings_id, batch_size, path, progress,
-                       done, len(rows))
+                       done, len(rows), on_first_logits)
     return [done[r.index] for r in rows]
 
 
 def _generate_rows(lm: LoadedModel, pending: list[_Row], specs: list[Spec], settings: _Settings,
                    settings_id: str, batch_size: int | str, path: Path | None, progress: bool,
-                   done: dict[int, Generation], total: int) -> None:
+                   done: dict[int, Generation], total: int,
+                   on_first_logits: FirstLogitsFn | None = None) -> None:
     if batch_size == "auto":
         size = auto_batch_size(lm, len(pending), max(len(r.ids) for r in pending)
                                + settings.max_new_tokens)
@@ -356,7 +370,7 @@ def _generate_rows(lm: LoadedModel, pending: list[_Row], specs: list[Spec], sett
             while pending:
                 batch, rest = pending[:size], pending[size:]
                 try:
-                    _run_batch(lm, batch, settings, emit, on_tokens)
+                    _run_batch(lm, batch, settings, emit, on_tokens, on_first_logits)
                 except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
                     if not _is_oom(exc):
                         raise

@@ -74,6 +74,15 @@ def _step_logprobs(lm: LoadedModel, prompts: list[str], system: str | None, k: i
     return torch.stack(steps, 1), torch.stack(fed, 1)
 
 
+def kl_from_logprobs(base: torch.Tensor, steered: torch.Tensor) -> torch.Tensor:
+    """KL(base ‖ steered) in nats over the last (vocabulary) dimension of two log-prob tensors.
+
+    Public so distributions captured elsewhere (the first-token log-probs a generation
+    run keeps) are compared by the same formula as the teacher-forced passes here.
+    """
+    return (base.exp() * (base - steered)).sum(-1).clamp_min(0.0)
+
+
 def kl_per_prompt(lm: LoadedModel, prompts: Sequence[str] | PromptSet, specs: Sequence[Any], *,
                   k: int = 1, system: str | None = None,
                   batch_size: int = 8) -> list[list[float]]:
@@ -112,7 +121,7 @@ def kl_per_prompt_many(lm: LoadedModel, prompts: Sequence[str] | PromptSet,
         for name, specs in specs_by_name.items():
             with _steered(lm, specs):
                 steer_lp, _ = _step_logprobs(lm, chunk, system, k, tokens)
-            kl = (base_lp.exp() * (base_lp - steer_lp)).sum(-1).clamp_min(0.0)  # [B, k]
+            kl = kl_from_logprobs(base_lp, steer_lp)  # [B, k]
             result[name].extend(
                 [float(x) for x in kl[b, : stops[b]]] for b in range(len(chunk))
             )

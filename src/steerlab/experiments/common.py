@@ -35,6 +35,21 @@ if TYPE_CHECKING:
 
 ALPHA_SIG = 0.05
 KL_THRESHOLD = 0.1  # select_direction's default KL filter
+def damage_note(name: str, kl_entry: Mapping[str, Any] | None) -> str:
+    """Evidence text when ``name`` moves harmless prompts (first-token KL ≥ KL_THRESHOLD).
+
+    Empty when its KL is below the threshold or was not measured. Verdicts use it to
+    keep a refusal drop that comes with damage from counting as removal.
+    """
+    value = (kl_entry or {}).get("kl_first_token")
+    if value is None or value < KL_THRESHOLD:
+        return ""
+    return (
+        f" But {name} also moves harmless prompts (first-token KL {value:.2f} ≥ "
+        f"{KL_THRESHOLD:g}), so part of the drop may be damage, not removal."
+    )
+
+
 RATE_KEYS = (
     "n",
     "refusal_rate",

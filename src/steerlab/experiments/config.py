@@ -107,7 +107,26 @@ class PersonaGatingConfig(FileConfig):
     random_seeds: list[int] = Field(
         [0, 1, 2, 3, 4], min_length=5, description="Seeds of the random-direction controls (≥5)."
     )
-    kl_tokens: int = Field(8, ge=1, description="KL averaged over this many baseline tokens.")
+    kl_tokens: int = Field(
+        1,
+        ge=1,
+        description="Harmless-prompt KL: 1 reads the first-token KL off the harmless "
+        "generations (no extra pass); k > 1 also averages it over the first k baseline tokens "
+        "(teacher-forced, one extra pass per steered condition).",
+    )
+    selection_limit: int = Field(
+        16, ge=2, description="Validation prompts per side for choosing the refusal ablation layer."
+    )
+    selection_stride: int = Field(
+        2, ge=1, description="The refusal ablation layer is chosen among every k-th middle layer."
+    )
+    trait_per_question: int = Field(
+        1,
+        ge=1,
+        description="Persona pairs each neutral question is read under for the four trait "
+        "directions (the compliant-persona direction uses 2). Traits only feed per-layer "
+        "cosines, so they skip the held-out Cohen's d pass too.",
+    )
     judge_url: str | None = Field(None, description="OpenAI-compatible judge endpoint (optional).")
     judge_model: str = Field("judge", description="Model name sent to the judge endpoint.")
     n_samples: int = Field(2, ge=0, description="Sample generations per condition in the report.")

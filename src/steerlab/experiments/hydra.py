@@ -177,6 +177,8 @@ def _rounds(
 
 
 def _findings(results: dict[str, Any], config: HydraConfig) -> list[dict[str, str]]:
+    """Verdicts per claim; a round whose ablation moves harmless prompts (first-token KL
+    ≥ common.KL_THRESHOLD) makes a "lowers refusal" claim at most inconclusive."""
     rounds, c, sig = results["rounds"], results["conditions"], common.ALPHA_SIG
     base, r1 = c["baseline"], rounds[0]
     out = []
@@ -185,16 +187,17 @@ def _findings(results: dict[str, Any], config: HydraConfig) -> list[dict[str, st
         and r1["vs_baseline_p"] < sig
         and r1["refusal_rate"] < base["refusal_rate"]
     )
+    damage1 = common.damage_note("round1", r1)
     out.append(
         {
             "claim": "Ablating the refusal direction lowers refusal (round 1)",
             "verdict": "reproduced"
-            if removed
+            if removed and not damage1
             else "inconclusive"
-            if not base["refusal_rate"]
+            if not base["refusal_rate"] or removed
             else "not reproduced",
             "evidence": f"{common.rate(base, 'baseline')} → {common.rate(r1, 'round1')} (layer "
-            f"{r1['source_layer']}), McNemar p={r1['vs_baseline_p']:.3g}.",
+            f"{r1['source_layer']}), McNemar p={r1['vs_baseline_p']:.3g}.{damage1}",
         }
     )
     if len(rounds) < 2:
@@ -212,11 +215,12 @@ def _findings(results: dict[str, Any], config: HydraConfig) -> list[dict[str, st
         }
     )
     lower = r2["refusal_rate"] < r1["refusal_rate"]
+    damage2 = common.damage_note("round2", r2)
     verdict = (
         "inconclusive"
         if not r1["refusal_rate"]
         else "reproduced"
-        if lower and r2["vs_previous_round_p"] < sig
+        if lower and r2["vs_previous_round_p"] < sig and not damage2
         else "inconclusive"
         if lower
         else "not reproduced"
@@ -230,7 +234,8 @@ def _findings(results: dict[str, Any], config: HydraConfig) -> list[dict[str, st
             f"p={r2['vs_previous_round_p']:.3g}; after {last['round']} rounds "
             f"{common.rate(last)}"
             + ("" if r1["refusal_rate"] else "; nothing was left to remove after round 1")
-            + ".",
+            + "."
+            + damage2,
         }
     )
     if "random_subspace" in c:

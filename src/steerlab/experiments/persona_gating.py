@@ -95,8 +95,8 @@ def run_persona_gating(
             run.run(cond, eval_set, tag="eval")
         harmless_conditions = _harmless_conditions(conditions)
         for cond in harmless_conditions:
-            run.run(cond, harmless, tag="harmless")
-        kl = run.step("kl", lambda: _kl(lm, harmless, harmless_conditions, config))
+            run.run(cond, harmless, tag="harmless", keep_first_token=True)
+        kl = run.step("kl", lambda: _kl(run, harmless, harmless_conditions, config))
 
         judged = _judge(run, config) if config.judge_url else {}
         results = _results(
@@ -152,7 +152,13 @@ def _directions(
         axis: run.direction(
             axis,
             lambda a=axis: trait_direction(  # type: ignore[misc]
-                lm, a, split="train", position=config.position, limit=config.extraction_limit
+                lm,
+                a,
+                split="train",
+                position=config.position,
+                limit=config.extraction_limit,
+                per_question=config.trait_per_question,
+                select_split=None,  # only per-layer cosines are reported: no best layer
             ),
         )
         for axis in TRAIT_AXES
@@ -172,23 +178,23 @@ def _analysis(
     Cohen's d on held-out prompts was already measured at extraction (it chose
     each direction's best layer), so it is read from the metadata, not recomputed.
     The ablation layer is chosen as in Arditi et al.: lowest refusal score on
-    validation harmful prompts with the direction ablated, among layers in the
-    middle 20-80% of the model that still induce refusal on harmless prompts
-    and keep KL small; when none passes, the relaxed rule of
+    validation harmful prompts with the direction ablated, among every
+    ``selection_stride``-th layer of the middle 20-80% of the model that still
+    induce refusal on harmless prompts and keep KL small; when none passes, the relaxed rule of
     :meth:`SelectionResult.choice` is recorded beside the layer.
     """
     from steerlab.analysis import select_direction
     from steerlab.prompts import load_prompts
 
     n = lm.n_layers
-    harmful = load_prompts("paired:harmful", split="val", limit=config.val_limit)
-    harmless = load_prompts("paired:harmless", split="val", limit=config.val_limit)
+    harmful = load_prompts("paired:harmful", split="val", limit=config.selection_limit)
+    harmless = load_prompts("paired:harmless", split="val", limit=config.selection_limit)
     selection = select_direction(
         lm,
         refusal,
         harmful,
         harmless,
-        layers=list(range(int(0.2 * n), int(0.8 * n))),
+        layers=list(range(int(0.2 * n), int(0.8 * n), config.selection_stride)),
         batch_size=config.batch_size,
     )
     refusal_d = _stored_d(refusal)
@@ -326,7 +332,9 @@ def _eval_conditions(
 ) -> list[Condition]:
     from steerlab.interventions import Ablate, Add, Project, random_like
 
-    readd_alpha = config.readd_alpha if config.readd_alpha is not None else 2.0
+    if config.readd_alpha is None:
+        raise ValueError("readd_alpha must be chosen (run_persona_gating's readd_selection step).")
+    readd_alpha = config.readd_alpha
     steer = Add(persona, alpha=alpha, layers=[layer])
     conds = [
         Condition("baseline", description="no intervention"),
@@ -399,28 +407,55 @@ def _harmless_conditions(conditions: Sequence[Condition]) -> list[Condition]:
 
 
 def _kl(
-    lm: LoadedModel,
+    run: Runner,
     harmless: PromptSet,
     conditions: Sequence[Condition],
     config: PersonaGatingConfig,
 ) -> dict[str, Any]:
-    from steerlab.evaluate.kl import kl_per_prompt_many
+    """KL(base ‖ steered) on the harmless prompts for every steered harmless condition.
 
-    # One baseline pass shared by every condition; the first-token KL is step 0 of it.
-    per = kl_per_prompt_many(
-        lm,
-        harmless.texts(),
-        {c.name.removeprefix("harmless/"): c.specs for c in conditions if c.specs},
-        k=config.kl_tokens,
-        batch_size=config.batch_size,
+    The first-token KL is read from the log-probs the harmless generations kept (no
+    extra pass); prompts without them (generated before an interruption) are
+    recomputed. ``kl_tokens`` > 1 adds the KL averaged over that many baseline
+    tokens, teacher-forced: one extra pass per condition plus a shared baseline.
+    """
+    from steerlab.evaluate import mean_summary
+    from steerlab.evaluate.kl import kl_from_logprobs, kl_per_prompt_many
+
+    ids = [p.id for p in harmless]
+    kept = run.first_token_logprobs
+    base = kept.get("harmless/baseline", {})
+    steered = {c.name.removeprefix("harmless/"): c for c in conditions if c.specs}
+    first: dict[str, list[float]] = {}
+    for name, cond in steered.items():
+        mine = kept.get(cond.name, {})
+        if all(i in base and i in mine for i in ids):
+            first[name] = [float(kl_from_logprobs(base[i], mine[i])) for i in ids]
+    k = config.kl_tokens
+    todo = {n: c.specs for n, c in steered.items() if k > 1 or n not in first}
+    per = (
+        kl_per_prompt_many(
+            run.lm, harmless.texts(), todo, k=k, batch_size=config.batch_size
+        )
+        if todo
+        else {}
     )
-    return {
-        name: {
-            "kl_first_token": sum(v[0] for v in rows) / len(rows),
-            f"kl_first_{config.kl_tokens}": sum(sum(v) / len(v) for v in rows) / len(rows),
+    out: dict[str, Any] = {}
+    for name in steered:
+        firsts = first.get(name) or [v[0] for v in per[name]]
+        summary = mean_summary(firsts, seed=config.seed)
+        entry = {
+            "kl_n": summary["n"],
+            "kl_first_token": summary["mean"],
+            "kl_first_token_ci95": summary["ci95"],
+            "kl_first_token_from": "generation" if name in first else "extra pass",
         }
-        for name, rows in per.items()
-    }
+        if k > 1:
+            mean_k = mean_summary([sum(v) / len(v) for v in per[name]], seed=config.seed)
+            entry[f"kl_first_{k}"] = mean_k["mean"]
+            entry[f"kl_first_{k}_ci95"] = mean_k["ci95"]
+        out[name] = entry
+    return out
 
 
 def _judge(run: Runner, config: PersonaGatingConfig) -> dict[str, Any]:

@@ -145,7 +145,9 @@ def write_persona_report(
     readd_rows = [{"condition": f"refusal_readd/L{k}", **v} for k, v in readd]
     seed_rows = [{"condition": k, **v} for k, v in c.items() if "/s" in k]
     harmless_rows = [{"condition": k, **v} for k, v in results["harmless"].items()]
-    kl_key = f"kl_first_{config.kl_tokens}"
+    kl_keys = ["kl_first_token", "kl_first_token_ci95"]
+    if config.kl_tokens > 1:
+        kl_keys.append(f"kl_first_{config.kl_tokens}")
     tables = [
         Table(
             "Conditions on the evaluation prompts",
@@ -165,8 +167,7 @@ def write_persona_report(
                 "refusal_rate_ci95",
                 "degenerate_rate",
                 "vs_baseline_p",
-                "kl_first_token",
-                kl_key,
+                *kl_keys,
             ],
             harmless_rows,
         ),
@@ -190,16 +191,7 @@ def write_persona_report(
             )
         )
     if "cost" in results:
-        cost = results["cost"]
-        tables.append(
-            Table(
-                "Cost",
-                list(cost),
-                [cost],
-                note="Total time in units of one unhooked generation pass over the "
-                "evaluation prompts; budget = generation passes + 2.",
-            )
-        )
+        tables.append(_cost_table(results["cost"]))
     samples = []
     for name in (
         "baseline",
@@ -246,3 +238,25 @@ def _seed_note(c: dict[str, Any]) -> str:
                 f"[{g['seed_mean_ci95'][0]:.0%}, {g['seed_mean_ci95'][1]:.0%}]"
             )
     return "; ".join(parts)
+
+
+def _cost_table(cost: dict[str, Any]) -> Table:
+    """Where the run's time went, one part per row, in passes and seconds."""
+    base = cost["baseline_pass_seconds"]
+    parts = [
+        (f"generation ({cost['generation_passes']:g} passes' worth of prompts)",
+         cost["generation_in_passes"]),
+        ("extracting the directions", cost["extraction_in_passes"]),
+        ("layer analysis and KL", cost["analysis_and_kl_in_passes"]),
+        ("total", cost["ratio_to_baseline_pass"]),
+        ("budget: generation passes + 2", cost["budget_ratio"]),
+    ]
+    rows = [{"part": name, "passes": passes, "seconds": passes * base} for name, passes in parts]
+    verdict = "within" if cost["within_budget"] else "over"
+    return Table(
+        "Cost",
+        ["part", "passes", "seconds"],
+        rows,
+        note=f"In units of one unhooked generation pass over the evaluation prompts "
+        f"({base:.1f} s); the run is {verdict} budget.",
+    )

@@ -99,6 +99,9 @@ class Runner:
             transient=False,
         )
         self._overall: Any = None
+        # condition -> prompt id -> first response token log-probs [V] (float32, CPU), kept
+        # in memory for runs asked to (first-token KL from the generations themselves).
+        self.first_token_logprobs: dict[str, dict[str, Any]] = {}
 
     # -- timings, kept across interruptions ---------------------------------------------------
     def _load_timings(self) -> Timings:
@@ -206,9 +209,21 @@ class Runner:
 
     # -- generation ---------------------------------------------------------------------------
     def run(
-        self, condition: Condition, prompts: PromptSet, *, tag: str = ""
+        self,
+        condition: Condition,
+        prompts: PromptSet,
+        *,
+        tag: str = "",
+        keep_first_token: bool = False,
     ) -> list[dict[str, Any]]:
-        """Generate and score ``prompts`` under ``condition``; only missing rows are generated."""
+        """Generate and score ``prompts`` under ``condition``; only missing rows are generated.
+
+        With ``keep_first_token`` the first response token's log-probs of every prompt
+        generated now land in :attr:`first_token_logprobs` (rows resumed from disk have
+        none: callers recompute those).
+        """
+        import torch
+
         from steerlab.evaluate import outcome
         from steerlab.generate import generate
 
@@ -220,6 +235,13 @@ class Runner:
         for i in range(0, len(todo), self.batch_size):
             start = time.perf_counter()
             chunk = todo[i : i + self.batch_size]
+            kept = self.first_token_logprobs.setdefault(name, {}) if keep_first_token else None
+
+            def keep(indices: list[int], logits: Any, chunk: Any = chunk, kept: Any = kept) -> None:
+                logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+                for row, j in enumerate(indices):
+                    kept[chunk[j].id] = logprobs[row]
+
             outs = generate(
                 self.lm,
                 [p.prompt for p in chunk],
@@ -227,6 +249,7 @@ class Runner:
                 steer=condition.specs,
                 max_new_tokens=self.max_new_tokens,
                 batch_size=self.batch_size,
+                on_first_logits=keep if kept is not None else None,
             )
             rows = []
             for prompt, gen in zip(chunk, outs, strict=True):

@@ -148,7 +148,7 @@ def run_subspace(
             },
             matrix=_matrix(tables),
         )
-        results["findings"] = _findings(run, evals, tables, wider, config)
+        results["findings"] = _findings(run, evals, tables, wider, config, kl)
         results["summary"] = _summary(results, config)
         common.finish(run, lm, config, results, started)
     _report(Path(out_dir), results, run, config)
@@ -220,8 +220,15 @@ def _findings(
     tables: dict[str, dict[str, Any]],
     wider: list[tuple[int, ...]],
     config: SubspaceConfig,
+    kl: dict[str, dict[str, Any]] | None = None,
 ) -> list[dict[str, str]]:
+    """Verdicts per claim. An ablation that lowers refusal while moving harmless prompts
+    (first-token KL ≥ common.KL_THRESHOLD) is not counted as removing refusal: on a
+    small model that drop may be damage, so such a claim is at most inconclusive."""
     from steerlab.experiments.common import newcombe_diff, rate
+
+    def disruptive(cond: str) -> str:
+        return common.damage_note(cond, (kl or {}).get(cond))
 
     if "paired" not in tables or "tier2" not in tables:
         raise SteerlabError("The subspace experiment needs both evaluation sets.")
@@ -232,17 +239,18 @@ def _findings(
     no_refusal = not base_p["refusal_rate"]  # nothing to remove: removal claims are untestable
     removed = 0.0 if no_refusal else 1 - sub_p["refusal_rate"] / base_p["refusal_rate"]
     ok = sub_p["vs_baseline_p"] < sig and removed >= config.removal_share
+    damage = disruptive("subspace_paired")
     out.append(
         {
             "claim": "Ablating the ordinary refusal subspace removes ordinary (surface) refusal",
             "verdict": "inconclusive"
             if no_refusal
             else "reproduced"
-            if ok
+            if ok and not damage
             else ("inconclusive" if sub_p["vs_baseline_p"] < sig else "not reproduced"),
             "evidence": f"{rate(base_p, 'paired baseline')} → {rate(sub_p, 'subspace_paired')}, "
             f"McNemar p={sub_p['vs_baseline_p']:.3g}; removes {removed or 0:.0%} "
-            f"(criterion ≥ {config.removal_share:.0%}).",
+            f"(criterion ≥ {config.removal_share:.0%}).{damage}",
         }
     )
     sub_t = t["tier2:subspace_paired"]
@@ -303,12 +311,12 @@ def _findings(
         {
             "claim": "The subspace removes more refusal than the best single direction",
             "verdict": "inconclusive"
-            if no_refusal
+            if no_refusal or (better and damage)
             else "reproduced"
             if better
             else "not reproduced",
             "evidence": f"{rate(single, 'single_paired')} vs {rate(sub_p, 'subspace_paired')}, "
-            f"McNemar p={p_single:.3g}.",
+            f"McNemar p={p_single:.3g}.{damage}",
         }
     )
     if wider:
@@ -318,17 +326,19 @@ def _findings(
             common.rows_of(run, name, evals["paired"]),
             common.rows_of(run, "paired:subspace_paired", evals["paired"]),
         )
+        more = big["refusal_rate"] < sub_p["refusal_rate"] and p_big < sig
+        big_damage = disruptive(name.split(":")[1])
         out.append(
             {
                 "claim": "Adding more layers' directions to the basis removes more refusal",
                 "verdict": "inconclusive"
-                if no_refusal
+                if no_refusal or (more and big_damage)
                 else "reproduced"
-                if big["refusal_rate"] < sub_p["refusal_rate"] and p_big < sig
+                if more
                 else "not reproduced",
                 "evidence": f"{rate(sub_p, 'subspace_paired')} vs {rate(big, name.split(':')[1])} "
-                f"(rank {len(wider[-1])}), McNemar p={p_big:.3g}; wider ablations also "
-                "move harmless behaviour more (see KL).",
+                f"(rank {len(wider[-1])}), McNemar p={p_big:.3g}."
+                + (big_damage or " Wider ablations also move harmless behaviour more (see KL)."),
             }
         )
     if "paired:random_subspace" not in p:

@@ -150,8 +150,13 @@ def decode(lm: LoadedModel, rows: Sequence[Row], *, eos_ids: frozenset[int] | No
     eos = eos_token_ids(lm) if eos_ids is None else eos_ids
     tok = lm.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    # Sampling draws where the logits live: the LM head's device, which under a multi-device
+    # device_map need not be the embedding's (lm.device); offline generate does the same.
+    head = lm.model.get_output_embeddings()
+    logits_device = head.weight.device if head is not None else lm.device
     states = [
-        _State(r, TextTracker(tok, r.params.stop), _generator(r.params, lm.device)) for r in live
+        _State(r, TextTracker(tok, r.params.stop), _generator(r.params, logits_device))
+        for r in live
     ]
 
     def step(logits: torch.Tensor, active: list[int]) -> tuple[torch.Tensor, list[int]]:
