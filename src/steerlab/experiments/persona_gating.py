@@ -97,6 +97,7 @@ def run_persona_gating(
         for cond in harmless_conditions:
             run.run(cond, harmless, tag="harmless", keep_first_token=True)
         kl = run.step("kl", lambda: _kl(run, harmless, harmless_conditions, config))
+        run.first_token_logprobs.clear()  # ~0.6 MB per prompt and condition: free it now
 
         judged = _judge(run, config) if config.judge_url else {}
         results = _results(
