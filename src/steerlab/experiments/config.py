@@ -45,7 +45,18 @@ class FileConfig(BaseModel):
             raise SteerlabError(f"Invalid {cls.__name__} settings: {fields}.") from exc
 
 
-class PersonaGatingConfig(FileConfig):
+class LayerSelectionSettings(FileConfig):
+    """How the Arditi-style ablation layer selection samples the validation split."""
+
+    selection_limit: int = Field(
+        16, ge=2, description="Validation prompts per side for the ablation layer selection."
+    )
+    selection_stride: int = Field(
+        2, ge=1, description="Ablation selection tries every k-th layer of the middle 20-80%."
+    )
+
+
+class PersonaGatingConfig(LayerSelectionSettings):
     """Settings of ``steerlab reproduce persona-gating``."""
 
     seed: int = Field(0, description="Seed for random controls and any sampling.")
@@ -114,12 +125,6 @@ class PersonaGatingConfig(FileConfig):
         "generations (no extra pass); k > 1 also averages it over the first k baseline tokens "
         "(teacher-forced, one extra pass per steered condition).",
     )
-    selection_limit: int = Field(
-        16, ge=2, description="Validation prompts per side for choosing the refusal ablation layer."
-    )
-    selection_stride: int = Field(
-        2, ge=1, description="The refusal ablation layer is chosen among every k-th middle layer."
-    )
     trait_per_question: int = Field(
         1,
         ge=1,
@@ -143,7 +148,7 @@ class PersonaGatingConfig(FileConfig):
         return early, late
 
 
-class ExperimentConfig(FileConfig):
+class ExperimentConfig(LayerSelectionSettings):
     """Settings every ``steerlab experiment`` shares; each experiment's config extends it."""
 
     seed: int = Field(0, description="Seed for random controls and any sampling.")
@@ -164,12 +169,6 @@ class ExperimentConfig(FileConfig):
         description="How a direction's layer is chosen on the validation split: 'ablation' "
         "(Arditi et al.: lowest refusal score with it ablated, induce and KL filters) or "
         "'cohens_d' (largest held-out Cohen's d; cheaper).",
-    )
-    selection_limit: int = Field(
-        16, ge=2, description="Validation prompts per side for the ablation layer selection."
-    )
-    selection_stride: int = Field(
-        2, ge=1, description="Ablation selection tries every k-th middle layer."
     )
     kl_tokens: int = Field(4, ge=1, description="KL averaged over this many baseline tokens.")
     judge_url: str | None = Field(None, description="OpenAI-compatible judge endpoint (optional).")
