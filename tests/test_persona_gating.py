@@ -109,6 +109,16 @@ def test_tiny_pipeline_all_steps(tmp_path: Path) -> None:
     before = (tmp_path / "responses.jsonl").read_text()
     run_persona_gating(lm, tmp_path, config, show_progress=False)
     assert (tmp_path / "responses.jsonl").read_text() == before
+    # Resumed rows carry no first-token log-probs: the KL is recomputed, to the same values.
+    (tmp_path / "steps" / "kl.json").unlink()
+    again = run_persona_gating(lm, tmp_path, config, show_progress=False)["harmless"]
+    for name, entry in results["harmless"].items():
+        if "kl_first_token" in entry:
+            assert again[name]["kl_first_token_from"] == "extra pass"
+            assert again[name]["kl_first_token"] == pytest.approx(
+                entry["kl_first_token"], rel=1e-3, abs=1e-6
+            )
+    assert (tmp_path / "responses.jsonl").read_text() == before
 
 
 def test_killed_run_resumes_without_repeating(tmp_path: Path) -> None:
