@@ -180,9 +180,10 @@ def _analysis(
     each direction's best layer), so it is read from the metadata, not recomputed.
     The ablation layer is chosen as in Arditi et al.: lowest refusal score on
     validation harmful prompts with the direction ablated, among every
-    ``selection_stride``-th layer of the middle 20-80% of the model that still
-    induce refusal on harmless prompts and keep KL small; when none passes, the relaxed rule of
-    :meth:`SelectionResult.choice` is recorded beside the layer.
+    ``selection_stride``-th layer of the middle 20-80% of the model, keeping those
+    that still induce refusal on harmless prompts and keep KL small; when none
+    passes, the relaxed rule of :meth:`SelectionResult.choice` is recorded beside
+    the layer.
     """
     from steerlab.analysis import select_direction
     from steerlab.prompts import load_prompts
@@ -435,9 +436,7 @@ def _kl(
     k = config.kl_tokens
     todo = {n: c.specs for n, c in steered.items() if k > 1 or n not in first}
     per = (
-        kl_per_prompt_many(
-            run.lm, harmless.texts(), todo, k=k, batch_size=config.batch_size
-        )
+        kl_per_prompt_many(run.lm, harmless.texts(), todo, k=k, batch_size=config.batch_size)
         if todo
         else {}
     )
