@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 ALPHA_SIG = 0.05
 KL_THRESHOLD = 0.1  # select_direction's default KL filter
+
+
 def damage_note(name: str, kl_entry: Mapping[str, Any] | None) -> str:
     """Evidence text when ``name`` moves harmless prompts (first-token KL ≥ KL_THRESHOLD).
 

@@ -187,14 +187,14 @@ def _findings(results: dict[str, Any], config: HydraConfig) -> list[dict[str, st
         and r1["vs_baseline_p"] < sig
         and r1["refusal_rate"] < base["refusal_rate"]
     )
-    damage1 = common.damage_note("round1", r1)
+    damage1 = common.damage_note("round1", r1) if removed else ""
     out.append(
         {
             "claim": "Ablating the refusal direction lowers refusal (round 1)",
             "verdict": "reproduced"
             if removed and not damage1
             else "inconclusive"
-            if not base["refusal_rate"] or removed
+            if not base["refusal_rate"] or damage1
             else "not reproduced",
             "evidence": f"{common.rate(base, 'baseline')} → {common.rate(r1, 'round1')} (layer "
             f"{r1['source_layer']}), McNemar p={r1['vs_baseline_p']:.3g}.{damage1}",
@@ -215,7 +215,7 @@ def _findings(results: dict[str, Any], config: HydraConfig) -> list[dict[str, st
         }
     )
     lower = r2["refusal_rate"] < r1["refusal_rate"]
-    damage2 = common.damage_note("round2", r2)
+    damage2 = common.damage_note("round2", r2) if lower else ""
     verdict = (
         "inconclusive"
         if not r1["refusal_rate"]

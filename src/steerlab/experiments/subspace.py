@@ -239,7 +239,8 @@ def _findings(
     no_refusal = not base_p["refusal_rate"]  # nothing to remove: removal claims are untestable
     removed = 0.0 if no_refusal else 1 - sub_p["refusal_rate"] / base_p["refusal_rate"]
     ok = sub_p["vs_baseline_p"] < sig and removed >= config.removal_share
-    damage = disruptive("subspace_paired")
+    lowered = sub_p["refusal_rate"] < base_p["refusal_rate"]
+    damage = disruptive("subspace_paired") if lowered else ""
     out.append(
         {
             "claim": "Ablating the ordinary refusal subspace removes ordinary (surface) refusal",
@@ -316,7 +317,7 @@ def _findings(
             if better
             else "not reproduced",
             "evidence": f"{rate(single, 'single_paired')} vs {rate(sub_p, 'subspace_paired')}, "
-            f"McNemar p={p_single:.3g}.{damage}",
+            f"McNemar p={p_single:.3g}.{damage if better else ''}",
         }
     )
     if wider:
@@ -327,7 +328,7 @@ def _findings(
             common.rows_of(run, "paired:subspace_paired", evals["paired"]),
         )
         more = big["refusal_rate"] < sub_p["refusal_rate"] and p_big < sig
-        big_damage = disruptive(name.split(":")[1])
+        big_damage = disruptive(name.split(":")[1]) if more else ""
         out.append(
             {
                 "claim": "Adding more layers' directions to the basis removes more refusal",
