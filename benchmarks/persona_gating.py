@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from steerlab.experiments.config import PersonaGatingConfig
-from steerlab.experiments.persona_gating import run_persona_gating
+from steerlab.experiments.persona_gating import cost_parts, run_persona_gating
 from steerlab.model import load_model
 
 
@@ -37,14 +37,6 @@ def machine(device: torch.device) -> str:
 def markdown(results: dict[str, Any], lm: Any, wall: float, where: str) -> str:
     cost = results["cost"]
     base = cost["baseline_pass_seconds"]
-    parts = [
-        (f"generation ({cost['generation_passes']:g} passes' worth of prompts)",
-         cost["generation_in_passes"]),
-        ("extracting the directions", cost["extraction_in_passes"]),
-        ("layer analysis and KL", cost["analysis_and_kl_in_passes"]),
-        ("**total**", cost["ratio_to_baseline_pass"]),
-        ("budget: generation passes + 2", cost["budget_ratio"]),
-    ]
     lines = [
         f"`python benchmarks/persona_gating.py` — {lm.name} ({str(lm.dtype).removeprefix('torch.')}"
         f", fingerprint {lm.fingerprint}) on {where}, torch {torch.__version__}; "
@@ -52,7 +44,7 @@ def markdown(results: dict[str, Any], lm: Any, wall: float, where: str) -> str:
         "",
         "| part | pass-equivalents | seconds |",
         "|---|---:|---:|",
-        *(f"| {name} | {passes:.1f} | {passes * base:.0f} |" for name, passes in parts),
+        *(f"| {name} | {passes:.1f} | {passes * base:.0f} |" for name, passes in cost_parts(cost)),
         "",
         f"Within budget: **{'yes' if cost['within_budget'] else 'no'}**.",
     ]

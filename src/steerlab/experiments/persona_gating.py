@@ -726,3 +726,16 @@ def _record_timings(run: Runner, results: dict[str, Any], n_eval: int, total: fl
         )
         / base,
     }
+
+
+def cost_parts(cost: dict[str, Any]) -> list[tuple[str, float]]:
+    """``results["cost"]`` as (part, pass-equivalents) rows: where the time went, the
+    total and the budget, for the report's cost table and the benchmark script."""
+    return [
+        (f"generation ({cost['generation_passes']:g} passes' worth of prompts)",
+         cost["generation_in_passes"]),
+        ("extracting the directions", cost["extraction_in_passes"]),
+        ("layer analysis and KL", cost["analysis_and_kl_in_passes"]),
+        ("total", cost["ratio_to_baseline_pass"]),
+        ("budget: generation passes + 2", cost["budget_ratio"]),
+    ]

@@ -242,16 +242,13 @@ def _seed_note(c: dict[str, Any]) -> str:
 
 def _cost_table(cost: dict[str, Any]) -> Table:
     """Where the run's time went, one part per row, in passes and seconds."""
+    from steerlab.experiments.persona_gating import cost_parts
+
     base = cost["baseline_pass_seconds"]
-    parts = [
-        (f"generation ({cost['generation_passes']:g} passes' worth of prompts)",
-         cost["generation_in_passes"]),
-        ("extracting the directions", cost["extraction_in_passes"]),
-        ("layer analysis and KL", cost["analysis_and_kl_in_passes"]),
-        ("total", cost["ratio_to_baseline_pass"]),
-        ("budget: generation passes + 2", cost["budget_ratio"]),
+    rows = [
+        {"part": name, "passes": passes, "seconds": passes * base}
+        for name, passes in cost_parts(cost)
     ]
-    rows = [{"part": name, "passes": passes, "seconds": passes * base} for name, passes in parts]
     verdict = "within" if cost["within_budget"] else "over"
     return Table(
         "Cost",
