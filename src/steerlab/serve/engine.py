@@ -111,7 +111,8 @@ class TextTracker:
 class _State:
     row: Row
     tracker: TextTracker
-    generator: torch.Generator | None
+    seed: int | None  # None: greedy
+    generator: torch.Generator | None = None  # made on the logits' device at the first step
     n_new: int = 0
     done: bool = field(default=False)
 
@@ -126,8 +127,13 @@ def _choose(logits: torch.Tensor, states: Sequence[_State]) -> torch.Tensor:
     """Next token per row: argmax for greedy rows, a seeded sample for the others."""
     chosen = logits.argmax(dim=-1)
     for b, st in enumerate(states):
-        if st.generator is not None:
-            chosen[b] = _sample(logits[b], st.row.params, st.generator)
+        if st.seed is None:
+            continue
+        if st.generator is None:
+            # Where the logits live (the LM head's device under a device_map), as offline
+            # generate does: a request is its prompt 0.
+            st.generator = prompt_generator(st.seed, 0, logits.device)
+        chosen[b] = _sample(logits[b], st.row.params, st.generator)
     return chosen
 
 
@@ -150,14 +156,7 @@ def decode(lm: LoadedModel, rows: Sequence[Row], *, eos_ids: frozenset[int] | No
     eos = eos_token_ids(lm) if eos_ids is None else eos_ids
     tok = lm.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    # Sampling draws where the logits live: the LM head's device, which under a multi-device
-    # device_map need not be the embedding's (lm.device); offline generate does the same.
-    head = lm.model.get_output_embeddings()
-    logits_device = head.weight.device if head is not None else lm.device
-    states = [
-        _State(r, TextTracker(tok, r.params.stop), _generator(r.params, logits_device))
-        for r in live
-    ]
+    states = [_State(r, TextTracker(tok, r.params.stop), _seed(r.params)) for r in live]
 
     def step(logits: torch.Tensor, active: list[int]) -> tuple[torch.Tensor, list[int]]:
         next_ids = _choose(logits, [states[i] for i in active])
@@ -174,12 +173,11 @@ def decode(lm: LoadedModel, rows: Sequence[Row], *, eos_ids: frozenset[int] | No
     return decode_loop(lm, [r.prompt_ids for r in live], pad_id, step)
 
 
-def _generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
-    """Offline ``generate`` seeds prompt ``i`` with ``(seed, i)``; a request is prompt 0."""
+def _seed(params: SamplingParams) -> int | None:
+    """The request's sampling seed (drawn when it gave none); None for greedy requests."""
     if params.temperature <= 0.0:
         return None
-    seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**62)
-    return prompt_generator(seed, 0, device)
+    return params.seed if params.seed is not None else random.SystemRandom().randrange(2**62)
 
 
 def _advance(st: _State, token_id: int, eos: frozenset[int],
