@@ -7,6 +7,7 @@ from typing import Any
 
 from steerlab import plots
 from steerlab.experiments.config import PersonaGatingConfig
+from steerlab.experiments.persona_gating import cost_parts
 from steerlab.experiments.store import ResponseStore
 from steerlab.report import Figure, Finding, Report, Sample, Table
 
@@ -242,8 +243,6 @@ def _seed_note(c: dict[str, Any]) -> str:
 
 def _cost_table(cost: dict[str, Any]) -> Table:
     """Where the run's time went, one part per row, in passes and seconds."""
-    from steerlab.experiments.persona_gating import cost_parts
-
     base = cost["baseline_pass_seconds"]
     rows = [
         {"part": name, "passes": passes, "seconds": passes * base}
