@@ -174,3 +174,24 @@ def test_cache_path_alias(tmp_path):
             Judge(stub.url, "m", cache_path=tmp_path / "c.jsonl") as judge:
         judge.score("a", "b")
     assert (tmp_path / "c.jsonl").exists()
+
+
+def test_close_while_a_judgement_is_in_flight_does_not_deadlock():
+    """close() waits for running judgements; their done-callbacks take the judge's lock,
+    so close must not hold it while waiting (it did, and a CI run hung there)."""
+    import threading
+    import time
+
+    def slow(req):
+        time.sleep(0.5)
+        return VALID
+
+    with OpenAIStub(slow) as stub:
+        judge = Judge(stub.url, "m")
+        future = judge.submit("p", "r")
+        time.sleep(0.1)  # the request is running now
+        closer = threading.Thread(target=judge.close, daemon=True)
+        closer.start()
+        closer.join(timeout=30)
+        assert not closer.is_alive(), "Judge.close() deadlocked"
+        assert future.result(timeout=1).compliance == 1.0

@@ -266,10 +266,12 @@ class Judge:
             yield futures[fut], fut.result()
 
     def close(self) -> None:
+        # Wait for the pool outside the lock: a finishing judgement's done-callback
+        # (_forget) takes the lock, so waiting while holding it can deadlock.
         with self._pool_lock:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True, cancel_futures=True)
-                self._pool = None
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         self.client.close()
 
     def __enter__(self) -> Judge:
