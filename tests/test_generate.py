@@ -14,8 +14,15 @@ from steerlab.chat import encode
 from steerlab.decoding import decode_loop, left_pad
 from steerlab.directions import Direction, DirectionMeta
 from steerlab.errors import DataError
-from steerlab.generate import Generation, GenerationError, eos_ids, generate
-from steerlab.interventions import Add
+from steerlab.generate import (
+    Generation,
+    GenerationError,
+    GenerationGroup,
+    eos_ids,
+    generate,
+    generate_groups,
+)
+from steerlab.interventions import Add, Project
 from steerlab.steering import count_hooks
 from tests.tiny import save_tiny, tiny_model
 
@@ -335,3 +342,40 @@ def test_first_logits_are_each_prompts_next_token_logits_in_input_order() -> Non
             alone = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         assert torch.allclose(seen[i], alone.logits[0, -1], atol=1e-4)
     assert count_hooks(lm.model) == 0
+
+
+def test_groups_share_batches_and_each_row_gets_only_its_own_steering() -> None:
+    """Several conditions in one batch: each row's tokens equal its condition run alone
+    (steering masked to its rows, masks following rows that finish early), and the
+    callbacks name rows by (group, index)."""
+    lm = tiny_model("qwen2", dtype=torch.float32)
+    d = Direction(torch.randn(3, 64) * 20, (0, 1, 2), DirectionMeta(best_layer=1))
+    groups = [
+        GenerationGroup(PROMPTS),
+        GenerationGroup(PROMPTS[:3], steer=[Add(d, 1.0, layers=1)]),
+        GenerationGroup(PROMPTS[1:], steer=[Add(d, -1.0, layers=0), Project(d, layers=[2])],
+                        system="be kind"),
+        GenerationGroup(PROMPTS[:2], steer=Add(d, 1.0, layers=1, positions="generated")),
+    ]
+    # an early stop for some rows, so the row masks must follow the shrinking batch
+    _, tokens = _hf_greedy(lm, PROMPTS, 8)
+    lm.model.generation_config.eos_token_id = [lm.tokenizer.eos_token_id, tokens[0, 2].item()]
+    alone = [generate(lm, g.prompts, steer=g.steer, system=g.system, max_new_tokens=8,
+                      batch_size=1) for g in groups]
+    done: list[tuple[int, int]] = []
+    firsts: list[tuple[int, int]] = []
+    together = generate_groups(
+        lm, groups, max_new_tokens=8, batch_size=7,
+        on_done=lambda g, gen: done.append((g, gen.index)),
+        on_first_logits=lambda keys, logits: firsts.extend(keys),
+    )
+    assert [[r.response for r in rows] for rows in together] == \
+        [[r.response for r in rows] for rows in alone]
+    assert [[r.finish_reason for r in rows] for rows in together] == \
+        [[r.finish_reason for r in rows] for rows in alone]
+    assert any(r.finish_reason == "stop" for rows in together for r in rows)
+    assert len({r.response for rows in together for r in rows if r.prompt == PROMPTS[1]}) > 1
+    expected = sorted((g, i) for g, grp in enumerate(groups) for i in range(len(grp.prompts)))
+    assert sorted(done) == sorted(firsts) == expected
+    assert count_hooks(lm.model) == 0
+    lm.model.generation_config.eos_token_id = lm.tokenizer.eos_token_id

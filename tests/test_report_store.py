@@ -116,3 +116,56 @@ def test_runner_keeps_generation_timings_across_interruptions(tmp_path: Path) ->
     assert resumed.timings.generation["baseline"] > 0
     resumed.run(Condition("baseline"), prompts)  # nothing left to generate: cost unchanged
     assert resumed.timings.generated_prompts == {"baseline": 4}
+
+
+def test_run_many_equals_separate_runs_and_keeps_rows_finished_before_a_crash(
+    tmp_path: Path,
+) -> None:
+    """Conditions sharing batches give each prompt what its condition gives run alone,
+    returned in prompt order; rows finished before an exception are on disk, and the
+    rerun generates only the rest."""
+    import torch
+
+    from steerlab.directions import Direction
+    from steerlab.experiments.runner import Condition, Job, Runner
+    from steerlab.interventions import Add
+    from steerlab.prompts import load_prompts
+    from tests.tiny import tiny_model
+
+    lm = tiny_model("qwen2", dtype=torch.float32)
+    prompts = load_prompts("paired:harmful", split="test", limit=5)
+    d = Direction(torch.randn(lm.n_layers, lm.d_model) * 20, tuple(range(lm.n_layers)))
+    conds = [
+        Condition("plain"),
+        Condition("steered", (Add(d, 1.0, layers=[1]),)),
+        Condition("system", system="Answer in one word."),
+    ]
+    alone = Runner(lm, tmp_path / "alone", max_new_tokens=4, batch_size=1, show_progress=False)
+    expected = [alone.run(c, prompts) for c in conds]
+    shared = Runner(lm, tmp_path / "shared", max_new_tokens=4, batch_size=4, show_progress=False)
+    calls = [0]
+
+    def crash_on_third_batch(module, args, kwargs):  # type: ignore[no-untyped-def]
+        if kwargs["input_ids"].shape[1] > 1:  # a prefill: one per batch
+            calls[0] += 1
+            if calls[0] == 3:
+                raise RuntimeError("power cut")
+
+    handle = lm.model.register_forward_pre_hook(crash_on_third_batch, with_kwargs=True)
+    try:
+        with pytest.raises(RuntimeError, match="power cut"):
+            shared.run_many([Job(c, prompts) for c in conds])
+    finally:
+        handle.remove()
+    kept = ResponseStore(tmp_path / "shared" / "responses.jsonl").rows()
+    assert 8 <= len(kept) < 15  # two batches of four finished and were saved
+    got = Runner(lm, tmp_path / "shared", max_new_tokens=4, batch_size=4,
+                 show_progress=False).run_many([Job(c, prompts) for c in conds])
+    assert [[r["prompt_id"] for r in rows] for rows in got] == [[p.id for p in prompts]] * 3
+    assert [[r["response"] for r in rows] for rows in got] == \
+        [[r["response"] for r in rows] for rows in expected]
+    assert [r["response"] for r in got[1]] != [r["response"] for r in got[0]]
+    stored = ResponseStore(tmp_path / "shared" / "responses.jsonl").rows()
+    assert len(stored) == 15 and stored[: len(kept)] == kept  # nothing generated twice
+    with pytest.raises(SteerlabError, match="twice"):
+        shared.run_many([Job(conds[0], prompts), Job(conds[0], prompts)])

@@ -13,7 +13,12 @@ One loop, written for throughput and reproducibility rather than generality:
   a prompt's sample does not depend on batch size, order or resumption;
 - ``batch_size="auto"`` starts large and halves on out-of-memory;
 - finished rows are appended to ``out_jsonl`` as they finish; rerunning with
-  the same file skips the indices already there.
+  the same file skips the indices already there;
+- :func:`generate_groups` runs several steerings (or system prompts) at once:
+  their rows share batches, each steered only on its own rows (a row mask
+  per group), so ten conditions over 48 prompts cost far fewer decode steps
+  than ten separate calls; a row's tokens do not depend on its batch-mates
+  beyond floating-point rounding.
 
 Example:
     >>> rows = generate(lm, ["Write a haiku."], max_new_tokens=32)   # doctest: +SKIP
@@ -26,6 +31,7 @@ import dataclasses
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,13 +47,15 @@ from steerlab.interventions import Spec, resolve_specs, specs_to_json
 
 FirstLogitsFn = Callable[[list[int], torch.Tensor], None]
 """``on_first_logits(input-order row indices, first-token logits [B, V])``."""
+GroupFirstLogitsFn = Callable[[list[tuple[int, int]], torch.Tensor], None]
+"""``on_first_logits([(group, index within the group)], first-token logits [B, V])``."""
 
 if TYPE_CHECKING:
     from rich.progress import Progress, Task
 
     from steerlab.model import LoadedModel
 
-CPU_AUTO_BATCH = 16
+CPU_AUTO_BATCH = 64
 GPU_MAX_AUTO_BATCH = 256
 
 
@@ -77,6 +85,15 @@ class Generation:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+@dataclass(frozen=True)
+class GenerationGroup:
+    """Prompts to generate under one steering and system prompt (see :func:`generate_groups`)."""
+
+    prompts: Sequence[Any]
+    steer: Spec | Sequence[Spec] = ()
+    system: str | Sequence[str | None] | None = None
+
+
 @dataclass
 class _Row:
     index: int
@@ -84,6 +101,7 @@ class _Row:
     system: str | None
     id: str
     ids: list[int]
+    group: int = 0
 
 
 @dataclass(frozen=True)
@@ -108,39 +126,56 @@ def _choose(logits: torch.Tensor, settings: _Settings,
 
 
 # -- one batch ---------------------------------------------------------------------------------
-def _run_batch(lm: LoadedModel, rows: Sequence[_Row], settings: _Settings,
-               emit: Callable[[_Row, list[int], str], None],
+def _run_batch(lm: LoadedModel, rows: Sequence[_Row], group_specs: Sequence[Sequence[Spec]],
+               settings: _Settings, emit: Callable[[_Row, list[int], str], None],
                on_tokens: Callable[[int], None],
-               on_first_logits: FirstLogitsFn | None = None) -> None:
-    """Generate for ``rows``; call ``emit`` for each row as soon as it finishes."""
+               on_first_logits: Callable[[Sequence[_Row], torch.Tensor], None] | None = None,
+               ) -> None:
+    """Generate for ``rows``; call ``emit`` for each row as soon as it finishes.
+
+    Each group present is steered by its own specs; with more than one group in the
+    batch, each steering is masked to its group's rows, and the masks follow the
+    rows as finished ones leave the batch.
+    """
     tokens: list[list[int]] = [[] for _ in rows]
     generators: list[torch.Generator] = []
     first = [on_first_logits is not None]
+    present = sorted({r.group for r in rows})
+    with ExitStack() as stack:
+        plans = [
+            stack.enter_context(steering.steer(
+                lm, group_specs[g],
+                row_mask=None if len(present) == 1 else [r.group == g for r in rows]))
+            for g in present if group_specs[g]
+        ]
 
-    def step(logits: torch.Tensor, active: list[int]) -> tuple[torch.Tensor, list[int]]:
-        if first[0] and on_first_logits is not None:  # the prefill: every row, first token
-            first[0] = False
-            on_first_logits([r.index for r in rows], logits)
-        if settings.do_sample and not generators:
-            # logits live where the LM head is (not the embedding's device under a device_map)
-            generators.extend(prompt_generator(settings.seed, r.index, logits.device)
-                              for r in rows)
-        chosen = _choose(logits, settings,
-                         [generators[a] for a in active] if generators else [])
-        keep: list[int] = []
-        for j, (a, tok) in enumerate(zip(active, chosen.tolist(), strict=True)):
-            if tok in settings.eos:
-                emit(rows[a], tokens[a], "stop")
-                continue
-            tokens[a].append(tok)
-            if len(tokens[a]) >= settings.max_new_tokens:
-                emit(rows[a], tokens[a], "length")
-            else:
-                keep.append(j)
-        on_tokens(len(active))
-        return chosen, keep
+        def step(logits: torch.Tensor, active: list[int]) -> tuple[torch.Tensor, list[int]]:
+            if first[0] and on_first_logits is not None:  # the prefill: every row, first token
+                first[0] = False
+                on_first_logits(rows, logits)
+            if settings.do_sample and not generators:
+                # logits live where the LM head is (not the embedding's device under a device_map)
+                generators.extend(prompt_generator(settings.seed, r.index, logits.device)
+                                  for r in rows)
+            chosen = _choose(logits, settings,
+                             [generators[a] for a in active] if generators else [])
+            keep: list[int] = []
+            for j, (a, tok) in enumerate(zip(active, chosen.tolist(), strict=True)):
+                if tok in settings.eos:
+                    emit(rows[a], tokens[a], "stop")
+                    continue
+                tokens[a].append(tok)
+                if len(tokens[a]) >= settings.max_new_tokens:
+                    emit(rows[a], tokens[a], "length")
+                else:
+                    keep.append(j)
+            on_tokens(len(active))
+            if keep and len(keep) < len(active):
+                for plan in plans:  # the row masks follow the rows that stay
+                    plan.select_rows(keep)
+            return chosen, keep
 
-    decode_loop(lm, [r.ids for r in rows], settings.pad, step)
+        decode_loop(lm, [r.ids for r in rows], settings.pad, step)
 
 
 # -- batch size --------------------------------------------------------------------------------
@@ -154,9 +189,11 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def auto_batch_size(lm: LoadedModel, n_prompts: int, max_tokens: int) -> int:
-    """A starting batch size: 16 on CPU (where larger batches stop paying), on a GPU
-    what the free memory holds for the KV cache of ``max_tokens`` per row, with
-    headroom; :func:`generate` halves it on out-of-memory."""
+    """A starting batch size: 64 on CPU (a decode step has a fixed cost, mostly reading
+    the weights, that a larger batch shares: 48 prompts of the embedded model generate
+    17% faster in one batch than in three of 16), on a GPU what the free memory holds
+    for the KV cache of ``max_tokens`` per row, with headroom; :func:`generate` halves
+    it on out-of-memory."""
     device = lm.device
     if device.type != "cuda":
         return max(1, min(n_prompts, CPU_AUTO_BATCH))
@@ -250,7 +287,7 @@ def _progress(enabled: bool) -> Progress | None:
 
 # -- the public entry point --------------------------------------------------------------------
 def _as_rows(lm: LoadedModel, prompts: Iterable[Any], system: str | Sequence[str | None] | None,
-             chat_template: str | None) -> list[_Row]:
+             chat_template: str | None, group: int = 0) -> list[_Row]:
     items = list(prompts)
     systems = [system] * len(items) if system is None or isinstance(system, str) else list(system)
     if len(systems) != len(items):
@@ -262,7 +299,7 @@ def _as_rows(lm: LoadedModel, prompts: Iterable[Any], system: str | Sequence[str
             raise DataError(f"Prompt {index} is a {type(item).__name__}, not text or a Prompt.")
         rendered = render(lm.tokenizer, text, sys_prompt, chat_template=chat_template)
         ids = list(lm.tokenizer(rendered, add_special_tokens=False)["input_ids"])
-        rows.append(_Row(index, text, sys_prompt, str(getattr(item, "id", "") or ""), ids))
+        rows.append(_Row(index, text, sys_prompt, str(getattr(item, "id", "") or ""), ids, group))
     return rows
 
 
@@ -307,16 +344,9 @@ def generate(
     first response token's logits ``[B, V]`` (rows given by their input-order
     indices): first-token statistics such as KL then cost no extra pass.
     """
-    if max_new_tokens < 1:
-        raise DataError(f"max_new_tokens must be at least 1; got {max_new_tokens}.")
-    if do_sample and not (temperature > 0 and 0 < top_p <= 1):
-        raise DataError(f"Sampling needs temperature > 0 and 0 < top_p ≤ 1; got {temperature}, "
-                        f"{top_p}.")
+    settings = _settings(lm, max_new_tokens, do_sample, temperature, top_p, seed)
     rows = _as_rows(lm, prompts, system, chat_template)
     specs = resolve_specs(steer, lm=lm)
-    pad = lm.tokenizer.pad_token_id
-    settings = _Settings(max_new_tokens, do_sample, float(temperature), float(top_p), int(seed),
-                         eos_ids(lm), int(pad if pad is not None else 0))
     settings_id = _settings_id(lm, specs, settings,
                                chat_template or getattr(lm.tokenizer, "chat_template", None))
     by_index = {r.index: r for r in rows}
@@ -324,15 +354,96 @@ def generate(
     done = _read_done(path, by_index, settings_id) if path is not None else {}
     pending = sorted((r for r in rows if r.index not in done), key=lambda r: -len(r.ids))
     if pending:
-        _generate_rows(lm, pending, specs, settings, settings_id, batch_size, path, progress,
-                       done, len(rows), on_first_logits)
+        _generate_to_file(lm, pending, specs, settings, settings_id, batch_size, path, progress,
+                          done, len(rows), on_first_logits)
     return [done[r.index] for r in rows]
 
 
-def _generate_rows(lm: LoadedModel, pending: list[_Row], specs: list[Spec], settings: _Settings,
-                   settings_id: str, batch_size: int | str, path: Path | None, progress: bool,
-                   done: dict[int, Generation], total: int,
-                   on_first_logits: FirstLogitsFn | None = None) -> None:
+def generate_groups(
+    lm: LoadedModel,
+    groups: Sequence[GenerationGroup],
+    *,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int | str = "auto",
+    chat_template: str | None = None,
+    on_done: Callable[[int, Generation], None] | None = None,
+    on_first_logits: GroupFirstLogitsFn | None = None,
+) -> list[list[Generation]]:
+    """Generate every group's prompts under that group's steering, rows of all groups
+    sharing batches; returns one list per group, in its prompts' order.
+
+    Why: a decode step costs nearly the same for 16 rows as for 64 (it is bound by
+    reading the weights, on a GPU by launch overhead), so conditions over the same
+    few dozen prompts run together in far fewer steps than one after another. Rows
+    are sorted by length across groups into left-padded batches. ``on_done(group,
+    generation)`` is called as each row finishes (``generation.index`` is its index
+    within the group), so a caller can store rows before an interruption.
+    ``on_first_logits`` is as in :func:`generate`, rows named by ``(group, index)``.
+    """
+    settings = _settings(lm, max_new_tokens, do_sample, temperature, top_p, seed)
+    rows: list[_Row] = []
+    group_specs: list[list[Spec]] = []
+    for g, group in enumerate(groups):
+        rows += _as_rows(lm, group.prompts, group.system, chat_template, group=g)
+        group_specs.append(resolve_specs(group.steer, lm=lm))
+    done: dict[tuple[int, int], Generation] = {}
+
+    def emit(row: _Row, tokens: list[int], reason: str) -> None:
+        gen = _generation(lm, row, tokens, reason)
+        done[(row.group, row.index)] = gen
+        if on_done is not None:
+            on_done(row.group, gen)
+
+    def first_logits(batch: Sequence[_Row], logits: torch.Tensor) -> None:
+        if on_first_logits is not None:
+            on_first_logits([(r.group, r.index) for r in batch], logits)
+
+    pending = sorted(rows, key=lambda r: -len(r.ids))
+    if pending:
+        _generate_batches(lm, pending, group_specs, settings, batch_size, emit, lambda _n: None,
+                          first_logits if on_first_logits is not None else None)
+    out: list[list[Generation]] = [[] for _ in groups]
+    for row in rows:
+        out[row.group].append(done[(row.group, row.index)])
+    return out
+
+
+def _settings(lm: LoadedModel, max_new_tokens: int, do_sample: bool, temperature: float,
+              top_p: float, seed: int) -> _Settings:
+    if max_new_tokens < 1:
+        raise DataError(f"max_new_tokens must be at least 1; got {max_new_tokens}.")
+    if do_sample and not (temperature > 0 and 0 < top_p <= 1):
+        raise DataError(f"Sampling needs temperature > 0 and 0 < top_p ≤ 1; got {temperature}, "
+                        f"{top_p}.")
+    pad = lm.tokenizer.pad_token_id
+    return _Settings(max_new_tokens, do_sample, float(temperature), float(top_p), int(seed),
+                     eos_ids(lm), int(pad if pad is not None else 0))
+
+
+def _generation(lm: LoadedModel, row: _Row, tokens: list[int], reason: str) -> Generation:
+    return Generation(row.index, row.prompt, row.system,
+                      lm.tokenizer.decode(tokens, skip_special_tokens=True),
+                      len(row.ids), len(tokens), reason, row.id)
+
+
+def _generate_batches(lm: LoadedModel, pending: list[_Row], group_specs: Sequence[Sequence[Spec]],
+                      settings: _Settings, batch_size: int | str,
+                      emit: Callable[[_Row, list[int], str], None],
+                      on_tokens: Callable[[int], None],
+                      on_first_logits: Callable[[Sequence[_Row], torch.Tensor], None] | None,
+                      ) -> None:
+    """Run ``pending`` (sorted longest first) in batches, halving the size on out-of-memory
+    and retrying only the rows of the failed batch that had not finished."""
+    finished: set[int] = set()
+
+    def emit_once(row: _Row, tokens: list[int], reason: str) -> None:
+        finished.add(id(row))
+        emit(row, tokens, reason)
+
     if batch_size == "auto":
         size = auto_batch_size(lm, len(pending), max(len(r.ids) for r in pending)
                                + settings.max_new_tokens)
@@ -340,15 +451,36 @@ def _generate_rows(lm: LoadedModel, pending: list[_Row], specs: list[Spec], sett
         size = batch_size
     else:
         raise DataError(f"batch_size must be 'auto' or a positive integer; got {batch_size!r}.")
+    while pending:
+        batch, rest = pending[:size], pending[size:]
+        try:
+            _run_batch(lm, batch, group_specs, settings, emit_once, on_tokens, on_first_logits)
+        except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
+            if not _is_oom(exc):
+                raise
+            if size == 1:
+                raise GenerationError(
+                    "Out of memory even at batch size 1; lower --max-new-tokens, use a "
+                    "smaller dtype or a machine with more memory."
+                ) from exc
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            size = max(1, min(size, len(batch)) // 2)
+            rest = [r for r in batch if id(r) not in finished] + rest
+        pending = rest
+
+
+def _generate_to_file(lm: LoadedModel, pending: list[_Row], specs: list[Spec],
+                      settings: _Settings, settings_id: str, batch_size: int | str,
+                      path: Path | None, progress: bool, done: dict[int, Generation], total: int,
+                      on_first_logits: FirstLogitsFn | None = None) -> None:
     bar = _progress(progress)
     task = bar.add_task("generating", total=total, completed=len(done), tokens=0) if bar else None
     sink = path.open("a", encoding="utf-8") if path is not None else None
     n_tokens = 0
 
     def emit(row: _Row, tokens: list[int], reason: str) -> None:
-        gen = Generation(row.index, row.prompt, row.system,
-                         lm.tokenizer.decode(tokens, skip_special_tokens=True),
-                         len(row.ids), len(tokens), reason, row.id)
+        gen = _generation(lm, row, tokens, reason)
         done[row.index] = gen
         if sink is not None:
             sink.write(json.dumps({**gen.to_dict(), "settings": settings_id},
@@ -363,27 +495,15 @@ def _generate_rows(lm: LoadedModel, pending: list[_Row], specs: list[Spec], sett
         if bar is not None and task is not None:
             bar.update(task, tokens=n_tokens)
 
+    def first_logits(batch: Sequence[_Row], logits: torch.Tensor) -> None:
+        if on_first_logits is not None:
+            on_first_logits([r.index for r in batch], logits)
+
     try:
         if bar is not None:
             bar.start()
-        with steering.steer(lm, specs):
-            while pending:
-                batch, rest = pending[:size], pending[size:]
-                try:
-                    _run_batch(lm, batch, settings, emit, on_tokens, on_first_logits)
-                except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
-                    if not _is_oom(exc):
-                        raise
-                    if size == 1:
-                        raise GenerationError(
-                            "Out of memory even at batch size 1; lower --max-new-tokens, use a "
-                            "smaller dtype or a machine with more memory."
-                        ) from exc
-                    if torch.cuda.is_available():
-                        torch.cuda.empty_cache()
-                    size = max(1, min(size, len(batch)) // 2)
-                    rest = [r for r in batch if r.index not in done] + rest
-                pending = rest
+        _generate_batches(lm, pending, [specs], settings, batch_size, emit, on_tokens,
+                          first_logits if on_first_logits is not None else None)
     finally:
         if sink is not None:
             sink.close()
@@ -391,4 +511,5 @@ def _generate_rows(lm: LoadedModel, pending: list[_Row], specs: list[Spec], sett
             bar.stop()
 
 
-__all__ = ["Generation", "GenerationError", "auto_batch_size", "eos_ids", "generate"]
+__all__ = ["Generation", "GenerationError", "GenerationGroup", "auto_batch_size", "eos_ids",
+           "generate", "generate_groups"]

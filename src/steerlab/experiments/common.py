@@ -425,9 +425,11 @@ def refusal_bars(
 
 
 def samples(store: ResponseStore, names: Sequence[str], n: int) -> list[Sample]:
+    """The first ``n`` rows of each condition by prompt id: the same prompts across
+    conditions, whatever order the rows finished in."""
     out = []
     for name in names:
-        for row in store.rows(name)[:n]:
+        for row in sorted(store.rows(name), key=lambda r: str(r["prompt_id"]))[:n]:
             out.append(Sample(name, row["prompt"], row["response"], row["outcome"]))
     return out
 

@@ -61,7 +61,12 @@ class PersonaGatingConfig(LayerSelectionSettings):
 
     seed: int = Field(0, description="Seed for random controls and any sampling.")
     max_new_tokens: int = Field(32, ge=1, description="Greedy tokens generated per prompt.")
-    batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
+    batch_size: int = Field(
+        128,
+        ge=1,
+        description="Rows per generation batch; the conditions after the baseline share "
+        "batches, so large batches pay (a decode step costs nearly the same for 16 rows as 128).",
+    )
     eval_prompts: str = Field(
         "paired:harmful", description="Evaluation prompts: built-in name or file."
     )

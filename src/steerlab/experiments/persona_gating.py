@@ -23,7 +23,13 @@ from typing import TYPE_CHECKING, Any
 from steerlab._atomic import write_json
 from steerlab.experiments.common import span
 from steerlab.experiments.config import PersonaGatingConfig
-from steerlab.experiments.runner import Condition, Runner, condition_summary, paired_flags
+from steerlab.experiments.runner import (
+    Condition,
+    Job,
+    Runner,
+    condition_summary,
+    paired_flags,
+)
 
 if TYPE_CHECKING:
     from steerlab.directions import Direction
@@ -91,11 +97,14 @@ def run_persona_gating(
             late,
             persona_pairs("compliance", split="test"),
         )
-        for cond in conditions:
-            run.run(cond, eval_set, tag="eval")
+        # The baseline runs alone: its time is the unit the cost is stated in. Every other
+        # condition, harmful and harmless, shares generation batches.
+        run.run(conditions[0], eval_set, tag="eval")
         harmless_conditions = _harmless_conditions(conditions)
-        for cond in harmless_conditions:
-            run.run(cond, harmless, tag="harmless", keep_first_token=True)
+        run.run_many(
+            [Job(c, eval_set, "eval") for c in conditions[1:]]
+            + [Job(c, harmless, "harmless", keep_first_token=True) for c in harmless_conditions]
+        )
         kl = run.step("kl", lambda: _kl(run, harmless, harmless_conditions, config))
         run.first_token_logprobs.clear()  # ~0.6 MB per prompt and condition: free it now
 
@@ -244,13 +253,15 @@ def _select(
     that stay coherent (degenerate rate ≤ max_degenerate_rate); ties go to the smaller alpha."""
     from steerlab.interventions import Add
 
-    cells = []
-    for layer, alpha in grid:
-        cond = Condition(
-            f"val/persona_L{layer}_a{alpha:g}", (Add(persona, alpha=alpha, layers=[layer]),)
-        )
-        summary = condition_summary(run.run(cond, val_set, tag="val"))
-        cells.append({"layer": layer, "alpha": alpha, **summary})
+    conds = [
+        Condition(f"val/persona_L{layer}_a{alpha:g}", (Add(persona, alpha=alpha, layers=[layer]),))
+        for layer, alpha in grid
+    ]
+    rows = run.run_many([Job(c, val_set, "val") for c in conds])
+    cells = [
+        {"layer": layer, "alpha": alpha, **condition_summary(r)}
+        for (layer, alpha), r in zip(grid, rows, strict=True)
+    ]
     ok = [c for c in cells if c["degenerate_rate"] <= config.max_degenerate_rate] or cells
     best = min(ok, key=lambda c: (c["refusal_rate"], c["alpha"], c["layer"]))
     return {
@@ -287,14 +298,15 @@ def _select_readd(
     if config.readd_alpha is not None:
         return {"alpha": config.readd_alpha, "rule": "fixed by the config", "cells": []}
     probe = min(run.lm.n_layers - 1, round(0.75 * run.lm.n_layers))
-    base = condition_summary(run.run(Condition("val/baseline"), val_set, tag="val"))
     steer = Add(persona, alpha=alpha, layers=[layer])
-    cells = []
-    for a in sorted(config.readd_alphas):
-        cond = Condition(
-            f"val/readd_L{probe}_a{a:g}", (steer, Add(refusal, alpha=a, layers=[probe]))
-        )
-        cells.append({"alpha": a, **condition_summary(run.run(cond, val_set, tag="val"))})
+    alphas = sorted(config.readd_alphas)
+    conds = [Condition("val/baseline")] + [
+        Condition(f"val/readd_L{probe}_a{a:g}", (steer, Add(refusal, alpha=a, layers=[probe])))
+        for a in alphas
+    ]
+    rows = run.run_many([Job(c, val_set, "val") for c in conds])
+    base = condition_summary(rows[0])
+    cells = [{"alpha": a, **condition_summary(r)} for a, r in zip(alphas, rows[1:], strict=True)]
     ok = [c for c in cells if c["degenerate_rate"] <= config.max_degenerate_rate] or cells
     restoring = [c for c in ok if c["refusal_rate"] >= base["refusal_rate"]]
     best = restoring[0] if restoring else max(ok, key=lambda c: (c["refusal_rate"], -c["alpha"]))

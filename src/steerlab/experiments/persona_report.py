@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Any
 
 from steerlab import plots
+from steerlab.experiments.common import samples as common_samples
 from steerlab.experiments.config import PersonaGatingConfig
 from steerlab.experiments.persona_gating import cost_parts
 from steerlab.experiments.store import ResponseStore
-from steerlab.report import Figure, Finding, Report, Sample, Table
+from steerlab.report import Figure, Finding, Report, Table
 
 MAIN = (
     "baseline",
@@ -193,19 +194,20 @@ def write_persona_report(
         )
     if "cost" in results:
         tables.append(_cost_table(results["cost"]))
-    samples = []
-    for name in (
-        "baseline",
-        "persona_system_prompt",
-        "persona_steer",
-        "random_steer/s0",
-        "refusal_ablate",
-        f"refusal_readd/L{c.get('refusal_readd_late', {}).get('layer')}",
-        "persona_project_late",
-        "persona_project_early",
-    ):
-        for row in store.rows(name)[: config.n_samples]:
-            samples.append(Sample(name, row["prompt"], row["response"], row["outcome"]))
+    samples = common_samples(
+        store,
+        [
+            "baseline",
+            "persona_system_prompt",
+            "persona_steer",
+            "random_steer/s0",
+            "refusal_ablate",
+            f"refusal_readd/L{c.get('refusal_readd_late', {}).get('layer')}",
+            "persona_project_late",
+            "persona_project_early",
+        ],
+        config.n_samples,
+    )
     b, s = c["baseline"], c["persona_steer"]
     summary = (
         f"Model {results['model']} (fingerprint {results['fingerprint']}), "

@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+# Finished rows are written to disk at most this long after they finish (and always
+# when a run_many call ends, normally or not).
+SAVE_EVERY_SECONDS = 1.0
 # Settings that change only how results are reported, never what is generated.
 REPORT_ONLY_SETTINGS = frozenset({"n_samples", "judge_url", "judge_model"})
 
@@ -47,6 +50,16 @@ class Condition:
     specs: tuple[Any, ...] = ()
     system: str | None = None
     description: str = ""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One condition over one prompt set, for :meth:`Runner.run_many`."""
+
+    condition: Condition
+    prompts: PromptSet
+    tag: str = ""
+    keep_first_token: bool = False
 
 
 @dataclass
@@ -222,62 +235,100 @@ class Runner:
         generated now land in :attr:`first_token_logprobs` (rows resumed from disk have
         none: callers recompute those).
         """
+        return self.run_many([Job(condition, prompts, tag, keep_first_token)])[0]
+
+    def run_many(self, jobs: Sequence[Job]) -> list[list[dict[str, Any]]]:
+        """Run several conditions together, their rows sharing generation batches.
+
+        Each row is scored and stored as soon as it finishes, so an interruption
+        loses only unfinished rows. Returns each job's rows in its prompts' order.
+        A condition's wall time is the time between row completions credited to
+        the row that completed, so shared batches split their cost by row.
+        """
         import torch
 
         from steerlab.evaluate import outcome
-        from steerlab.generate import generate
+        from steerlab.generate import Generation, GenerationGroup, generate_groups
 
-        name = condition.name
-        todo = [p for p in prompts if not self.store.has(name, p.id)]
-        done = len(prompts) - len(todo)
-        task = self.progress.add_task(name, total=len(prompts), completed=done)
-        self._advance(done)
-        for i in range(0, len(todo), self.batch_size):
-            start = time.perf_counter()
-            chunk = todo[i : i + self.batch_size]
-            kept = self.first_token_logprobs.setdefault(name, {}) if keep_first_token else None
+        names = [job.condition.name for job in jobs]
+        if len(set(names)) != len(names):
+            raise SteerlabError(f"run_many got a condition twice: {names}.")
+        todo = [[p for p in job.prompts if not self.store.has(job.condition.name, p.id)]
+                for job in jobs]
+        tasks = []
+        for job, pending in zip(jobs, todo, strict=True):
+            done = len(job.prompts) - len(pending)
+            tasks.append(self.progress.add_task(job.condition.name, total=len(job.prompts),
+                                                completed=done))
+            self._advance(done)
+        active = [j for j, pending in enumerate(todo) if pending]
+        if active:
+            last = [time.perf_counter()]
+            unsaved: list[dict[str, Any]] = []
 
-            def keep(indices: list[int], logits: Any, chunk: Any = chunk, kept: Any = kept) -> None:
-                logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
-                for row, j in enumerate(indices):
-                    kept[chunk[j].id] = logprobs[row]
+            def save() -> None:  # rows are fsynced in groups: one fsync per row costs seconds
+                self.store.append(unsaved)
+                unsaved.clear()
+                self._save_timings()
 
-            outs = generate(
-                self.lm,
-                [p.prompt for p in chunk],
-                system=condition.system,
-                steer=condition.specs,
-                max_new_tokens=self.max_new_tokens,
-                batch_size=self.batch_size,
-                on_first_logits=keep if kept is not None else None,
-            )
-            rows = []
-            for prompt, gen in zip(chunk, outs, strict=True):
+            def on_done(g: int, gen: Generation) -> None:
+                j = active[g]
+                job, prompt = jobs[j], todo[j][gen.index]
+                name = job.condition.name
                 label = outcome(gen.response)
-                rows.append(
-                    {
-                        "condition": name,
-                        "prompt_id": prompt.id,
-                        "set": tag or prompts.name,
-                        "prompt": prompt.prompt,
-                        "system": condition.system,
-                        "response": gen.response,
-                        "outcome": label,
-                        "refusal": label == "refusal",
-                        "n_new_tokens": gen.n_new_tokens,
-                    }
+                unsaved.append({
+                    "condition": name,
+                    "prompt_id": prompt.id,
+                    "set": job.tag or job.prompts.name,
+                    "prompt": prompt.prompt,
+                    "system": job.condition.system,
+                    "response": gen.response,
+                    "outcome": label,
+                    "refusal": label == "refusal",
+                    "n_new_tokens": gen.n_new_tokens,
+                })
+                now = time.perf_counter()
+                self.timings.generation[name] = (
+                    self.timings.generation.get(name, 0.0) + now - last[0]
                 )
-            self.store.append(rows)
-            # Per batch, so an interrupted condition's finished batches keep their cost.
-            elapsed = time.perf_counter() - start
-            self.timings.generation[name] = self.timings.generation.get(name, 0.0) + elapsed
-            self.timings.generated_prompts[name] = (
-                self.timings.generated_prompts.get(name, 0) + len(chunk)
-            )
-            self._save_timings()
-            self.progress.advance(task, len(chunk))
-            self._advance(len(chunk))
-        return [r for r in self.store.rows(name) if r["prompt_id"] in {p.id for p in prompts}]
+                self.timings.generated_prompts[name] = (
+                    self.timings.generated_prompts.get(name, 0) + 1
+                )
+                if now - saved_at[0] >= SAVE_EVERY_SECONDS:
+                    save()
+                    saved_at[0] = now
+                last[0] = time.perf_counter()
+                self.progress.advance(tasks[j], 1)
+                self._advance(1)
+
+            saved_at = [time.perf_counter()]
+
+            def on_first(keys: list[tuple[int, int]], logits: Any) -> None:
+                logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+                for row, (g, i) in enumerate(keys):
+                    job = jobs[active[g]]
+                    if job.keep_first_token:
+                        kept = self.first_token_logprobs.setdefault(job.condition.name, {})
+                        kept[todo[active[g]][i].id] = logprobs[row]
+
+            keeps = any(jobs[j].keep_first_token for j in active)
+            try:
+                generate_groups(
+                    self.lm,
+                    [GenerationGroup([p.prompt for p in todo[j]], jobs[j].condition.specs,
+                                     jobs[j].condition.system) for j in active],
+                    max_new_tokens=self.max_new_tokens,
+                    batch_size=self.batch_size,
+                    on_done=on_done,
+                    on_first_logits=on_first if keeps else None,
+                )
+            finally:  # finished rows survive an exception in a later batch
+                save()
+        out = []
+        for job in jobs:
+            mine = {r["prompt_id"]: r for r in self.store.rows(job.condition.name)}
+            out.append([mine[p.id] for p in job.prompts if p.id in mine])
+        return out
 
     def rows(self, condition: str) -> list[dict[str, Any]]:
         return self.store.rows(condition)

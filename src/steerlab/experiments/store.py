@@ -1,8 +1,10 @@
 """``responses.jsonl``: the append-only record of every generation of a run.
 
-One row per (condition, prompt id). Rows are appended and fsynced as soon as
-a batch finishes, so an interrupted run loses at most one batch; on reopen a
-torn last line is dropped and finished rows are never generated again.
+One row per (condition, prompt id). The runner appends and fsyncs finished rows
+at most a second after they finish, so an interrupted run loses only rows still
+generating (or finished in its last second); on reopen a torn last line is
+dropped and finished rows are never generated again. Rows are in the order they
+finished: read a condition's rows by prompt id, not by position.
 """
 
 from __future__ import annotations
