@@ -159,8 +159,13 @@ def test_run_many_equals_separate_runs_and_keeps_rows_finished_before_a_crash(
         handle.remove()
     kept = ResponseStore(tmp_path / "shared" / "responses.jsonl").rows()
     assert 8 <= len(kept) < 15  # two batches of four finished and were saved
-    got = Runner(lm, tmp_path / "shared", max_new_tokens=4, batch_size=4,
-                 show_progress=False).run_many([Job(c, prompts) for c in conds])
+    resumed = Runner(lm, tmp_path / "shared", max_new_tokens=4, batch_size=4,
+                     show_progress=False)
+    got = resumed.run_many([Job(c, prompts) for c in conds])
+    # each shared batch's time is split between the conditions whose rows it ran
+    assert set(resumed.timings.generation) == {c.name for c in conds}
+    assert all(v > 0 for v in resumed.timings.generation.values())
+    assert resumed.timings.generated_prompts == {c.name: 5 for c in conds}
     assert [[r["prompt_id"] for r in rows] for rows in got] == [[p.id for p in prompts]] * 3
     assert [[r["response"] for r in rows] for rows in got] == \
         [[r["response"] for r in rows] for rows in expected]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -372,6 +373,7 @@ def generate_groups(
     chat_template: str | None = None,
     on_done: Callable[[int, Generation], None] | None = None,
     on_first_logits: GroupFirstLogitsFn | None = None,
+    on_batch: Callable[[list[tuple[int, int]], float], None] | None = None,
 ) -> list[list[Generation]]:
     """Generate every group's prompts under that group's steering, rows of all groups
     sharing batches; returns one list per group, in its prompts' order.
@@ -382,7 +384,9 @@ def generate_groups(
     are sorted by length across groups into left-padded batches. ``on_done(group,
     generation)`` is called as each row finishes (``generation.index`` is its index
     within the group), so a caller can store rows before an interruption.
-    ``on_first_logits`` is as in :func:`generate`, rows named by ``(group, index)``.
+    ``on_first_logits`` is as in :func:`generate`, rows named by ``(group, index)``;
+    ``on_batch(rows, seconds)`` gets each finished batch's rows and wall time, so a
+    caller can split shared cost between groups.
     """
     settings = _settings(lm, max_new_tokens, do_sample, temperature, top_p, seed)
     rows: list[_Row] = []
@@ -405,7 +409,9 @@ def generate_groups(
     pending = sorted(rows, key=lambda r: -len(r.ids))
     if pending:
         _generate_batches(lm, pending, group_specs, settings, batch_size, emit, lambda _n: None,
-                          first_logits if on_first_logits is not None else None)
+                          first_logits if on_first_logits is not None else None,
+                          None if on_batch is None else
+                          lambda batch, secs: on_batch([(r.group, r.index) for r in batch], secs))
     out: list[list[Generation]] = [[] for _ in groups]
     for row in rows:
         out[row.group].append(done[(row.group, row.index)])
@@ -435,6 +441,7 @@ def _generate_batches(lm: LoadedModel, pending: list[_Row], group_specs: Sequenc
                       emit: Callable[[_Row, list[int], str], None],
                       on_tokens: Callable[[int], None],
                       on_first_logits: Callable[[Sequence[_Row], torch.Tensor], None] | None,
+                      on_batch: Callable[[Sequence[_Row], float], None] | None = None,
                       ) -> None:
     """Run ``pending`` (sorted longest first) in batches, halving the size on out-of-memory
     and retrying only the rows of the failed batch that had not finished."""
@@ -454,7 +461,10 @@ def _generate_batches(lm: LoadedModel, pending: list[_Row], group_specs: Sequenc
     while pending:
         batch, rest = pending[:size], pending[size:]
         try:
+            started = time.perf_counter()
             _run_batch(lm, batch, group_specs, settings, emit_once, on_tokens, on_first_logits)
+            if on_batch is not None:
+                on_batch(batch, time.perf_counter() - started)
         except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
             if not _is_oom(exc):
                 raise

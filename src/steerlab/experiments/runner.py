@@ -240,10 +240,10 @@ class Runner:
     def run_many(self, jobs: Sequence[Job]) -> list[list[dict[str, Any]]]:
         """Run several conditions together, their rows sharing generation batches.
 
-        Each row is scored and stored as soon as it finishes, so an interruption
+        Each row is scored and stored soon after it finishes, so an interruption
         loses only unfinished rows. Returns each job's rows in its prompts' order.
-        A condition's wall time is the time between row completions credited to
-        the row that completed, so shared batches split their cost by row.
+        A shared batch's wall time is split between its conditions by their rows
+        in it.
         """
         import torch
 
@@ -263,13 +263,14 @@ class Runner:
             self._advance(done)
         active = [j for j, pending in enumerate(todo) if pending]
         if active:
-            last = [time.perf_counter()]
             unsaved: list[dict[str, Any]] = []
+            saved_at = [time.perf_counter()]
 
             def save() -> None:  # rows are fsynced in groups: one fsync per row costs seconds
                 self.store.append(unsaved)
                 unsaved.clear()
                 self._save_timings()
+                saved_at[0] = time.perf_counter()
 
             def on_done(g: int, gen: Generation) -> None:
                 j = active[g]
@@ -287,21 +288,20 @@ class Runner:
                     "refusal": label == "refusal",
                     "n_new_tokens": gen.n_new_tokens,
                 })
-                now = time.perf_counter()
-                self.timings.generation[name] = (
-                    self.timings.generation.get(name, 0.0) + now - last[0]
-                )
                 self.timings.generated_prompts[name] = (
                     self.timings.generated_prompts.get(name, 0) + 1
                 )
-                if now - saved_at[0] >= SAVE_EVERY_SECONDS:
+                if time.perf_counter() - saved_at[0] >= SAVE_EVERY_SECONDS:
                     save()
-                    saved_at[0] = now
-                last[0] = time.perf_counter()
                 self.progress.advance(tasks[j], 1)
                 self._advance(1)
 
-            saved_at = [time.perf_counter()]
+            def on_batch(keys: list[tuple[int, int]], seconds: float) -> None:
+                for g, _ in keys:
+                    name = jobs[active[g]].condition.name
+                    self.timings.generation[name] = (
+                        self.timings.generation.get(name, 0.0) + seconds / len(keys)
+                    )
 
             def on_first(keys: list[tuple[int, int]], logits: Any) -> None:
                 logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
@@ -321,6 +321,7 @@ class Runner:
                     batch_size=self.batch_size,
                     on_done=on_done,
                     on_first_logits=on_first if keeps else None,
+                    on_batch=on_batch,
                 )
             finally:  # finished rows survive an exception in a later batch
                 save()
