@@ -152,6 +152,120 @@ def run_until_stop(lm: LoadedModel, batch: ChatBatch) -> None:
         return
 
 
+# Below this many shared tokens a batch is run whole: the prefix pass would not pay.
+MIN_SHARED_PREFIX = 8
+
+
+def shared_prefix_length(lm: LoadedModel, batch: ChatBatch, weights: torch.Tensor) -> int:
+    """How many leading tokens every row of ``batch`` has in common, ending before the
+    first position any row reads (0 when sharing them is not worth it or not safe).
+
+    Safe means: every layer attends to the whole context (no sliding window, whose
+    masks this path does not rebuild) and no steering that depends on the batch's
+    layout is hooked: a position-dependent one reads its prompt/generation phase off
+    the cache, which the shared prefix fills, and a row-masked one expects the batch's
+    rows (:func:`steerlab.steering.steer` marks both with a pre-hook on the backbone).
+    """
+    config = lm.model.config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    kinds = getattr(config, "layer_types", None)
+    if kinds is not None and any(k != "full_attention" for k in kinds):
+        return 0
+    if kinds is None and getattr(config, "sliding_window", None) is not None \
+            and getattr(config, "use_sliding_window", True):
+        return 0
+    if _backbone_pre_hooks(lm):
+        return 0
+    ids, mask, reads = batch.input_ids.cpu(), batch.attention_mask.cpu().bool(), weights.cpu()
+    n_rows, width = ids.shape
+    if n_rows < 2:
+        return 0
+    lengths = mask.sum(dim=1)
+    starts = width - lengths  # rows are left-padded
+    first_read = (reads > 0).float().argmax(dim=1) - starts
+    limit = int(min(int(first_read.min()), int(lengths.min()) - 1))
+    if limit < MIN_SHARED_PREFIX:
+        return 0
+    heads = ids.gather(1, starts[:, None] + torch.arange(limit)[None, :])
+    same = (heads == heads[:1]).all(dim=0)
+    shared = limit if bool(same.all()) else int((~same).nonzero()[0])
+    return shared if shared >= MIN_SHARED_PREFIX else 0
+
+
+def _backbone_pre_hooks(lm: LoadedModel) -> bool:
+    path = lm.arch.layers.rpartition(".")[0]
+    backbone = lm.model.get_submodule(path) if path else lm.model
+    return bool(backbone._forward_pre_hooks)
+
+
+def run_until_stop_sharing_prefix(lm: LoadedModel, batch: ChatBatch, shared: int,
+                                  in_prefix: list[bool]) -> torch.Tensor | None:
+    """Forward ``batch`` as its ``shared`` common leading tokens once, then every row's
+    rest against that prefix's KV cache repeated over the batch; return the rest's
+    last-position logits ``[B, V]`` (None when a ``stop_after`` hook ended it early).
+
+    The layer hooks see the prefix pass with ``in_prefix[0]`` True (they must skip it)
+    and then hidden states for columns ``shared:`` of the batch only. Why: chat prompts
+    share a template and often a system prompt (30 of the embedded model's ~46 tokens
+    per refusal prompt), and a prefill on a CPU costs per token.
+    """
+    from transformers import DynamicCache
+
+    from steerlab.decoding import forward_step
+
+    ids, mask = batch.input_ids, batch.attention_mask
+    n_rows, width = ids.shape
+    start = width - int(mask[0].sum())
+    cache = DynamicCache()
+    prefix = ids[:1, start:start + shared]
+    in_prefix[0] = True
+    try:
+        with torch.inference_mode():
+            forward_step(lm, prefix, torch.ones_like(prefix),
+                         torch.arange(shared, device=ids.device)[None], cache)
+    except _StopForward:
+        pass  # the cache holds every layer up to the deepest one read: all the rest needs
+    finally:
+        in_prefix[0] = False
+    cache.batch_repeat_interleave(n_rows)
+    rest_mask = mask[:, : width - shared]
+    rest_ids = ids[:, shared:] * rest_mask  # columns left of a row's own rest are padding
+    full_mask = torch.cat([torch.ones_like(mask[:, :shared]), rest_mask], dim=1)
+    positions = shared + position_ids(rest_mask)
+    try:
+        with torch.inference_mode():
+            logits, _ = forward_step(lm, rest_ids, full_mask, positions, cache)
+    except _StopForward:
+        return None
+    return logits
+
+
+def last_logits(lm: LoadedModel, batch: ChatBatch) -> torch.Tensor:
+    """Next-token logits ``[B, V]`` after each row, the shared prefix computed once."""
+    shared = shared_prefix_length(lm, batch, position_weights(batch, "last"))
+    if shared:
+        logits = run_until_stop_sharing_prefix(lm, batch, shared, [False])
+        assert logits is not None  # no stop_after hooks here
+        return logits
+    # An index tensor, not logits_to_keep=1: the int form feeds the LM head a
+    # non-contiguous [B, 1, d] slice, which on CPU bfloat16 (tied embeddings) copies the
+    # whole transposed vocab matrix per call, ~20 s here instead of ~0.1 s.
+    last = torch.tensor([batch.input_ids.shape[1] - 1], device=batch.input_ids.device)
+    return forward_batch(lm, batch, logits_to_keep=last).logits[:, -1]
+
+
+def _forward_reading(lm: LoadedModel, batch: ChatBatch, weights: torch.Tensor,
+                     state: dict[str, Any]) -> None:
+    """Run ``batch`` for hooks that read ``state["weights"]`` (shared prefix when it pays)."""
+    shared = shared_prefix_length(lm, batch, weights)
+    if shared:
+        state["weights"] = weights[:, shared:]
+        run_until_stop_sharing_prefix(lm, batch, shared, state["in_prefix"])
+    else:
+        state["weights"] = weights
+        run_until_stop(lm, batch)
+
+
 @contextmanager
 def record_activations(
     lm: LoadedModel, layers: Sequence[int] | None = None
@@ -191,7 +305,9 @@ def iter_batches(
     """Yield ``(prompt indices, ChatBatch on lm.device)``, grouped by length to cut padding.
 
     All prompts are rendered and tokenized once; each batch is trimmed to its
-    own longest row (left padding only where needed).
+    own longest row (left padding only where needed). With one system prompt per
+    prompt, rows are batched per system prompt (a batch never mixes two), so each
+    batch shares its system prompt's tokens (see :func:`shared_prefix_length`).
     """
     if batch_size < 1:
         raise DataError(f"batch_size must be at least 1; got {batch_size}.")
@@ -199,18 +315,23 @@ def iter_batches(
     lengths = full.attention_mask.sum(dim=1)
     order = (torch.argsort(lengths, descending=True, stable=True) if sort
              else torch.arange(len(prompts)))
-    for start in range(0, len(prompts), batch_size):
-        idx = order[start:start + batch_size]
-        width = int(lengths[idx].max())
-        cut = full.input_ids.shape[1] - width
-        batch = ChatBatch(
-            input_ids=full.input_ids[idx, cut:],
-            attention_mask=full.attention_mask[idx, cut:],
-            prompt_end=full.prompt_end[idx] - cut,
-            n_post=full.n_post,
-            texts=[full.texts[i] for i in idx.tolist()],
-        )
-        yield idx.tolist(), batch.to(lm.device)
+    groups: dict[str | None, list[int]] = {}
+    systems = None if system is None or isinstance(system, str) else list(system)
+    for i in order.tolist():
+        groups.setdefault(systems[i] if systems is not None and sort else None, []).append(i)
+    for members in groups.values():
+        for start in range(0, len(members), batch_size):
+            idx = torch.tensor(members[start:start + batch_size], dtype=torch.long)
+            width = int(lengths[idx].max())
+            cut = full.input_ids.shape[1] - width
+            batch = ChatBatch(
+                input_ids=full.input_ids[idx, cut:],
+                attention_mask=full.attention_mask[idx, cut:],
+                prompt_end=full.prompt_end[idx] - cut,
+                n_post=full.n_post,
+                texts=[full.texts[i] for i in idx.tolist()],
+            )
+            yield idx.tolist(), batch.to(lm.device)
 
 
 def _read_position(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -274,9 +395,11 @@ def mean_activations(
     rows = {layer: r for r, layer in enumerate(chosen)}
     running = _Running(len(chosen), lm.d_model, _stats_device(lm))
     raw = torch.empty(len(texts), len(chosen), lm.d_model) if keep_raw else None
-    state: dict[str, Any] = {}
+    state: dict[str, Any] = {"in_prefix": [False]}
 
     def read(layer: int, hidden: torch.Tensor) -> None:
+        if state["in_prefix"][0]:
+            return
         x = _read_position(hidden, state["weights"])
         if not torch.isfinite(x).all():
             raise SteerlabError(
@@ -290,9 +413,8 @@ def mean_activations(
     with layer_output_hooks(lm, chosen, read, stop_after=True):
         for idx, batch in iter_batches(lm, texts, system=system, responses=responses,
                                        batch_size=batch_size, chat_template=chat_template):
-            state.update(weights=position_weights(batch, position), idx=idx,
-                         seen=running.count)
-            run_until_stop(lm, batch)
+            state.update(idx=idx, seen=running.count)
+            _forward_reading(lm, batch, position_weights(batch, position), state)
             running.count += len(idx)
             if progress is not None:
                 progress(len(idx))
@@ -325,17 +447,19 @@ def project_activations(
     units = {layer: direction.vector(layer, unit=True).double() for layer in chosen}
     out = torch.empty(len(texts), len(chosen), dtype=torch.float64)
     rows = {layer: r for r, layer in enumerate(chosen)}
-    state: dict[str, Any] = {}
+    state: dict[str, Any] = {"in_prefix": [False]}
 
     def read(layer: int, hidden: torch.Tensor) -> None:
+        if state["in_prefix"][0]:
+            return
         x = _read_position(hidden, state["weights"]).double()
         out[state["idx"], rows[layer]] = (x @ units[layer].to(x.device)).cpu()
 
     with layer_output_hooks(lm, chosen, read, stop_after=True):
         for idx, batch in iter_batches(lm, texts, system=system, responses=responses,
                                        batch_size=batch_size, chat_template=chat_template):
-            state.update(weights=position_weights(batch, position), idx=idx)
-            run_until_stop(lm, batch)
+            state["idx"] = idx
+            _forward_reading(lm, batch, position_weights(batch, position), state)
             if progress is not None:
                 progress(len(idx))
     return out

@@ -26,8 +26,8 @@ from steerlab._atomic import write_json
 from steerlab.activations import (
     ActivationStats,
     Progress,
-    forward_batch,
     iter_batches,
+    last_logits,
     mean_activations,
     project_activations,
     prompt_texts,
@@ -287,11 +287,7 @@ def first_token_logprobs(
     """Log-probabilities ``[n, vocab]`` (float32, CPU) of the first response token."""
     out: torch.Tensor | None = None
     for idx, batch in iter_batches(lm, prompts, batch_size=batch_size):
-        # An index tensor, not logits_to_keep=1: the int form feeds the LM head a
-        # non-contiguous [B, 1, d] slice, which on CPU bfloat16 (tied embeddings) copies the
-        # whole transposed vocab matrix per call, ~20 s here instead of ~0.1 s.
-        last = torch.tensor([batch.input_ids.shape[1] - 1], device=batch.input_ids.device)
-        logits = forward_batch(lm, batch, logits_to_keep=last).logits[:, -1].float()
+        logits = last_logits(lm, batch).float()
         logprobs = torch.log_softmax(logits, dim=-1).cpu()
         if out is None:
             out = torch.empty(len(prompts), logprobs.shape[-1])

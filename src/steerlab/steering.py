@@ -436,7 +436,9 @@ def steer(
     _compile(lm, resolved, plan)
     handles: list[torch.utils.hooks.RemovableHandle] = []
     try:
-        if plan.needs_phase:
+        if plan.needs_phase or mask is not None:
+            # Also for row masks: a backbone pre-hook tells batch-reshaping fast paths
+            # (shared-prefix reads) that this steering depends on the batch's layout.
             handles.append(_backbone(lm).register_forward_pre_hook(_phase_hook(plan),
                                                                    with_kwargs=True))
         for site, module in plan.modules.items():
