@@ -65,7 +65,7 @@ class PersonaGatingConfig(LayerSelectionSettings):
         128,
         ge=1,
         description="Rows per generation batch; the conditions after the baseline share "
-        "batches, so large batches pay (a decode step costs nearly the same for 16 rows as 128).",
+        "batches, and a decode step's cost grows slowly with its rows, so large batches pay.",
     )
     eval_prompts: str = Field(
         "paired:harmful", description="Evaluation prompts: built-in name or file."

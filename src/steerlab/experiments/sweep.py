@@ -14,7 +14,13 @@ from typing import TYPE_CHECKING, Any
 from steerlab import plots
 from steerlab._atomic import write_json
 from steerlab.errors import InterventionError
-from steerlab.experiments.runner import Condition, Runner, condition_summary, paired_flags
+from steerlab.experiments.runner import (
+    Condition,
+    Job,
+    Runner,
+    condition_summary,
+    paired_flags,
+)
 from steerlab.report import Figure, Report, Table
 
 if TYPE_CHECKING:
@@ -32,7 +38,7 @@ def run_sweep(
     prompts: PromptSet,
     harmless: PromptSet | None = None,
     max_new_tokens: int = 32,
-    batch_size: int = 16,
+    batch_size: int = 128,
     kl_tokens: int = 4,
     show_progress: bool = True,
 ) -> dict[str, Any]:
@@ -59,22 +65,29 @@ def run_sweep(
     ) as run:
         run.plan((len(layers) * len(alphas) + 1) * len(prompts))
         base = run.run(Condition("baseline"), prompts)
-        for layer in layers:
-            for alpha in alphas:
-                specs = tuple(parse_steer(template.format(layer=layer, alpha=alpha)))
-                name = f"L{layer}_a{alpha:g}"
-                rows = run.run(Condition(name, specs), prompts)
-                cell = {"layer": layer, "alpha": alpha, **condition_summary(rows)}
-                a, b = paired_flags(rows, base)
-                cell["vs_baseline_p"] = mcnemar(a, b)
-                if harmless is not None:
-                    cell[f"kl_first_{kl_tokens}"] = run.step(
-                        f"kl_{name}",
-                        lambda s=specs: kl_divergence(  # type: ignore[misc]
-                            lm, harmless.texts(), s, k=kl_tokens
-                        ),
-                    )
-                cells.append(cell)
+        grid = [(layer, alpha) for layer in layers for alpha in alphas]
+        conds = [
+            Condition(
+                f"L{layer}_a{alpha:g}",
+                tuple(parse_steer(template.format(layer=layer, alpha=alpha))),
+            )
+            for layer, alpha in grid
+        ]
+        # The cells share generation batches: a decode step's cost grows slowly with rows.
+        grid_rows = run.run_many([Job(c, prompts) for c in conds])
+        for (layer, alpha), cond, rows in zip(grid, conds, grid_rows, strict=True):
+            name, specs = cond.name, cond.specs
+            cell = {"layer": layer, "alpha": alpha, **condition_summary(rows)}
+            a, b = paired_flags(rows, base)
+            cell["vs_baseline_p"] = mcnemar(a, b)
+            if harmless is not None:
+                cell[f"kl_first_{kl_tokens}"] = run.step(
+                    f"kl_{name}",
+                    lambda s=specs: kl_divergence(  # type: ignore[misc]
+                        lm, harmless.texts(), s, k=kl_tokens
+                    ),
+                )
+            cells.append(cell)
     results = {
         "model": lm.name,
         "fingerprint": lm.fingerprint,
