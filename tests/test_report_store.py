@@ -89,10 +89,11 @@ def test_runner_refuses_to_resume_a_run_of_other_settings(tmp_path: Path) -> Non
     from tests.tiny import tiny_model
 
     lm = tiny_model("qwen2")
-    settings = {"limit": 8, "alphas": [4.0, 8.0], "n_samples": 2}
+    settings = {"limit": 8, "alphas": [4.0, 8.0], "n_samples": 2, "batch_size": 16}
     Runner(lm, tmp_path / "run", show_progress=False, settings=settings)
-    # Same settings, or a change that only affects the report: resumes.
+    # Same settings, or a change that only affects the report or the speed: resumes.
     Runner(lm, tmp_path / "run", show_progress=False, settings={**settings, "n_samples": 5})
+    Runner(lm, tmp_path / "run", show_progress=False, settings={**settings, "batch_size": 4})
     with pytest.raises(SteerlabError, match=r"alphas: \[4.0, 8.0\] -> \[4.0\].*new --out"):
         Runner(lm, tmp_path / "run", show_progress=False, settings={**settings, "alphas": [4.0]})
     lm.fingerprint = "0" * 16  # another model in the same folder

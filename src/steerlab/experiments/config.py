@@ -158,7 +158,12 @@ class ExperimentConfig(LayerSelectionSettings):
 
     seed: int = Field(0, description="Seed for random controls and any sampling.")
     max_new_tokens: int = Field(32, ge=1, description="Greedy tokens generated per prompt.")
-    batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
+    batch_size: int = Field(
+        128,
+        ge=1,
+        description="Rows per generation batch; an experiment's conditions share batches, "
+        "and a decode step's cost grows slowly with its rows, so large batches pay.",
+    )
     eval_prompts: str = Field("paired:harmful", description="Evaluation prompts: built-in or file.")
     eval_split: str | None = Field("test", description="Split of eval_prompts (None for files).")
     limit: int | None = Field(None, ge=1, description="Use only the first N evaluation prompts.")

@@ -26,7 +26,7 @@ from steerlab import plots
 from steerlab.errors import SteerlabError
 from steerlab.experiments import common
 from steerlab.experiments.config import ExperimentConfig
-from steerlab.experiments.runner import Condition, Runner, kl_conditions
+from steerlab.experiments.runner import Condition, Job, Runner, kl_conditions
 from steerlab.report import Figure
 
 if TYPE_CHECKING:
@@ -90,8 +90,7 @@ def run_layer_transfer(
         analysis = run.step("analysis", lambda: _analysis(refusal, layers))
         conditions = [Condition("baseline", description="no intervention")]
         conditions += [_condition(refusal, s, config) for s in layers]
-        for cond in conditions:
-            run.run(cond, eval_set, tag="eval")
+        run.run_many([Job(cond, eval_set, "eval") for cond in conditions])
         table = common.summarise(run, conditions, eval_set, "baseline")
         kl = kl_conditions(run, harmless, conditions, k=config.kl_tokens, seed=config.seed)
         judged = common.add_judge(run, config, [table])

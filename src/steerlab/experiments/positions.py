@@ -22,7 +22,7 @@ from pydantic import Field
 from steerlab import plots
 from steerlab.experiments import common
 from steerlab.experiments.config import ExperimentConfig
-from steerlab.experiments.runner import Condition, Runner, paired_p
+from steerlab.experiments.runner import Condition, Job, Runner, paired_p
 from steerlab.report import Figure, Table
 
 if TYPE_CHECKING:
@@ -112,10 +112,10 @@ def run_positions(
         layer = config.layer if config.layer is not None else common.best_layer(dirs[reference])
         analysis = run.step("analysis", lambda: _analysis(dirs, positions, layer, reference))
         ablate, add = _conditions(dirs, positions, labels, layer, config)
-        for cond in ablate:
-            run.run(cond, eval_set, tag="harmful")
-        for cond in add:
-            run.run(cond, harmless, tag="harmless")
+        run.run_many(
+            [Job(c, eval_set, "harmful") for c in ablate]
+            + [Job(c, harmless, "harmless") for c in add]
+        )
         t_ablate = common.summarise(run, ablate, eval_set, "harmful:baseline")
         t_add = common.summarise(run, add, harmless, "harmless:baseline")
         judged = common.add_judge(run, config, [t_ablate, t_add])

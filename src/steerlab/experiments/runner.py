@@ -40,6 +40,10 @@ T = TypeVar("T")
 SAVE_EVERY_SECONDS = 1.0
 # Settings that change only how results are reported, never what is generated.
 REPORT_ONLY_SETTINGS = frozenset({"n_samples", "judge_url", "judge_model"})
+# Settings that change only how fast rows are generated (a resumed run may lower the
+# batch size after running out of memory, or raise it on a larger machine).
+SPEED_ONLY_SETTINGS = frozenset({"batch_size"})
+_RESUMABLE_ACROSS = REPORT_ONLY_SETTINGS | SPEED_ONLY_SETTINGS
 
 
 @dataclass(frozen=True)
@@ -146,7 +150,7 @@ class Runner:
             "model_fingerprint": self.lm.fingerprint,
             "settings": json.loads(
                 json.dumps(
-                    {k: v for k, v in settings.items() if k not in REPORT_ONLY_SETTINGS},
+                    {k: v for k, v in settings.items() if k not in _RESUMABLE_ACROSS},
                     default=str,
                 )
             ),
@@ -162,7 +166,8 @@ class Runner:
             diffs.append(
                 f"model fingerprint {held.get('model_fingerprint')} -> {self.lm.fingerprint}"
             )
-        old, new = held.get("settings", {}), wanted["settings"]
+        old = {k: v for k, v in held.get("settings", {}).items() if k not in _RESUMABLE_ACROSS}
+        new = wanted["settings"]
         diffs += [
             f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
             for k in sorted(set(old) | set(new))

@@ -26,7 +26,7 @@ from steerlab import plots
 from steerlab.errors import SteerlabError
 from steerlab.experiments import common
 from steerlab.experiments.config import ExperimentConfig
-from steerlab.experiments.runner import Condition, Runner, kl_conditions, paired_p
+from steerlab.experiments.runner import Condition, Job, Runner, kl_conditions, paired_p
 from steerlab.report import Figure, Table
 
 if TYPE_CHECKING:
@@ -118,13 +118,16 @@ def run_subspace(
         )
         specs = _specs(dirs, window, [list(w) for w in wider], config)
         run.plan((len(specs) + 1) * sum(len(prompts) for prompts in evals.values()))
-        tables: dict[str, dict[str, Any]] = {}
-        for ev, prompts in evals.items():
-            conds = [Condition(f"{ev}:baseline", description="no intervention")]
-            conds += [Condition(f"{ev}:{name}", spec, desc) for name, (spec, desc) in specs.items()]
-            for cond in conds:
-                run.run(cond, prompts, tag=ev)
-            tables[ev] = common.summarise(run, conds, prompts, f"{ev}:baseline")
+        by_eval = {
+            ev: [Condition(f"{ev}:baseline", description="no intervention")]
+            + [Condition(f"{ev}:{name}", spec, desc) for name, (spec, desc) in specs.items()]
+            for ev in evals
+        }
+        run.run_many([Job(c, evals[ev], ev) for ev, conds in by_eval.items() for c in conds])
+        tables: dict[str, dict[str, Any]] = {
+            ev: common.summarise(run, conds, evals[ev], f"{ev}:baseline")
+            for ev, conds in by_eval.items()
+        }
         kl = kl_conditions(
             run,
             harmless,
