@@ -1,4 +1,5 @@
-"""Residual-stream activations: recorded or averaged during ONE batched forward.
+"""Residual-stream activations: recorded or averaged during ONE batched forward
+(two when the batch's rows share leading tokens: the shared prefix once, then the rest).
 
 "Layer i" everywhere in steerlab means the residual stream at the OUTPUT of
 decoder layer ``i`` (a forward hook on the layer; the same tensor is the input
@@ -174,7 +175,9 @@ def shared_prefix_length(lm: LoadedModel, batch: ChatBatch, weights: torch.Tenso
     if kinds is None and getattr(config, "sliding_window", None) is not None \
             and getattr(config, "use_sliding_window", True):
         return 0
-    if _backbone_pre_hooks(lm):
+    from steerlab.steering import backbone
+
+    if backbone(lm)._forward_pre_hooks:
         return 0
     ids, mask, reads = batch.input_ids.cpu(), batch.attention_mask.cpu().bool(), weights.cpu()
     n_rows, width = ids.shape
@@ -190,12 +193,6 @@ def shared_prefix_length(lm: LoadedModel, batch: ChatBatch, weights: torch.Tenso
     same = (heads == heads[:1]).all(dim=0)
     shared = limit if bool(same.all()) else int((~same).nonzero()[0])
     return shared if shared >= MIN_SHARED_PREFIX else 0
-
-
-def _backbone_pre_hooks(lm: LoadedModel) -> bool:
-    path = lm.arch.layers.rpartition(".")[0]
-    backbone = lm.model.get_submodule(path) if path else lm.model
-    return bool(backbone._forward_pre_hooks)
 
 
 def run_until_stop_sharing_prefix(lm: LoadedModel, batch: ChatBatch, shared: int,

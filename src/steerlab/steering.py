@@ -400,7 +400,8 @@ def _phase_hook(plan: SteeringPlan) -> Callable[..., Any]:
     return hook
 
 
-def _backbone(lm: LoadedModel) -> nn.Module:
+def backbone(lm: LoadedModel) -> nn.Module:
+    """The decoder stack's parent module (where the phase and row-layout pre-hooks sit)."""
     path = lm.arch.layers.rpartition(".")[0]
     return lm.model.get_submodule(path) if path else lm.model
 
@@ -439,7 +440,7 @@ def steer(
         if plan.needs_phase or mask is not None:
             # Also for row masks: a backbone pre-hook tells batch-reshaping fast paths
             # (shared-prefix reads) that this steering depends on the batch's layout.
-            handles.append(_backbone(lm).register_forward_pre_hook(_phase_hook(plan),
+            handles.append(backbone(lm).register_forward_pre_hook(_phase_hook(plan),
                                                                    with_kwargs=True))
         for site, module in plan.modules.items():
             if site[0] == "input":
@@ -507,5 +508,5 @@ def with_mean_norms(
     return Direction(direction.vectors, direction.layers, meta)
 
 
-__all__ = ["SiteInfo", "SteeringPlan", "count_hooks", "orthonormal_basis", "past_length", "steer",
-           "with_mean_norms"]
+__all__ = ["SiteInfo", "SteeringPlan", "backbone", "count_hooks", "orthonormal_basis",
+           "past_length", "steer", "with_mean_norms"]
