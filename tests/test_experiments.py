@@ -214,6 +214,14 @@ def test_layer_transfer_answers_one_direction_or_subspace_from_the_numbers() -> 
     assert "Not counted: source layer(s) 8" in filtered["findings"][0]["evidence"]
     all_bad = [{**row, "kl_first_token": 0.5} for row in kl_rows]
     assert _verdict(base, all_bad, analysis, config)["answer"].startswith("no single direction")
+    # Scanning layers cannot manufacture a finding: p=0.02 at each of three layers is
+    # significant alone, not after Holm correction over the three.
+    borderline = _verdict(base, _per_layer({4: 0.5, 8: 0.45, 12: 0.5},
+                                           {4: 0.02, 8: 0.02, 12: 0.02}), analysis, config)
+    assert borderline["working_layers"] == []
+    assert borderline["answer"].startswith("no single direction")
+    assert "Holm-corrected over the 3 source layers: 0.06" in \
+        borderline["findings"][0]["evidence"]
 
 
 def test_hydra_verdicts_do_not_count_a_drop_that_comes_with_damage() -> None:

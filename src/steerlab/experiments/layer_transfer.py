@@ -105,6 +105,10 @@ def run_layer_transfer(
             for s in layers
         ]
         verdict = _verdict(table, per_layer, analysis, config)
+        for entry in per_layer:  # the table shows the corrected p beside the raw one
+            table[f"source/L{entry['source_layer']}"]["vs_baseline_holm_p"] = entry[
+                "vs_baseline_holm_p"
+            ]
         results.update(
             conditions=table,
             per_layer=per_layer,
@@ -164,12 +168,23 @@ def _verdict(
     analysis: dict[str, Any],
     config: LayerTransferConfig,
 ) -> dict[str, Any]:
-    """Answer "one direction or a low-rank subspace?" from the measured numbers."""
+    """Answer "one direction or a low-rank subspace?" from the measured numbers.
+
+    Every tested source layer is one test against baseline; a layer counts as lowering
+    refusal only at Holm-corrected p < 0.05 over all of them, so scanning many layers
+    and keeping the best cannot manufacture a finding. (Its rate is still the best of
+    several and so optimistic; the evidence says so.)
+    """
     import torch
+
+    from steerlab.evaluate.stats import holm
 
     base = table["baseline"]
     if not per_layer:
         raise SteerlabError("No source layers were tested; give --source-layers.")
+    for entry, adjusted in zip(per_layer, holm([e["vs_baseline_p"] for e in per_layer]),
+                               strict=True):
+        entry["vs_baseline_holm_p"] = adjusted
     # A direction whose removal also rewrites harmless answers (first-token KL >= 0.1, the
     # Arditi et al. filter) is not a refusal direction, however much refusal it removes.
     clean = [e for e in per_layer if e.get("kl_first_token", 0.0) < common.KL_THRESHOLD]
@@ -177,7 +192,7 @@ def _verdict(
         e["source_layer"]
         for e in per_layer
         if e not in clean
-        and e["vs_baseline_p"] < common.ALPHA_SIG
+        and e["vs_baseline_holm_p"] < common.ALPHA_SIG
         and e["refusal_rate"] < base["refusal_rate"]
     ]
     best = min(clean or per_layer, key=lambda e: (e["refusal_rate"], -(e["cohens_d"] or 0.0)))
@@ -186,7 +201,8 @@ def _verdict(
     works = [
         e["source_layer"]
         for e in clean
-        if e["vs_baseline_p"] < common.ALPHA_SIG and e["refusal_rate"] < base["refusal_rate"]
+        if e["vs_baseline_holm_p"] < common.ALPHA_SIG
+        and e["refusal_rate"] < base["refusal_rate"]
     ]
     idx = [layers.index(s) for s in works]
     units_cos = cos[idx][:, idx] if idx else torch.zeros(0, 0)
@@ -202,10 +218,12 @@ def _verdict(
     b_lo, b_hi = base["refusal_rate_ci95"]
     evidence = (
         f"baseline {common.rate(base)}; best single source layer {best['source_layer']}: "
-        f"{common.rate(best)}, McNemar p={best['vs_baseline_p']:.3g}"
+        f"{common.rate(best)}, McNemar p={best['vs_baseline_p']:.3g} "
+        f"(Holm-corrected over the {len(per_layer)} source layers: "
+        f"{best['vs_baseline_holm_p']:.3g})"
         + (f", removes {removed:.0%} of baseline refusal" if removed is not None else "")
         + ". The best layer is picked on the evaluation prompts, so its rate is "
-        "optimistic"
+        "optimistic; its significance is corrected for the pick"
     )
     selected = next(
         (e for e in per_layer if e["source_layer"] == analysis.get("selected_layer")), None
@@ -227,7 +245,7 @@ def _verdict(
     if not base["refusal_rate"]:
         answer = "undetermined: the model does not refuse these prompts at baseline"
         verdict1 = "inconclusive"
-    elif best["vs_baseline_p"] >= common.ALPHA_SIG or not clean:
+    elif best["vs_baseline_holm_p"] >= common.ALPHA_SIG or not clean:
         answer = (
             "no single direction measurably lowers refusal here without disturbing harmless "
             "prompts; the direction is not the mechanism on this model, or n is too small"
@@ -282,7 +300,8 @@ def _verdict(
                 "direction (high cross-layer cosine)",
                 "verdict": verdict2,
                 "evidence": f"{len(works)} source layers ({common.span(works)}) lower refusal at "
-                f"p<0.05 with first-token KL < {common.KL_THRESHOLD:g}; smallest pairwise "
+                f"Holm-corrected p<0.05 with first-token KL < {common.KL_THRESHOLD:g}; "
+                "smallest pairwise "
                 f"cosine among them {min_cos:.2f}; "
                 f"participation ratio {rank['participation_ratio']:.2f}, "
                 f"{rank['k90']} component(s) hold 90% of their energy.",
@@ -294,7 +313,8 @@ def _verdict(
                 "claim": "The directions that remove refusal at different source layers are one "
                 "direction (high cross-layer cosine)",
                 "verdict": "inconclusive",
-                "evidence": f"only {len(works)} source layer(s) lower refusal at p<0.05 with "
+                "evidence": f"only {len(works)} source layer(s) lower refusal at Holm-corrected "
+                "p<0.05 with "
                 f"first-token KL < {common.KL_THRESHOLD:g}, too few to compare.",
             }
         )
@@ -387,7 +407,15 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: LayerTransf
         )
     judged = bool(results["judged"])
     tables = [
-        common.condition_table("Refusal by source layer", results["conditions"], judged=judged),
+        common.condition_table(
+            "Refusal by source layer",
+            results["conditions"],
+            judged=judged,
+            extra=["vs_baseline_holm_p"],
+            note="p: exact McNemar test against the baseline on the same prompts; Holm p: "
+            "corrected over all source layers tested (what the verdicts use); intervals: "
+            "Wilson 95%.",
+        ),
         common.kl_table(
             "Harmless prompts: KL by source layer",
             {
