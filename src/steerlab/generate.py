@@ -403,16 +403,17 @@ def generate_groups(
         if on_done is not None:
             on_done(row.group, gen)
 
-    def first_logits(batch: Sequence[_Row], logits: torch.Tensor) -> None:
-        if on_first_logits is not None:
-            on_first_logits([(r.group, r.index) for r in batch], logits)
+    def keys(batch: Sequence[_Row]) -> list[tuple[int, int]]:
+        return [(r.group, r.index) for r in batch]
 
     pending = sorted(rows, key=lambda r: -len(r.ids))
     if pending:
-        _generate_batches(lm, pending, group_specs, settings, batch_size, emit, lambda _n: None,
-                          first_logits if on_first_logits is not None else None,
-                          None if on_batch is None else
-                          lambda batch, secs: on_batch([(r.group, r.index) for r in batch], secs))
+        _generate_batches(
+            lm, pending, group_specs, settings, batch_size, emit, lambda _n: None,
+            None if on_first_logits is None else
+            lambda batch, logits: on_first_logits(keys(batch), logits),
+            None if on_batch is None else lambda batch, secs: on_batch(keys(batch), secs),
+        )
     out: list[list[Generation]] = [[] for _ in groups]
     for row in rows:
         out[row.group].append(done[(row.group, row.index)])
@@ -506,15 +507,12 @@ def _generate_to_file(lm: LoadedModel, pending: list[_Row], specs: list[Spec],
         if bar is not None and task is not None:
             bar.update(task, tokens=n_tokens)
 
-    def first_logits(batch: Sequence[_Row], logits: torch.Tensor) -> None:
-        if on_first_logits is not None:
-            on_first_logits([r.index for r in batch], logits)
-
     try:
         if bar is not None:
             bar.start()
         _generate_batches(lm, pending, [specs], settings, batch_size, emit, on_tokens,
-                          first_logits if on_first_logits is not None else None)
+                          None if on_first_logits is None else
+                          lambda batch, logits: on_first_logits([r.index for r in batch], logits))
     finally:
         if sink is not None:
             sink.close()
