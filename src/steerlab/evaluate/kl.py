@@ -150,5 +150,10 @@ def kl_divergence(lm: LoadedModel, prompts: Sequence[str] | PromptSet, specs: Se
         >>> kl_divergence(lm, load_prompts("harmless", limit=8), specs, k=4)  # doctest: +SKIP
         0.031
     """
-    per = kl_per_prompt(lm, prompts, specs, k=k, system=system, batch_size=batch_size)
-    return sum(sum(v) / len(v) for v in per) / len(per)
+    return mean_kl(kl_per_prompt(lm, prompts, specs, k=k, system=system, batch_size=batch_size))
+
+
+def mean_kl(per_prompt: Sequence[Sequence[float]]) -> float:
+    """What :func:`kl_divergence` reports, from :func:`kl_per_prompt_many`'s lists: the mean
+    over prompts of each prompt's mean KL over its tokens."""
+    return sum(sum(v) / len(v) for v in per_prompt) / len(per_prompt)

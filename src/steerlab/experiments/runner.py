@@ -197,10 +197,14 @@ class Runner:
             self.progress.advance(self._overall, units)
 
     # -- cached steps -------------------------------------------------------------------------
+    def has_step(self, name: str) -> bool:
+        """Whether step ``name`` is already cached in the run folder."""
+        return (self.out / "steps" / f"{name}.json").exists()
+
     def step(self, name: str, compute: Callable[[], T]) -> T:
         """Return the cached JSON result of step ``name``, computing it once."""
         path = self.out / "steps" / f"{name}.json"
-        if path.exists():
+        if self.has_step(name):
             return json.loads(path.read_text())  # type: ignore[no-any-return]
         task = self.progress.add_task(name, total=None)
         start = time.perf_counter()

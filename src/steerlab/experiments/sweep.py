@@ -43,7 +43,8 @@ def run_sweep(
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Run the grid (resumable in ``out_dir``) and write results.json and the report."""
-    from steerlab.evaluate import kl_divergence, mcnemar
+    from steerlab.evaluate import mcnemar
+    from steerlab.evaluate.kl import kl_per_prompt_many, mean_kl
     from steerlab.interventions import parse_steer
     from steerlab.provenance import provenance
 
@@ -75,17 +76,20 @@ def run_sweep(
         ]
         # The cells share generation batches: a decode step's cost grows slowly with rows.
         grid_rows = run.run_many([Job(c, prompts) for c in conds])
+        # KL of every cell not cached yet, against one shared baseline pass.
+        kl_new: dict[str, float] = {}
+        if harmless is not None:
+            todo = {c.name: c.specs for c in conds if not run.has_step(f"kl_{c.name}")}
+            if todo:
+                per = kl_per_prompt_many(lm, harmless.texts(), todo, k=kl_tokens)
+                kl_new = {name: mean_kl(v) for name, v in per.items()}
         for (layer, alpha), cond, rows in zip(grid, conds, grid_rows, strict=True):
-            name, specs = cond.name, cond.specs
             cell = {"layer": layer, "alpha": alpha, **condition_summary(rows)}
             a, b = paired_flags(rows, base)
             cell["vs_baseline_p"] = mcnemar(a, b)
             if harmless is not None:
                 cell[f"kl_first_{kl_tokens}"] = run.step(
-                    f"kl_{name}",
-                    lambda s=specs: kl_divergence(  # type: ignore[misc]
-                        lm, harmless.texts(), s, k=kl_tokens
-                    ),
+                    f"kl_{cond.name}", lambda n=cond.name: kl_new[n]  # type: ignore[misc]
                 )
             cells.append(cell)
     results = {
