@@ -459,3 +459,39 @@ def test_real_hydra(real_lm: Any, tmp_path: Path) -> None:
     _check_common(tmp_path, "hydra")
     assert results["rounds"][1]["max_abs_cos_with_earlier_any_layer"] < 1e-3
     assert results["rounds"][0]["cohens_d"] > 1.0
+
+
+def test_kl_conditions_share_a_baseline_per_system_prompt_and_match_kl_report(
+    tmp_path: Path,
+) -> None:
+    from steerlab.directions import stamp_meta
+    from steerlab.evaluate import kl_report
+    from steerlab.experiments.runner import Condition, Runner, kl_conditions
+    from steerlab.interventions import Add
+    from steerlab.prompts import Prompt, PromptSet
+
+    lm = tiny_model("qwen2")
+    gen = torch.Generator().manual_seed(0)
+    vecs = torch.randn(lm.n_layers, lm.d_model, generator=gen)
+    d = Direction(vecs, tuple(range(lm.n_layers)), stamp_meta(lm, name="rand"))
+    texts = ["Say hi.", "Name a colour.", "Count to three, please."]
+    prompts = PromptSet("t", tuple(Prompt(f"p{i}", t) for i, t in enumerate(texts)))
+    conds = [
+        Condition("a", (Add(d, 2.0, layers=[1]),)),
+        Condition("plain"),  # no interventions: no KL
+        Condition("b", (Add(d, -3.0, layers=[0]),), system="You are terse."),
+        Condition("c", (Add(d, 4.0, layers=[2]),)),
+    ]
+    with Runner(lm, tmp_path, batch_size=2, show_progress=False) as run:
+        got = kl_conditions(run, prompts, conds, k=2)
+    assert set(got) == {"a", "b", "c"}
+    for cond in conds[:1] + conds[2:]:
+        alone = kl_report(lm, prompts, list(cond.specs), k=2, system=cond.system)
+        assert got[cond.name]["kl_n"] == 3
+        assert got[cond.name]["kl_first_token"] == pytest.approx(alone["first_token"]["mean"], rel=1e-4)
+        assert got[cond.name]["kl_first_2"] == pytest.approx(alone["mean_first_2"]["mean"], rel=1e-4)
+    assert got["a"]["kl_first_token"] != pytest.approx(got["c"]["kl_first_token"])
+    # Cached: a rerun reads the steps (a changed condition under a cached name is not redone).
+    with Runner(lm, tmp_path, batch_size=2, show_progress=False) as run:
+        again = kl_conditions(run, prompts, [Condition("a", (Add(d, 9.0, layers=[1]),))], k=2)
+    assert again["a"] == got["a"]

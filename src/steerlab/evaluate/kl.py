@@ -133,10 +133,16 @@ def kl_report(lm: LoadedModel, prompts: Sequence[str] | PromptSet, specs: Sequen
               seed: int = 0) -> dict[str, Any]:
     """First-token KL and mean KL over the first ``k`` tokens, each with n and a 95% CI."""
     per = kl_per_prompt(lm, prompts, specs, k=k, system=system, batch_size=batch_size)
-    first = mean_summary([v[0] for v in per], seed=seed)
-    mean_k = mean_summary([sum(v) / len(v) for v in per], seed=seed)
+    return kl_summary(per, k=k, seed=seed)
+
+
+def kl_summary(per_prompt: list[list[float]], *, k: int, seed: int = 0) -> dict[str, Any]:
+    """:func:`kl_report` from per-prompt KL lists (as :func:`kl_per_prompt_many` returns
+    them), so callers that compute several interventions at once report them alike."""
+    first = mean_summary([v[0] for v in per_prompt], seed=seed)
+    mean_k = mean_summary([sum(v) / len(v) for v in per_prompt], seed=seed)
     return {"k": k, "direction": "KL(base || steered), nats", "first_token": first,
-            f"mean_first_{k}": mean_k, "per_prompt": per}
+            f"mean_first_{k}": mean_k, "per_prompt": per_prompt}
 
 
 def kl_divergence(lm: LoadedModel, prompts: Sequence[str] | PromptSet, specs: Sequence[Any],

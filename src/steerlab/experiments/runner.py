@@ -209,11 +209,16 @@ class Runner:
         task = self.progress.add_task(name, total=None)
         start = time.perf_counter()
         result = compute()
-        self.timings.steps[name] = time.perf_counter() - start
-        self._save_timings()
+        self.save_step(name, result, time.perf_counter() - start)
         self.progress.update(task, total=1, completed=1)
-        write_json(path, result)
         return result
+
+    def save_step(self, name: str, result: Any, seconds: float) -> None:
+        """Cache the result of a step computed outside :meth:`step` (several steps measured
+        at once), with the seconds it is credited in ``timings.json``."""
+        self.timings.steps[name] = seconds
+        self._save_timings()
+        write_json(self.out / "steps" / f"{name}.json", result)
 
     def direction(self, name: str, compute: Callable[[], Direction]) -> Direction:
         """Return the cached direction ``name`` (saved under ``directions/``), extracting once."""
@@ -383,29 +388,43 @@ def kl_conditions(
     """KL(base ‖ steered) on harmless prompts per steered condition, each cached as a step.
 
     Per condition: first-token KL and KL averaged over the first ``k`` baseline
-    tokens, each with n and a bootstrap 95% interval.
+    tokens, each with n and a bootstrap 95% interval. The conditions not cached
+    yet are measured together, one unsteered baseline pass per system prompt
+    shared by all of them (n + 1 passes, not 2n); that time is split evenly
+    between their steps in ``timings.json``.
     """
-    from steerlab.evaluate import kl_report
+    from steerlab.evaluate.kl import kl_per_prompt_many, kl_summary
 
-    def one(cond: Condition) -> dict[str, Any]:
-        rep = kl_report(
-            run.lm, harmless.texts(), list(cond.specs), k=k, system=cond.system, seed=seed
-        )
-        first, mean = rep["first_token"], rep[f"mean_first_{k}"]
-        return {
-            "kl_n": first["n"],
-            "kl_first_token": first["mean"],
-            "kl_first_token_ci95": first["ci95"],
-            f"kl_first_{k}": mean["mean"],
-            f"kl_first_{k}_ci95": mean["ci95"],
-        }
+    def step_name(cond: Condition) -> str:
+        return "kl/" + cond.name.replace("/", "__").replace(":", "_")
 
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
+    todo = []
     for cond in conditions:
-        if cond.specs:
-            safe = cond.name.replace("/", "__").replace(":", "_")
-            out[cond.name] = run.step(f"kl/{safe}", lambda c=cond: one(c))  # type: ignore[misc]
-    return out
+        if cond.specs and run.has_step(step_name(cond)):
+            out[cond.name] = run.step(step_name(cond), dict)
+        elif cond.specs:
+            todo.append(cond)
+    for system in dict.fromkeys(c.system for c in todo):  # each system prompt, in order
+        group = [c for c in todo if c.system == system]
+        start = time.perf_counter()
+        per = kl_per_prompt_many(
+            run.lm, harmless.texts(), {c.name: list(c.specs) for c in group}, k=k,
+            system=system, batch_size=run.batch_size,
+        )
+        share = (time.perf_counter() - start) / len(group)
+        for cond in group:
+            rep = kl_summary(per[cond.name], k=k, seed=seed)
+            first, mean = rep["first_token"], rep[f"mean_first_{k}"]
+            out[cond.name] = {
+                "kl_n": first["n"],
+                "kl_first_token": first["mean"],
+                "kl_first_token_ci95": first["ci95"],
+                f"kl_first_{k}": mean["mean"],
+                f"kl_first_{k}_ci95": mean["ci95"],
+            }
+            run.save_step(step_name(cond), out[cond.name], share)
+    return {c.name: out[c.name] for c in conditions if c.specs}
 
 
 def judge_conditions(

@@ -7,6 +7,7 @@ The spec is a template in the compact steer form with ``{layer}`` and
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -76,21 +77,24 @@ def run_sweep(
         ]
         # The cells share generation batches: a decode step's cost grows slowly with rows.
         grid_rows = run.run_many([Job(c, prompts) for c in conds])
-        # KL of every cell not cached yet, against one shared baseline pass.
-        kl_new: dict[str, float] = {}
+        # KL of every cell not cached yet, against one shared baseline pass whose time
+        # the cells share evenly.
         if harmless is not None:
             todo = {c.name: c.specs for c in conds if not run.has_step(f"kl_{c.name}")}
             if todo:
-                per = kl_per_prompt_many(lm, harmless.texts(), todo, k=kl_tokens)
-                kl_new = {name: mean_kl(v) for name, v in per.items()}
+                start = time.perf_counter()
+                per = kl_per_prompt_many(
+                    lm, harmless.texts(), todo, k=kl_tokens, batch_size=batch_size
+                )
+                share = (time.perf_counter() - start) / len(todo)
+                for name, values in per.items():
+                    run.save_step(f"kl_{name}", mean_kl(values), share)
         for (layer, alpha), cond, rows in zip(grid, conds, grid_rows, strict=True):
             cell = {"layer": layer, "alpha": alpha, **condition_summary(rows)}
             a, b = paired_flags(rows, base)
             cell["vs_baseline_p"] = mcnemar(a, b)
             if harmless is not None:
-                cell[f"kl_first_{kl_tokens}"] = run.step(
-                    f"kl_{cond.name}", lambda n=cond.name: kl_new[n]  # type: ignore[misc]
-                )
+                cell[f"kl_first_{kl_tokens}"] = run.step(f"kl_{cond.name}", float)
             cells.append(cell)
     results = {
         "model": lm.name,
