@@ -488,8 +488,9 @@ def test_kl_conditions_share_a_baseline_per_system_prompt_and_match_kl_report(
     for cond in conds[:1] + conds[2:]:
         alone = kl_report(lm, prompts, list(cond.specs), k=2, system=cond.system)
         assert got[cond.name]["kl_n"] == 3
-        assert got[cond.name]["kl_first_token"] == pytest.approx(alone["first_token"]["mean"], rel=1e-4)
-        assert got[cond.name]["kl_first_2"] == pytest.approx(alone["mean_first_2"]["mean"], rel=1e-4)
+        first, mean = alone["first_token"]["mean"], alone["mean_first_2"]["mean"]
+        assert got[cond.name]["kl_first_token"] == pytest.approx(first, rel=1e-4)
+        assert got[cond.name]["kl_first_2"] == pytest.approx(mean, rel=1e-4)
     assert got["a"]["kl_first_token"] != pytest.approx(got["c"]["kl_first_token"])
     # Cached: a rerun reads the steps (a changed condition under a cached name is not redone).
     with Runner(lm, tmp_path, batch_size=2, show_progress=False) as run:
