@@ -379,3 +379,18 @@ def test_groups_share_batches_and_each_row_gets_only_its_own_steering() -> None:
     assert sorted(done) == sorted(firsts) == expected
     assert count_hooks(lm.model) == 0
     lm.model.generation_config.eos_token_id = lm.tokenizer.eos_token_id
+
+
+def test_a_bad_spec_fails_before_the_output_file_is_created(tmp_path: Path) -> None:
+    from steerlab.errors import InterventionError
+    from steerlab.evaluate import InProcessBackend
+
+    lm = tiny_model("qwen2")
+    d = Direction(torch.randn(lm.n_layers, lm.d_model), tuple(range(lm.n_layers)),
+                  DirectionMeta())
+    out = tmp_path / "rows.jsonl"
+    with pytest.raises(InterventionError, match="do not exist"):
+        generate(lm, ["hi"], steer=[Add(d, 2.0, layers=[lm.n_layers + 4])], out_jsonl=out)
+    assert not out.exists()
+    with pytest.raises(InterventionError, match="do not exist"):
+        InProcessBackend(lm, [Add(d, 2.0, layers=[lm.n_layers])])

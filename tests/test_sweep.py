@@ -51,3 +51,20 @@ def test_cli_sweep_grid_cells_equal_single_runs_and_resume(tmp_path: Path, capsy
     before = (out / "responses.jsonl").read_text()
     main(args)
     assert (out / "responses.jsonl").read_text() == before
+
+
+def test_sweep_rejects_a_bad_cell_before_generating_anything(tmp_path: Path) -> None:
+    import pytest
+
+    from steerlab.errors import InterventionError
+    from steerlab.experiments.sweep import run_sweep
+    from steerlab.prompts import load_prompts
+
+    lm = tiny_model("qwen2")
+    Direction(torch.randn(3, 64), (0, 1, 2), DirectionMeta(best_layer=1)).save(tmp_path / "dir")
+    out = tmp_path / "sweep"
+    with pytest.raises(InterventionError, match="layer"):  # layer 7 of a 3-layer model
+        run_sweep(lm, out, template=f"add:{tmp_path / 'dir'}@{{layer}}:{{alpha}}",
+                  layers=[1, 7], alphas=[2.0], prompts=load_prompts("paired:harmful", limit=2),
+                  show_progress=False)
+    assert not out.exists()

@@ -348,6 +348,7 @@ def generate(
     settings = _settings(lm, max_new_tokens, do_sample, temperature, top_p, seed)
     rows = _as_rows(lm, prompts, system, chat_template)
     specs = resolve_specs(steer, lm=lm)
+    steering.check_specs(lm, specs)  # a bad spec fails before out_jsonl is created
     settings_id = _settings_id(lm, specs, settings,
                                chat_template or getattr(lm.tokenizer, "chat_template", None))
     by_index = {r.index: r for r in rows}

@@ -456,6 +456,14 @@ def steer(
         plan.n_hooks = 0
 
 
+def check_specs(lm: LoadedModel, specs: Spec | Iterable[Spec]) -> None:
+    """Raise what :func:`steer` would raise for ``specs`` on ``lm`` (unknown direction,
+    layer out of range, wrong width), hooking nothing: for commands that should fail
+    before they spend compute or create a run folder."""
+    resolved = resolve_specs(specs, lm=lm)
+    _compile(lm, resolved, SteeringPlan(resolved, None))
+
+
 def count_hooks(module: nn.Module) -> int:
     """Forward (pre-)hooks currently registered anywhere in ``module`` (tests, sanity checks)."""
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())

@@ -63,6 +63,9 @@ class InProcessBackend:
     def __init__(self, lm: LoadedModel, specs: Sequence[Any] = (), *, max_new_tokens: int = 64,
                  batch_size: int = 8, do_sample: bool = False, temperature: float = 1.0,
                  top_p: float = 1.0, seed: int = 0) -> None:
+        from steerlab.steering import check_specs
+
+        check_specs(lm, specs)  # a bad spec fails before a run folder is made
         self.lm = lm
         self.specs = tuple(specs)
         self.max_new_tokens = max_new_tokens

@@ -48,12 +48,21 @@ def run_sweep(
     from steerlab.evaluate.kl import kl_per_prompt_many, mean_kl
     from steerlab.interventions import parse_steer
     from steerlab.provenance import provenance
+    from steerlab.steering import check_specs
 
     if "{layer}" not in template or "{alpha}" not in template:
         raise InterventionError(
             f"Sweep template {template!r} needs both {{layer}} and {{alpha}} placeholders, e.g. "
             "'add:runs/persona@{layer}:{alpha}'."
         )
+    grid = [(layer, alpha) for layer in layers for alpha in alphas]
+    conds = [
+        Condition(f"L{layer}_a{alpha:g}", tuple(parse_steer(template.format(layer=layer,
+                                                                            alpha=alpha))))
+        for layer, alpha in grid
+    ]
+    for cond in conds:  # a bad cell fails here, before the baseline is generated
+        check_specs(lm, cond.specs)
     out = Path(out_dir)
     cells: list[dict[str, Any]] = []
     with Runner(
@@ -67,14 +76,6 @@ def run_sweep(
     ) as run:
         run.plan((len(layers) * len(alphas) + 1) * len(prompts))
         base = run.run(Condition("baseline"), prompts)
-        grid = [(layer, alpha) for layer in layers for alpha in alphas]
-        conds = [
-            Condition(
-                f"L{layer}_a{alpha:g}",
-                tuple(parse_steer(template.format(layer=layer, alpha=alpha))),
-            )
-            for layer, alpha in grid
-        ]
         # The cells share generation batches: a decode step's cost grows slowly with rows.
         grid_rows = run.run_many([Job(c, prompts) for c in conds])
         # KL of every cell not cached yet, against one shared baseline pass whose time
