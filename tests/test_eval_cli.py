@@ -154,3 +154,11 @@ def test_real_ablation_lowers_refusal_and_paired_test_reports_it(tmp_path, real_
     assert comp["diff"] < 0 and comp["table"]["only_a"] > comp["table"]["only_b"]
     assert 0.0 < comp["p_mcnemar"] <= 1.0
     assert "McNemar" in (ablated / "summary.md").read_text()
+
+
+def test_usage_mistakes_print_usage_and_exit_2_without_a_traceback(capsys) -> None:  # type: ignore[no-untyped-def]
+    assert run_cli("eval", "--no-such-option") == 2
+    err = capsys.readouterr().err
+    assert "No such option: --no-such-option" in err and "Traceback" not in err
+    assert run_cli("generate", "default") == 2  # --prompts is required
+    assert "Missing option '--prompts'" in capsys.readouterr().err

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import Protocol, cast
 
 import typer
 
@@ -58,13 +59,27 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except typer.Abort:
         sys.exit(1)
-    except Exception as exc:  # click usage errors carry their own exit code
-        import click
+    except Exception as exc:
+        if not isinstance(exc, _usage_errors()):
+            raise
+        usage = cast("_UsageError", exc)  # a mistyped option, a missing argument
+        usage.show()
+        sys.exit(usage.exit_code)
 
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+
+class _UsageError(Protocol):
+    exit_code: int
+
+    def show(self) -> None: ...
+
+
+def _usage_errors() -> tuple[type[Exception], ...]:
+    """Click's exception base, which usage errors derive from: recent typer vendors its own
+    copy of click (reached through ``typer.BadParameter``), older typer uses click."""
+    import click
+
+    vendored = [c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"]
+    return tuple({click.ClickException, *vendored})
 
 
 __all__ = ["app", "console", "main"]
