@@ -632,3 +632,10 @@ def test_cli_direction_arguments() -> None:
     for bad in (["persona"], ["=dirs/p"], ["p=a", "p=b"]):
         with pytest.raises(SteerlabError, match="--direction"):
             parse_direction_args(bad)
+
+
+def test_a_bad_default_steering_fails_at_startup(tiny: Any, dirs: dict[str, Direction]) -> None:
+    from steerlab.errors import InterventionError
+
+    with pytest.raises(InterventionError, match="do not exist"):
+        create_app(tiny, dirs, [Add(dirs["other"], 1.0, layers=[tiny.n_layers + 2])])

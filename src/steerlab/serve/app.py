@@ -101,6 +101,9 @@ def create_app(
         direction.check_compatible(lm, allow_mismatch=True)
         if not name:
             raise SteerlabError("Direction names must not be empty.")
+    from steerlab.steering import check_specs
+
+    check_specs(lm, default_steer)  # a bad default fails at startup, not on every request
     eos = eos_token_ids(lm)
 
     def run_group(jobs: list[Job], held: list[Callable[[], None]]) -> int:
