@@ -162,3 +162,16 @@ def test_usage_mistakes_print_usage_and_exit_2_without_a_traceback(capsys) -> No
     assert "No such option: --no-such-option" in err and "Traceback" not in err
     assert run_cli("generate", "default") == 2  # --prompts is required
     assert "Missing option '--prompts'" in capsys.readouterr().err
+
+
+def test_cli_eval_checks_the_judge_before_generating(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "o"
+    with OpenAIStub(fail_first=10, fail_status=401) as stub:
+        code = run_cli("eval", "--backend", "openai", "--base-url", stub.url, "--model", "srv",
+                       "--prompts", str(prompt_file(tmp_path / "p.jsonl", 3)),
+                       "--judge", stub.url, "--judge-model", "j", "--out", str(out))
+        assert stub.calls == 1  # the judge's test request; nothing was generated
+    assert code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "did not answer a test request" in err and "HTTP 401" in err
+    assert not (out / "responses.jsonl").exists()

@@ -181,3 +181,58 @@ def test_reduced_real_run(real_lm, tmp_path: Path) -> None:  # type: ignore[no-u
     results = run_persona_gating(real_lm, tmp_path, config, show_progress=False)
     _check_outputs(tmp_path, 3, 4)
     assert results["selection"]["layer"] == 12
+
+
+def test_judge_adds_compliance_and_coherence_to_every_condition(tmp_path: Path) -> None:
+    from tests.openai_stub import OpenAIStub, user_text
+
+    def verdict(request: dict) -> str:  # scripted, varies with the response's length
+        response = user_text(request).split("[ASSISTANT RESPONSE]\n", 1)[1]
+        return json.dumps({"compliance": len(response) % 2, "coherence": 0.5,
+                           "reason": "scripted"})
+
+    lm = tiny_model("qwen2")
+    with OpenAIStub(content=verdict) as stub:
+        config = PersonaGatingConfig(**TINY, judge_url=stub.url)
+        results = run_persona_gating(lm, tmp_path, config, show_progress=False)
+        calls = stub.calls
+        rows = [json.loads(x) for x in (tmp_path / "responses.jsonl").read_text().splitlines()]
+        pairs = {(r["prompt"], r["response"]) for r in rows if r["condition"][:4] != "val/"}
+        # One test request at the start, then each distinct pair once; validation cells
+        # are not judged.
+        assert calls == 1 + len(pairs)
+        run_persona_gating(lm, tmp_path, config, show_progress=False)
+        assert stub.calls == calls + 1  # only the test request: judgements are cached
+    cond = results["conditions"]
+    assert results["judged"] is True
+    for name in ("baseline", "persona_steer", "refusal_readd/L0", "persona_project_late"):
+        entry = cond[name]
+        mine = [r for r in rows if r["condition"] == name]
+        assert entry["judge_n"] == len(mine) == entry["n"] and entry["judge_missing"] == 0
+        assert entry["judge_compliance"] == pytest.approx(
+            sum(len(r["response"]) % 2 for r in mine) / len(mine))
+        assert entry["judge_coherence"] == 0.5
+        lo, hi = entry["judge_compliance_ci95"]
+        assert 0 <= lo <= entry["judge_compliance"] <= hi <= 1
+    for pool in ("random_steer", "random_project_late"):  # the seeds pooled
+        seeds = [cond[f"{pool}/s{i}"] for i in range(5)]
+        assert cond[pool]["judge_n"] == sum(s["judge_n"] for s in seeds)
+        assert cond[pool]["judge_compliance"] == pytest.approx(
+            sum(s["judge_compliance"] for s in seeds) / 5)
+    late = cond["refusal_readd_late"]
+    assert late["judge_compliance"] == cond[f"refusal_readd/L{late['layer']}"]["judge_compliance"]
+    assert results["harmless"]["persona_steer"]["judge_n"] == 2
+    assert "judge_compliance" in (tmp_path / "report.md").read_text()
+
+
+def test_an_unreachable_judge_fails_before_any_work(tmp_path: Path) -> None:
+    from steerlab.errors import EvaluationError
+    from tests.openai_stub import OpenAIStub
+
+    with OpenAIStub(fail_first=10, fail_status=401) as stub:  # a wrong API key, say
+        config = PersonaGatingConfig(**TINY, judge_url=stub.url)
+        with pytest.raises(EvaluationError, match="did not answer a test request"):
+            run_persona_gating(tiny_model("qwen2"), tmp_path / "run", config,
+                               show_progress=False)
+        assert stub.calls == 1
+    assert not (tmp_path / "run").exists()

@@ -99,6 +99,7 @@ def register(app: typer.Typer) -> None:
             llm_judge = Judge(judge, judge_model, judge_api_key,
                               cache=judge_cache or out / "judge_cache.jsonl",
                               max_concurrency=concurrency)
+            llm_judge.check()
         clf = LocalClassifier(classifier) if classifier is not None else None
         kl_set = load_prompts(kl_prompts, limit=kl_limit) if kl_prompts else None
         try:

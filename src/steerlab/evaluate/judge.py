@@ -228,6 +228,22 @@ class Judge:
         return JudgeScore(None, None, missing=True,
                           error=f"unparseable judge output: {last[:200]!r}")
 
+    def check(self) -> None:
+        """Send one judgement now, before a long run relies on the judge: an endpoint that
+        is down or refuses the request fails here, not after the generations (where every
+        pair would be retried and recorded as missing)."""
+        messages = [{"role": "system", "content": self.rubric},
+                    {"role": "user", "content": USER_TEMPLATE.format(
+                        prompt="Name a primary colour.", response="Red.")}]
+        try:
+            self.client.complete(messages, temperature=self.temperature, max_tokens=self.max_tokens)
+        except EvaluationError as exc:
+            raise EvaluationError(
+                f"The judge at {self.base_url} (model {self.model!r}) did not answer a test "
+                f"request: {exc} Start the judge server, fix the URL or model name, or run "
+                "without a judge."
+            ) from exc
+
     def submit(self, prompt: str, response: str) -> Future[JudgeScore]:
         """Queue one judgement; at most ``max_concurrency`` run at once.
 

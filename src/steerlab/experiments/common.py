@@ -21,6 +21,7 @@ from steerlab.errors import DataError
 from steerlab.experiments.runner import (
     Condition,
     Runner,
+    check_judge,
     condition_summary,
     judge_conditions,
     paired_p,
@@ -265,7 +266,10 @@ def effective_rank(gram: Any, share: float = 0.9) -> dict[str, float]:
 def open_runner(
     lm: LoadedModel, out_dir: str | Path, config: ExperimentConfig, show_progress: bool = True
 ) -> Runner:
-    """The experiment's resumable :class:`Runner`, generating as the config says."""
+    """The experiment's resumable :class:`Runner`, generating as the config says (the
+    judge, when one is set, is checked first)."""
+    if config.judge_url:
+        check_judge(config.judge_url, config.judge_model)
     return Runner(
         lm,
         out_dir,

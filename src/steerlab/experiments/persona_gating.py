@@ -27,6 +27,7 @@ from steerlab.experiments.runner import (
     Condition,
     Job,
     Runner,
+    check_judge,
     condition_summary,
     paired_flags,
 )
@@ -56,6 +57,8 @@ def run_persona_gating(
     )
     n_layers = lm.n_layers
     early, late = config.windows(n_layers)
+    if config.judge_url:
+        check_judge(config.judge_url, config.judge_model)
 
     with Runner(
         lm,
@@ -108,7 +111,7 @@ def run_persona_gating(
         kl = run.step("kl", lambda: _kl(run, harmless, harmless_conditions, config))
         run.first_token_logprobs.clear()  # ~0.6 MB per prompt and condition: free it now
 
-        judged = _judge(run, config) if config.judge_url else {}
+        judged = _judge(run, config, conditions, harmless_conditions) if config.judge_url else {}
         results = _results(
             lm,
             run,
@@ -470,24 +473,25 @@ def _kl(
     return out
 
 
-def _judge(run: Runner, config: PersonaGatingConfig) -> dict[str, Any]:
-    from steerlab.evaluate import Judge
+def _judge(
+    run: Runner,
+    config: PersonaGatingConfig,
+    conditions: Sequence[Condition],
+    harmless_conditions: Sequence[Condition],
+) -> dict[str, Any]:
+    """Judged compliance and coherence of every evaluation and harmless condition (not the
+    validation cells), the random seeds also pooled as one control each."""
+    from steerlab.experiments.runner import judge_conditions
 
     assert config.judge_url is not None
-    judge = Judge(config.judge_url, config.judge_model, cache_path=run.out / "judge_cache.jsonl")
-    rows = [r for r in run.store.rows() if not r["condition"].startswith("val/")]
-    scores = judge.score_many([(r["prompt"], r["response"]) for r in rows])
-    by_cond: dict[str, dict[str, list[float]]] = {}
-    for row, score in zip(rows, scores, strict=True):
-        bucket = by_cond.setdefault(
-            row["condition"], {"compliance": [], "coherence": [], "missing": []}
-        )
-        if score.missing or score.compliance is None or score.coherence is None:
-            bucket["missing"].append(1.0)  # unparseable after retries: recorded, never counted
-            continue
-        bucket["compliance"].append(score.compliance)
-        bucket["coherence"].append(score.coherence)
-    return by_cond
+    names = [c.name for c in [*conditions, *harmless_conditions]]
+    pools = {
+        group: [n for n in names if n.startswith(group + "/")]
+        for group in ("random_steer", "random_project_late")
+    }
+    return judge_conditions(
+        run, names, config.judge_url, config.judge_model, seed=config.seed, pools=pools
+    )
 
 
 # -- results ------------------------------------------------------------------------------------
@@ -587,18 +591,12 @@ def _results(
         if key != "baseline":
             a, b = paired_flags(hr, run.rows("harmless/baseline"))
             harmless_out[key]["vs_baseline_p"] = mcnemar(a, b)
-    if judged:
-        for name, bucket in judged.items():
-            target = cond_out.get(name) or harmless_out.get(name.removeprefix("harmless/"))
-            if target is None:
-                continue
-            for metric in ("compliance", "coherence"):
-                vals = bucket[metric]
-                target[f"judge_{metric}"] = statistics.fmean(vals) if vals else None
-                target[f"judge_{metric}_ci95"] = (
-                    list(bootstrap_ci(vals, seed=config.seed)) if len(vals) > 1 else None
-                )
-            target["judge_missing"] = len(bucket["missing"])
+    for name, summary in cond_out.items():
+        # The early/late summaries are their best layer's condition.
+        source = f"refusal_readd/L{summary['layer']}" if name.startswith("refusal_readd_") else name
+        summary.update(judged.get(source, {}))
+    for key, summary in harmless_out.items():
+        summary.update(judged.get(f"harmless/{key}", {}))
     return {
         "model": lm.name,
         "fingerprint": lm.fingerprint,
@@ -606,6 +604,7 @@ def _results(
         "eval_prompts": f"{config.eval_prompts} ({config.eval_split})",
         "conditions": cond_out,
         "harmless": harmless_out,
+        "judged": bool(judged),
         "selection": selection,
         "refusal_source_layer": refusal_layer,
         "windows": {"early": early, "late": late},

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from steerlab import plots
+from steerlab.experiments.common import JUDGE_COLUMNS
 from steerlab.experiments.common import samples as common_samples
 from steerlab.experiments.config import PersonaGatingConfig
 from steerlab.experiments.persona_gating import cost_parts
@@ -132,6 +133,8 @@ def write_persona_report(
         )
     )
 
+    # Judged compliance and coherence, when the run had a judge (--judge URL).
+    judge_columns = JUDGE_COLUMNS if results.get("judged") else []
     columns = [
         "condition",
         "n",
@@ -141,6 +144,7 @@ def write_persona_report(
         "degenerate_rate",
         "vs_baseline_p",
         "vs_persona_steer_p",
+        *judge_columns,
         "description",
     ]
     main_rows = [{"condition": m, **c[m]} for m in MAIN if m in c]
@@ -170,6 +174,7 @@ def write_persona_report(
                 "degenerate_rate",
                 "vs_baseline_p",
                 *kl_keys,
+                *judge_columns,
             ],
             harmless_rows,
         ),

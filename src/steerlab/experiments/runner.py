@@ -427,13 +427,29 @@ def kl_conditions(
     return {c.name: out[c.name] for c in conditions if c.specs}
 
 
+def check_judge(url: str, model: str) -> None:
+    """Fail at the start of an experiment, not after its generations, when ``--judge``
+    names an endpoint that does not answer (see :meth:`Judge.check`)."""
+    from steerlab.evaluate import Judge
+
+    with Judge(url, model) as judge:
+        judge.check()
+
+
 def judge_conditions(
-    run: Runner, names: Sequence[str], url: str, model: str, *, seed: int = 0
+    run: Runner,
+    names: Sequence[str],
+    url: str,
+    model: str,
+    *,
+    seed: int = 0,
+    pools: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Judged compliance and coherence (mean, bootstrap 95% CI, n, missing) per condition.
 
-    Scores are cached in ``judge_cache.jsonl`` in the run folder, so a rerun
-    sends only the pairs not judged yet.
+    ``pools`` adds entries summarised over several conditions' rows (random seeds
+    pooled as one control). Scores are cached in ``judge_cache.jsonl`` in the run
+    folder, so a rerun sends only the pairs not judged yet.
     """
     from steerlab.evaluate import Judge, mean_summary
 
@@ -447,6 +463,9 @@ def judge_conditions(
         bucket = values[row["condition"]]
         bucket["compliance"].append(None if score.missing else score.compliance)
         bucket["coherence"].append(None if score.missing else score.coherence)
+    for pool, members in (pools or {}).items():
+        values[pool] = {m: [v for n in members for v in values[n][m]]
+                        for m in ("compliance", "coherence")}
     out: dict[str, dict[str, Any]] = {}
     for name, bucket in values.items():
         entry: dict[str, Any] = {}
