@@ -134,3 +134,21 @@ def test_holm_matches_hand_computed_adjustment():
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
     assert holm([0.5, 0.9]) == [1.0, 1.0]  # capped at 1, monotone
     assert holm([0.2]) == [0.2] and holm([]) == []
+
+
+def test_restored_share_is_the_undone_part_of_the_drop_with_a_paired_interval() -> None:
+    from steerlab.evaluate import restored_share
+
+    n = 40
+    base = [True] * 30 + [False] * 10  # 75%
+    steered = [True] * 10 + [False] * 30  # 25%
+    restored = [True] * 20 + [False] * 20  # 50%: half the drop undone
+    out = restored_share(base, steered, restored, seed=1)
+    assert out["n"] == n and out["share"] == pytest.approx(0.5)
+    lo, hi = out["ci95"]
+    assert 0.1 < lo < 0.5 < hi < 0.9
+    assert restored_share(base, steered, base)["share"] == pytest.approx(1.0)
+    assert restored_share(base, steered, steered)["share"] == pytest.approx(0.0)
+    assert restored_share(base, base, restored)["share"] is None  # no drop to restore
+    with pytest.raises(EvaluationError, match="aligned"):
+        restored_share(base, steered[:-1], restored)

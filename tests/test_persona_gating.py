@@ -64,6 +64,15 @@ def _check_outputs(out: Path, n_readd: int, n_eval: int) -> dict:
         "Compliant-persona steering suppresses refusal",
         "Random directions of the same norm do nothing",
     }
+    gap = cond["baseline"]["refusal_rate"] - cond["persona_steer"]["refusal_rate"]
+    for name in ("persona_project_late", "persona_project_early", "refusal_readd/L0"):
+        share = cond[name]["restored_share"]  # every condition has all the eval prompts
+        if gap == 0:
+            assert share is None
+        else:
+            undone = cond[name]["refusal_rate"] - cond["persona_steer"]["refusal_rate"]
+            assert share == pytest.approx(undone / gap)
+    assert "restored_share" in cond["random_project_late"]
     assert results["selection"]["cells"] and "layer" in results["selection"]
     readd = results["readd_selection"]  # strength chosen on validation, used at every layer
     assert readd["alpha"] in [c["alpha"] for c in readd["cells"]]

@@ -45,6 +45,7 @@ from steerlab.evaluate.stats import (
     mean_summary,
     paired_bootstrap,
     rate_summary,
+    restored_share,
     wilson_ci,
 )
 
@@ -91,6 +92,7 @@ __all__ = [
     "perplexity",
     "rate_summary",
     "read_rows",
+    "restored_share",
     "run_eval",
     "summarise",
     "wilson_ci",

@@ -136,6 +136,40 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, n_boot: int = 10
             "p": p}
 
 
+def restored_share(base: Sequence[bool], steered: Sequence[bool], restored: Sequence[bool], *,
+                   n_boot: int = 10_000, seed: int = 0) -> dict[str, Any]:
+    """How much of an intervention's effect a second one undoes, on the same prompts.
+
+    ``(rate(restored) - rate(steered)) / (rate(base) - rate(steered))``: 1 means back
+    at the base rate, 0 no restoration. The percentile interval resamples prompts
+    (all three flags together); resamples where steering moved nothing are dropped
+    and counted. ``share`` is ``None`` when the observed effect is zero.
+    """
+    if not len(base) == len(steered) == len(restored):
+        raise EvaluationError(f"restored_share needs three aligned flag lists; got lengths "
+                              f"{len(base)}, {len(steered)} and {len(restored)}.")
+    if not base:
+        raise EvaluationError("restored_share got no prompts.")
+    flags = np.asarray([base, steered, restored], dtype=float)  # [3, n]
+    rates = flags.mean(axis=1)
+    gap = rates[0] - rates[1]
+    out: dict[str, Any] = {"n": len(base), "share": None, "ci95": None, "dropped_resamples": 0}
+    if gap == 0:
+        return out
+    out["share"] = float((rates[2] - rates[1]) / gap)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, flags.shape[1], size=(n_boot, flags.shape[1]))
+    boot = flags[:, idx].mean(axis=2)  # [3, n_boot]
+    boot_gap = boot[0] - boot[1]
+    keep = np.sign(boot_gap) == np.sign(gap)
+    out["dropped_resamples"] = int((~keep).sum())
+    if keep.any():
+        shares = (boot[2, keep] - boot[1, keep]) / boot_gap[keep]
+        lo, hi = np.quantile(shares, [0.025, 0.975])
+        out["ci95"] = [float(lo), float(hi)]
+    return out
+
+
 def cohens_kappa(a: Sequence[Hashable], b: Sequence[Hashable]) -> float:
     """Cohen's kappa between two raters' labels on the same items.
 

@@ -529,6 +529,10 @@ def _results(
         return e
 
     cond_out: dict[str, Any] = {c.name: entry(c.name, c.description) for c in conditions}
+    # How much of the persona-induced drop each restoring condition undoes (1 = baseline).
+    prefixes = ("refusal_readd/", "persona_project_", "random_project_late/")
+    for name in [n for n in cond_out if n.startswith(prefixes)]:
+        cond_out[name].update(_restored(base, steer, [rows[name]], config.seed))
     for group in ("random_steer", "random_project_late"):
         members = [n for n in cond_out if n.startswith(group + "/")]
         pooled = [r for n in members for r in rows[n]]
@@ -555,6 +559,10 @@ def _results(
                 )
             ),
         }
+    members = [n for n in cond_out if n.startswith("random_project_late/")]
+    cond_out["random_project_late"].update(
+        _restored(base, steer, [rows[n] for n in members], config.seed)
+    )
     readd = {int(n.split("/L")[1]): cond_out[n] for n in cond_out if n.startswith("refusal_readd/")}
     third = lm.n_layers / 3
     early_l = {k: v for k, v in readd.items() if k < third}
@@ -611,6 +619,38 @@ def _results(
         "findings": _findings(cond_out),
         "provenance": provenance(lm, config=config, seed=config.seed),
     }
+
+
+def _restored(
+    base: Sequence[dict[str, Any]],
+    steer: Sequence[dict[str, Any]],
+    restored: Sequence[Sequence[dict[str, Any]]],
+    seed: int,
+) -> dict[str, Any]:
+    """``restored_share`` and its ``_ci95``: :func:`restored_share` of the baseline →
+    persona_steer drop, prompts aligned by id; several restoring runs (random seeds)
+    are pooled as more aligned prompts."""
+    from steerlab.evaluate import restored_share
+
+    by_base = {r["prompt_id"]: r for r in base}
+    by_steer = {r["prompt_id"]: r for r in steer}
+    triples = [
+        (by_base[r["prompt_id"]], by_steer[r["prompt_id"]], r)
+        for rows in restored
+        for r in rows
+        if r["prompt_id"] in by_base and r["prompt_id"] in by_steer
+    ]
+    flags = [[t[i]["outcome"] == "refusal" for t in triples] for i in range(3)]
+    share = restored_share(*flags, seed=seed)
+    return {"restored_share": share["share"], "restored_share_ci95": share["ci95"]}
+
+
+def _share_text(entry: dict[str, Any]) -> str:
+    share, ci = entry.get("restored_share"), entry.get("restored_share_ci95")
+    if share is None:
+        return "no persona-induced drop to restore"
+    interval = f" [{ci[0]:.0%}, {ci[1]:.0%}]" if ci else ""
+    return f"restores {share:.0%}{interval} of the persona-induced drop"
 
 
 def _findings(c: dict[str, Any]) -> list[dict[str, str]]:
@@ -676,7 +716,7 @@ def _findings(c: dict[str, Any]) -> list[dict[str, str]]:
                 f"{e['restoring_layers'] or 'none'} of {e['layers']}, late "
                 f"{late['restoring_layers'] or 'none'} of {late['layers']}; highest "
                 f"early: layer {e['layer']} {e['refusal_rate']:.0%}, highest late: layer "
-                f"{late['layer']} {late['refusal_rate']:.0%}",
+                f"{late['layer']} {late['refusal_rate']:.0%} ({_share_text(late)})",
             }
         )
     pl, pe, rp = c["persona_project_late"], c["persona_project_early"], c["random_project_late"]
@@ -695,7 +735,7 @@ def _findings(c: dict[str, Any]) -> list[dict[str, str]]:
             "claim": "Projecting persona out of a late window restores baseline refusal",
             "verdict": verdict,
             "evidence": f"{fmt('persona_project_late')} (p={pl['vs_persona_steer_p']:.3g} vs "
-            f"persona_steer, p={pl['vs_baseline_p']:.3g} vs baseline); "
+            f"persona_steer, p={pl['vs_baseline_p']:.3g} vs baseline; {_share_text(pl)}); "
             f"{fmt('persona_project_early')}; random_project_late mean "
             f"{rp['seed_mean']:.0%} over {len(rp['seeds'])} seeds",
         }

@@ -144,6 +144,8 @@ def write_persona_report(
         "degenerate_rate",
         "vs_baseline_p",
         "vs_persona_steer_p",
+        "restored_share",
+        "restored_share_ci95",
         *judge_columns,
         "description",
     ]
@@ -160,7 +162,9 @@ def write_persona_report(
             columns,
             main_rows,
             note="p-values: exact McNemar tests on the same prompts. Random conditions pool "
-            "their seeds; each seed is listed below.",
+            "their seeds; each seed is listed below. restored_share: the part of the "
+            "baseline → persona_steer drop in refusal a condition undoes (1 = back at "
+            "baseline, 0 = none), 95% interval by resampling prompts.",
         ),
         Table("Refusal re-added at each layer (persona-steered)", columns[:-1], readd_rows),
         Table("Random-direction controls, per seed", columns, seed_rows, note=_seed_note(c)),
