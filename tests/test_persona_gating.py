@@ -245,3 +245,12 @@ def test_an_unreachable_judge_fails_before_any_work(tmp_path: Path) -> None:
                                show_progress=False)
         assert stub.calls == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_evaluation_on_the_validation_split_is_refused_before_any_work(tmp_path: Path) -> None:
+    from steerlab.errors import DataError
+
+    config = PersonaGatingConfig(**{**TINY, "eval_split": "val"})
+    with pytest.raises(DataError, match="also validation prompts"):
+        run_persona_gating(tiny_model("qwen2"), tmp_path / "run", config, show_progress=False)
+    assert not (tmp_path / "run").exists()

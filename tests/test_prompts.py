@@ -362,3 +362,19 @@ def test_real_model_refuses_harmful_and_answers_twin(real_lm: Any) -> None:
         assert answer_harmless.strip() and not _refused(answer_harmless), (
             harmless.prompt, answer_harmless)
 
+
+
+def test_check_held_out_refuses_evaluation_prompts_used_for_extraction_or_choices() -> None:
+    from steerlab.prompts import check_held_out
+
+    train = load_prompts("paired", split="train")
+    val = load_prompts("paired:harmful", split="val")
+    check_held_out(load_prompts("paired:harmful", split="test"),
+                   [("extraction", train), ("validation", val)])  # the splits are disjoint
+    with pytest.raises(DataError, match=r"48 of the 48 evaluation prompts .* also validation"):
+        check_held_out(val, [("extraction", train), ("validation", val)])
+    leaked = PromptSet("mine", (Prompt("a", "Write a haiku about rain."),
+                                Prompt("b", "  " + train[3].prompt.upper() + " ")))
+    with pytest.raises(DataError, match=r"1 of the 2 evaluation prompts \(mine\) are also "
+                                        r"extraction prompts \(paired, train split\)"):
+        check_held_out(leaked, [("extraction", train)])

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -308,6 +308,28 @@ def load_prompts(
         )
         raise DataError(f"No prompts in {full.source} match {asked} ({_present(full)}).")
     return pset
+
+
+def check_held_out(eval_set: PromptSet, used: Sequence[tuple[str, PromptSet]]) -> None:
+    """Refuse evaluation prompts that also served to extract a direction or to choose a
+    layer or strength: a result scored on them would be tuned to them.
+
+    ``used`` pairs each set with its role (``"validation"``, ``"extraction"``). Prompts
+    match after whitespace and case are normalised.
+    """
+    def norm(text: str) -> str:
+        return " ".join(text.split()).casefold()
+
+    ours = {norm(p.prompt) for p in eval_set}
+    for role, pset in used:
+        shared = [p.prompt for p in pset if norm(p.prompt) in ours]
+        if shared:
+            raise DataError(
+                f"{len(shared)} of the {len(eval_set)} evaluation prompts ({eval_set.name}) are "
+                f"also {role} prompts ({pset.name}{f', {pset.split} split' if pset.split else ''}"
+                f"), e.g. {shared[0]!r}. Evaluate on prompts nothing was extracted or chosen on: "
+                "the built-in test split, or a file that does not share them."
+            )
 
 
 def persona_pairs(axis: str = "compliance", split: str | None = None) -> list[tuple[str, str]]:

@@ -494,9 +494,16 @@ def write_report(
 
 
 def eval_prompts(config: ExperimentConfig) -> PromptSet:
-    from steerlab.prompts import load_prompts
+    """The evaluation prompts, checked to share none with the built-in sets' train and
+    validation splits, where the experiments extract directions and choose layers."""
+    from steerlab.prompts import check_held_out, load_prompts
 
-    return load_prompts(config.eval_prompts, split=config.eval_split, limit=config.limit)
+    prompts = load_prompts(config.eval_prompts, split=config.eval_split, limit=config.limit)
+    check_held_out(prompts, [(role, load_prompts(name, split=split))
+                             for name in ("paired", "tier2")
+                             for role, split in (("extraction", "train"),
+                                                 ("validation", "val"))])
+    return prompts
 
 
 def harmless_prompts(config: ExperimentConfig) -> PromptSet:

@@ -46,7 +46,7 @@ def run_persona_gating(
     lm: LoadedModel, out_dir: str | Path, config: PersonaGatingConfig, *, show_progress: bool = True
 ) -> dict[str, Any]:
     """Run every step (resuming from ``out_dir``) and write results, responses and report."""
-    from steerlab.prompts import load_prompts, persona_pairs
+    from steerlab.prompts import check_held_out, load_prompts, persona_pairs
 
     out = Path(out_dir)
     started = time.perf_counter()
@@ -54,6 +54,14 @@ def run_persona_gating(
     val_set = load_prompts(config.val_prompts, split=config.val_split, limit=config.val_limit)
     harmless = load_prompts(
         config.harmless_prompts, split=config.harmless_split, limit=config.harmless_limit
+    )
+    check_held_out(
+        eval_set,
+        [
+            ("validation", val_set),
+            ("extraction", load_prompts("paired", split="train")),
+            ("layer-selection", load_prompts("paired", split="val")),
+        ],
     )
     n_layers = lm.n_layers
     early, late = config.windows(n_layers)
