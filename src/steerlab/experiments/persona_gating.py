@@ -617,7 +617,8 @@ def _results(
         "model": lm.name,
         "fingerprint": lm.fingerprint,
         "n_eval": len(eval_set),
-        "eval_prompts": f"{config.eval_prompts} ({config.eval_split})",
+        "eval_prompts": config.eval_prompts
+        + (f" ({config.eval_split})" if config.eval_split else ""),
         "conditions": cond_out,
         "harmless": harmless_out,
         "judged": bool(judged),
