@@ -35,6 +35,7 @@ from steerlab._atomic import atomic_open, write_json, write_text
 from steerlab.errors import EvaluationError
 from steerlab.evaluate.backends import InProcessBackend
 from steerlab.evaluate.capability import capability_eval
+from steerlab.evaluate.kl import step_logprobs
 from steerlab.evaluate.outcome import outcome
 from steerlab.evaluate.perplexity import nll_report
 from steerlab.evaluate.refusal import is_refusal
@@ -65,31 +66,6 @@ class _Reference:
 
     logprobs: list[torch.Tensor]  # per batch [B, k, V] float32, CPU
     tokens: list[torch.Tensor]  # per batch [B, k]
-
-
-@torch.no_grad()
-def _step_logprobs(lm: LoadedModel, prompts: list[str], k: int,
-                   forced: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs ``[B, k, V]`` of the first k response steps, greedy or teacher-forced."""
-    from steerlab.chat import encode
-
-    batch = encode(lm.tokenizer, prompts)
-    ids, mask = batch.input_ids.to(lm.device), batch.attention_mask.to(lm.device)
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    out = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-    steps, fed = [], []
-    for step in range(k):
-        logprobs = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
-        steps.append(logprobs.cpu())
-        tok = forced[:, step].to(lm.device) if forced is not None else logprobs.argmax(-1)
-        fed.append(tok.cpu())
-        if step == k - 1:
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        pos = pos[:, -1:] + 1
-        out = lm.model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos,
-                       past_key_values=out.past_key_values, use_cache=True)
-    return torch.stack(steps, 1), torch.stack(fed, 1)
 
 
 def _prompts(cfg: CompareConfig) -> dict[str, list[Any]]:
@@ -141,7 +117,7 @@ def evaluate_model(
     for i, start in enumerate(range(0, len(harmless), cfg.batch_size)):
         chunk = harmless[start : start + cfg.batch_size]
         forced = reference.tokens[i] if reference is not None else None
-        lp, toks = _step_logprobs(lm, chunk, cfg.kl_tokens, forced)
+        lp, toks = step_logprobs(lm, chunk, None, cfg.kl_tokens, forced)
         mine.logprobs.append(lp)
         mine.tokens.append(toks)
         base = reference.logprobs[i] if reference is not None else lp

@@ -45,11 +45,13 @@ def _steered(lm: LoadedModel, specs: Sequence[Any]) -> Iterator[None]:
 
 
 @torch.no_grad()
-def _step_logprobs(lm: LoadedModel, prompts: list[str], system: str | None, k: int,
+def step_logprobs(lm: LoadedModel, prompts: list[str], system: str | None, k: int,
                    forced: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs ``[B, k, V]`` at each response step, and the tokens fed ``[B, k]``.
 
-    With ``forced`` the given tokens are fed (teacher forcing); otherwise greedy.
+    With ``forced`` the given tokens are fed (teacher forcing); otherwise greedy. Token
+    by token with a KV cache, as generation goes; shared by the KL here and
+    :mod:`steerlab.compare`.
     """
     from steerlab.chat import encode
     from steerlab.decoding import forward_step  # the transformers-version-proof cached forward
@@ -112,7 +114,7 @@ def kl_per_prompt_many(lm: LoadedModel, prompts: Sequence[str] | PromptSet,
     result: dict[str, list[list[float]]] = {name: [] for name in specs_by_name}
     for start in range(0, len(texts), batch_size):
         chunk = texts[start : start + batch_size]
-        base_lp, tokens = _step_logprobs(lm, chunk, system, k, None)
+        base_lp, tokens = step_logprobs(lm, chunk, system, k, None)
         # Where the baseline stopped: steps after its EOS are not part of its response.
         stops = [
             next((t + 1 for t in range(k) if int(tokens[b, t]) in eos), k)
@@ -120,7 +122,7 @@ def kl_per_prompt_many(lm: LoadedModel, prompts: Sequence[str] | PromptSet,
         ]
         for name, specs in specs_by_name.items():
             with _steered(lm, specs):
-                steer_lp, _ = _step_logprobs(lm, chunk, system, k, tokens)
+                steer_lp, _ = step_logprobs(lm, chunk, system, k, tokens)
             kl = kl_from_logprobs(base_lp, steer_lp)  # [B, k]
             result[name].extend(
                 [float(x) for x in kl[b, : stops[b]]] for b in range(len(chunk))
