@@ -402,7 +402,7 @@ def kl_conditions(
     todo = []
     for cond in conditions:
         if cond.specs and run.has_step(step_name(cond)):
-            out[cond.name] = run.step(step_name(cond), dict)
+            out[cond.name] = run.step(step_name(cond), dict)  # cached: read back
         elif cond.specs:
             todo.append(cond)
     for system in dict.fromkeys(c.system for c in todo):  # each system prompt, in order

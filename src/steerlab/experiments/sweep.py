@@ -95,6 +95,7 @@ def run_sweep(
             a, b = paired_flags(rows, base)
             cell["vs_baseline_p"] = mcnemar(a, b)
             if harmless is not None:
+                # Cached: read back (computed just above when it was not yet).
                 cell[f"kl_first_{kl_tokens}"] = run.step(f"kl_{cond.name}", float)
             cells.append(cell)
     results = {
