@@ -254,3 +254,25 @@ def test_evaluation_on_the_validation_split_is_refused_before_any_work(tmp_path:
     with pytest.raises(DataError, match="also validation prompts"):
         run_persona_gating(tiny_model("qwen2"), tmp_path / "run", config, show_progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_restored_share_aligns_rows_by_prompt_and_pools_seeds() -> None:
+    from steerlab.experiments.persona_gating import _restored
+
+    def rows(refusing: set[int], order: list[int]) -> list[dict]:
+        return [{"prompt_id": f"p{i}", "outcome": "refusal" if i in refusing else "bypass"}
+                for i in order]
+
+    ids = list(range(10))
+    base = rows(set(range(8)), ids)  # 80%
+    steer = rows({0, 1}, ids[::-1])  # 20%, stored in another order
+    half = rows({0, 1, 2, 3, 4}, [3, 1, 4, 0, 5, 9, 2, 6, 8, 7])  # 50%: half the drop
+    out = _restored(base, steer, [half], seed=0)
+    assert out["restored_share"] == pytest.approx(0.5)
+    lo, hi = out["restored_share_ci95"]
+    assert lo < 0.5 < hi
+    pooled = _restored(base, steer, [half, rows(set(range(8)), ids)], seed=0)  # 50% and 100%
+    assert pooled["restored_share"] == pytest.approx(0.75)
+    # Only prompts all three have count: base and steer are read on the restored run's ids.
+    subset = _restored(base, steer, [rows({0, 1, 2, 3, 4}, [4, 2, 0, 1, 3])], seed=0)
+    assert subset["restored_share"] == pytest.approx(1.0)  # (100% - 40%) / (100% - 40%)
