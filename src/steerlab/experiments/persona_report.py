@@ -144,11 +144,13 @@ def write_persona_report(
         "degenerate_rate",
         "vs_baseline_p",
         "vs_persona_steer_p",
-        "restored_share",
-        "restored_share_ci95",
         *judge_columns,
         "description",
     ]
+    share_keys = ["restored_share", "restored_share_ci95"]
+    restoring = ["refusal_readd_early", "refusal_readd_late", "persona_project_late",
+                 "persona_project_early", "random_project_late"]
+    share_rows = [{"condition": m, **c[m]} for m in restoring if m in c]
     main_rows = [{"condition": m, **c[m]} for m in MAIN if m in c]
     readd_rows = [{"condition": f"refusal_readd/L{k}", **v} for k, v in readd]
     seed_rows = [{"condition": k, **v} for k, v in c.items() if "/s" in k]
@@ -162,11 +164,21 @@ def write_persona_report(
             columns,
             main_rows,
             note="p-values: exact McNemar tests on the same prompts. Random conditions pool "
-            "their seeds; each seed is listed below. restored_share: the part of the "
-            "baseline → persona_steer drop in refusal a condition undoes (1 = back at "
-            "baseline, 0 = none), 95% interval by resampling prompts.",
+            "their seeds; each seed is listed below.",
         ),
-        Table("Refusal re-added at each layer (persona-steered)", columns[:-1], readd_rows),
+        Table(
+            "How much of the persona-induced drop each restoring condition undoes",
+            ["condition", "n", "refusal_rate", "vs_persona_steer_p", *share_keys],
+            share_rows,
+            note="restored_share: (refusal − persona_steer's) / (baseline's − persona_steer's) "
+            "on the same prompts; 1 = back at baseline, 0 = no restoration. 95% interval by "
+            "resampling prompts, all three conditions' outcomes on a prompt together.",
+        ),
+        Table(
+            "Refusal re-added at each layer (persona-steered)",
+            [*columns[:-1], *share_keys],
+            readd_rows,
+        ),
         Table("Random-direction controls, per seed", columns, seed_rows, note=_seed_note(c)),
         Table(
             "Harmless prompts: over-refusal and KL",
