@@ -567,10 +567,8 @@ def _results(
                 )
             ),
         }
-    members = [n for n in cond_out if n.startswith("random_project_late/")]
-    cond_out["random_project_late"].update(
-        _restored(base, steer, [rows[n] for n in members], config.seed)
-    )
+        if group == "random_project_late":  # the seeds' restoration, pooled
+            cond_out[group].update(_restored(base, steer, [rows[n] for n in members], config.seed))
     readd = {int(n.split("/L")[1]): cond_out[n] for n in cond_out if n.startswith("refusal_readd/")}
     third = lm.n_layers / 3
     early_l = {k: v for k, v in readd.items() if k < third}

@@ -7,7 +7,6 @@ The spec is a template in the compact steer form with ``{layer}`` and
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +19,7 @@ from steerlab.experiments.runner import (
     Job,
     Runner,
     condition_summary,
+    kl_conditions,
     paired_flags,
 )
 from steerlab.report import Figure, Report, Table
@@ -45,7 +45,6 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Run the grid (resumable in ``out_dir``) and write results.json and the report."""
     from steerlab.evaluate import mcnemar
-    from steerlab.evaluate.kl import kl_per_prompt_many, mean_kl
     from steerlab.interventions import parse_steer
     from steerlab.provenance import provenance
     from steerlab.steering import check_specs
@@ -78,25 +77,14 @@ def run_sweep(
         base = run.run(Condition("baseline"), prompts)
         # The cells share generation batches: a decode step's cost grows slowly with rows.
         grid_rows = run.run_many([Job(c, prompts) for c in conds])
-        # KL of every cell not cached yet, against one shared baseline pass whose time
-        # the cells share evenly.
-        if harmless is not None:
-            todo = {c.name: c.specs for c in conds if not run.has_step(f"kl_{c.name}")}
-            if todo:
-                start = time.perf_counter()
-                per = kl_per_prompt_many(
-                    lm, harmless.texts(), todo, k=kl_tokens, batch_size=batch_size
-                )
-                share = (time.perf_counter() - start) / len(todo)
-                for name, values in per.items():
-                    run.save_step(f"kl_{name}", mean_kl(values), share)
+        # KL of every cell not cached yet, against one shared baseline pass.
+        kl = kl_conditions(run, harmless, conds, k=kl_tokens) if harmless is not None else {}
         for (layer, alpha), cond, rows in zip(grid, conds, grid_rows, strict=True):
             cell = {"layer": layer, "alpha": alpha, **condition_summary(rows)}
             a, b = paired_flags(rows, base)
             cell["vs_baseline_p"] = mcnemar(a, b)
             if harmless is not None:
-                # Cached: read back (computed just above when it was not yet).
-                cell[f"kl_first_{kl_tokens}"] = run.step(f"kl_{cond.name}", float)
+                cell[f"kl_first_{kl_tokens}"] = kl[cond.name][f"kl_first_{kl_tokens}"]
             cells.append(cell)
     results = {
         "model": lm.name,
