@@ -516,5 +516,5 @@ def with_mean_norms(
     return Direction(direction.vectors, direction.layers, meta)
 
 
-__all__ = ["SiteInfo", "SteeringPlan", "backbone", "count_hooks", "orthonormal_basis",
-           "past_length", "steer", "with_mean_norms"]
+__all__ = ["SiteInfo", "SteeringPlan", "backbone", "check_specs", "count_hooks",
+           "orthonormal_basis", "past_length", "steer", "with_mean_norms"]
