@@ -276,3 +276,26 @@ def test_restored_share_aligns_rows_by_prompt_and_pools_seeds() -> None:
     # Only prompts all three have count: base and steer are read on the restored run's ids.
     subset = _restored(base, steer, [rows({0, 1, 2, 3, 4}, [4, 2, 0, 1, 3])], seed=0)
     assert subset["restored_share"] == pytest.approx(1.0)  # (100% - 40%) / (100% - 40%)
+
+
+def test_the_grid_choice_takes_the_smallest_strength_within_the_tolerance() -> None:
+    """One validation prompt of 24 apart counts as tied (it flips with rounding); a cell
+    past the degenerate limit is never chosen; with no tolerance the lowest rate wins."""
+    from steerlab.experiments.persona_gating import choose_cell
+
+    def cell(layer: int, alpha: float, refusals: int, degenerate: int = 0) -> dict:
+        return {"layer": layer, "alpha": alpha, "refusal_rate": refusals / 24,
+                "degenerate_rate": degenerate / 24}
+
+    cells = [cell(12, 4.0, 10), cell(16, 4.0, 4), cell(16, 8.0, 1), cell(16, 12.0, 0),
+             cell(12, 8.0, 1, degenerate=9)]
+    assert (choose_cell(cells, 0.25, 1, 24)["alpha"], choose_cell(cells, 0.25, 1, 24)["layer"]) \
+        == (8.0, 16)
+    assert choose_cell(cells, 0.25, 0, 24)["alpha"] == 12.0
+    assert choose_cell(cells, 0.25, 3, 24)["alpha"] == 8.0  # 4 refusals is 4 prompts away
+    assert choose_cell(cells, 0.25, 4, 24)["alpha"] == 4.0
+    assert choose_cell(cells, 0.5, 1, 24)["layer"] == 12  # same strength and rate: earlier layer
+    cells[2] = cell(16, 8.0, 0)
+    assert choose_cell(cells, 0.5, 1, 24)["layer"] == 16  # same strength: lower refusal wins
+    unsafe = [cell(16, 8.0, 0, degenerate=20), cell(16, 12.0, 5)]
+    assert choose_cell(unsafe, 0.25, 1, 24)["alpha"] == 12.0

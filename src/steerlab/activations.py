@@ -153,6 +153,33 @@ def run_until_stop(lm: LoadedModel, batch: ChatBatch) -> None:
         return
 
 
+def full_attention_only(lm: LoadedModel) -> bool:
+    """Whether every layer attends to the whole context (no sliding window): paths that
+    fill a KV cache themselves (shared prefixes, shared prefills) rebuild full masks only."""
+    config = lm.model.config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    kinds = getattr(config, "layer_types", None)
+    if kinds is not None:
+        return all(k == "full_attention" for k in kinds)
+    return getattr(config, "sliding_window", None) is None \
+        or not getattr(config, "use_sliding_window", True)
+
+
+def run_until_stop_cached(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor,
+                          cache: Any, positions: torch.Tensor | None = None) -> None:
+    """Forward ``ids`` (left-padded; ``mask`` covers the cache too) into ``cache``; a
+    ``stop_after`` hook's early stop is expected, and the cache then holds every layer up
+    to the deepest one read."""
+    from steerlab.decoding import forward_step
+
+    try:
+        with torch.inference_mode():
+            forward_step(lm, ids, mask, position_ids(mask) if positions is None else positions,
+                         cache)
+    except _StopForward:
+        return
+
+
 # Below this many shared tokens a batch is run whole: the prefix pass would not pay.
 MIN_SHARED_PREFIX = 8
 
@@ -167,13 +194,7 @@ def shared_prefix_length(lm: LoadedModel, batch: ChatBatch, weights: torch.Tenso
     the cache, which the shared prefix fills, and a row-masked one expects the batch's
     rows (:func:`steerlab.steering.steer` marks both with a pre-hook on the backbone).
     """
-    config = lm.model.config
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    kinds = getattr(config, "layer_types", None)
-    if kinds is not None and any(k != "full_attention" for k in kinds):
-        return 0
-    if kinds is None and getattr(config, "sliding_window", None) is not None \
-            and getattr(config, "use_sliding_window", True):
+    if not full_attention_only(lm):
         return 0
     from steerlab.steering import backbone
 

@@ -33,6 +33,10 @@ StepFn = Callable[[torch.Tensor, list[int]], tuple[torch.Tensor, list[int]]]
 """``step(logits [n_live, V], live row indices) -> (chosen token per live row [n_live],
 positions into the live list of the rows that go on)``."""
 
+PrefillFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, Any]]
+"""``prefill(ids [B, T], mask [B, T], positions [B, T]) -> (last logits [B, V], cache)``:
+a batch's prefill, in place of a plain forward."""
+
 _KEYWORDS: dict[type, tuple[str, str | None]] = {}
 
 
@@ -124,7 +128,7 @@ def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Te
 
 
 def decode_loop(lm: LoadedModel, prompt_ids: Sequence[Sequence[int]], pad_id: int,
-                step: StepFn) -> int:
+                step: StepFn, *, prefill: PrefillFn | None = None) -> int:
     """Prefill ``prompt_ids`` as one batch, then decode until ``step`` keeps no row.
 
     After every forward pass ``step(logits, live)`` gets the last-position
@@ -133,7 +137,8 @@ def decode_loop(lm: LoadedModel, prompt_ids: Sequence[Sequence[int]], pad_id: in
     ``live``) go on. Rows that stop leave the batch and the KV cache at once,
     so a batch costs what its live rows cost. Returns the number of forward
     passes run. Steering is the caller's: wrap the call in
-    :func:`steerlab.steering.steer`.
+    :func:`steerlab.steering.steer`. ``prefill(ids, mask, positions)``, when given, runs
+    the prefill instead of a plain forward (see :mod:`steerlab.shared_prefill`).
     """
     device = lm.device
     ids, mask = left_pad(prompt_ids, pad_id)
@@ -141,7 +146,10 @@ def decode_loop(lm: LoadedModel, prompt_ids: Sequence[Sequence[int]], pad_id: in
     position = (mask.cumsum(-1) - 1).clamp_min(0)
     live = list(range(len(prompt_ids)))
     with torch.inference_mode():
-        logits, cache = forward_step(lm, ids, mask, position, None)
+        if prefill is None:
+            logits, cache = forward_step(lm, ids, mask, position, None)
+        else:
+            logits, cache = prefill(ids, mask, position)
         next_pos = position[:, -1] + 1
         passes = 1
         while True:
@@ -160,5 +168,5 @@ def decode_loop(lm: LoadedModel, prompt_ids: Sequence[Sequence[int]], pad_id: in
             passes += 1
 
 
-__all__ = ["StepFn", "decode_loop", "forward_step", "left_pad", "prompt_generator",
-           "sampling_probs"]
+__all__ = ["PrefillFn", "StepFn", "decode_loop", "forward_step", "left_pad",
+           "prompt_generator", "sampling_probs"]

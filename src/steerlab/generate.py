@@ -18,7 +18,9 @@ One loop, written for throughput and reproducibility rather than generality:
   their rows share batches, each steered only on its own rows (a row mask
   per group), so ten conditions over 48 prompts cost far fewer decode steps
   than ten separate calls; a row's tokens do not depend on its batch-mates
-  beyond floating-point rounding.
+  beyond floating-point rounding;
+- there, the layers below each group's first steered layer are prefilled once
+  per prompt for all the groups over it (:mod:`steerlab.shared_prefill`).
 
 Example:
     >>> rows = generate(lm, ["Write a haiku."], max_new_tokens=32)   # doctest: +SKIP
@@ -45,6 +47,7 @@ from steerlab.chat import render
 from steerlab.decoding import decode_loop, prompt_generator, sampling_probs
 from steerlab.errors import DataError, SteerlabError
 from steerlab.interventions import Spec, resolve_specs, specs_to_json
+from steerlab.shared_prefill import BatchPlan, SharedPrefill
 
 FirstLogitsFn = Callable[[list[int], torch.Tensor], None]
 """``on_first_logits(input-order row indices, first-token logits [B, V])``."""
@@ -103,6 +106,7 @@ class _Row:
     id: str
     ids: list[int]
     group: int = 0
+    slot: int = -1  # position in generate_groups' row list (its shared-prefill plan's row)
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,7 @@ def _run_batch(lm: LoadedModel, rows: Sequence[_Row], group_specs: Sequence[Sequ
                settings: _Settings, emit: Callable[[_Row, list[int], str], None],
                on_tokens: Callable[[int], None],
                on_first_logits: Callable[[Sequence[_Row], torch.Tensor], None] | None = None,
+               plan: BatchPlan | None = None,
                ) -> None:
     """Generate for ``rows``; call ``emit`` for each row as soon as it finishes.
 
@@ -176,7 +181,8 @@ def _run_batch(lm: LoadedModel, rows: Sequence[_Row], group_specs: Sequence[Sequ
                     plan.select_rows(keep)
             return chosen, keep
 
-        decode_loop(lm, [r.ids for r in rows], settings.pad, step)
+        decode_loop(lm, [r.ids for r in rows], settings.pad, step,
+                    prefill=None if plan is None else plan.prefill)
 
 
 # -- batch size --------------------------------------------------------------------------------
@@ -375,6 +381,7 @@ def generate_groups(
     on_done: Callable[[int, Generation], None] | None = None,
     on_first_logits: GroupFirstLogitsFn | None = None,
     on_batch: Callable[[list[tuple[int, int]], float], None] | None = None,
+    share_prefill: bool = True,
 ) -> list[list[Generation]]:
     """Generate every group's prompts under that group's steering, rows of all groups
     sharing batches; returns one list per group, in its prompts' order.
@@ -387,8 +394,13 @@ def generate_groups(
     generation)`` is called as each row finishes (``generation.index`` is its index
     within the group), so a caller can store rows before an interruption.
     ``on_first_logits`` is as in :func:`generate`, rows named by ``(group, index)``;
-    ``on_batch(rows, seconds)`` gets each finished batch's rows and wall time, so a
-    caller can split shared cost between groups.
+    ``on_batch(rows, seconds)`` gets each finished batch's rows and wall time (and each
+    shared prefill's rows and time), so a caller can split shared cost between groups.
+
+    With ``share_prefill`` the layers below a group's first steered layer are prefilled
+    once per prompt for every group that uses it, not once per group
+    (:mod:`steerlab.shared_prefill`): the same tokens up to floating-point rounding, less
+    compute.
     """
     settings = _settings(lm, max_new_tokens, do_sample, temperature, top_p, seed)
     rows: list[_Row] = []
@@ -407,13 +419,23 @@ def generate_groups(
     def keys(batch: Sequence[_Row]) -> list[tuple[int, int]]:
         return [(r.group, r.index) for r in batch]
 
-    pending = sorted(rows, key=lambda r: -len(r.ids))
+    sharing = None
+    if share_prefill and len(groups) > 1 and rows:
+        starts = [steering.first_hooked_layer(lm, specs) for specs in group_specs]
+        for slot, row in enumerate(rows):
+            row.slot = slot
+        sharing = SharedPrefill(lm, [r.ids for r in rows], [starts[r.group] for r in rows],
+                                settings.pad)
+        pending = [rows[slot] for slot in sharing.order]
+    else:
+        pending = sorted(rows, key=lambda r: -len(r.ids))
     if pending:
         _generate_batches(
             lm, pending, group_specs, settings, batch_size, emit, lambda _n: None,
             None if on_first_logits is None else
             lambda batch, logits: on_first_logits(keys(batch), logits),
             None if on_batch is None else lambda batch, secs: on_batch(keys(batch), secs),
+            sharing=None if sharing is None else (sharing, rows),
         )
     out: list[list[Generation]] = [[] for _ in groups]
     for row in rows:
@@ -445,9 +467,11 @@ def _generate_batches(lm: LoadedModel, pending: list[_Row], group_specs: Sequenc
                       on_tokens: Callable[[int], None],
                       on_first_logits: Callable[[Sequence[_Row], torch.Tensor], None] | None,
                       on_batch: Callable[[Sequence[_Row], float], None] | None = None,
+                      sharing: tuple[SharedPrefill, Sequence[_Row]] | None = None,
                       ) -> None:
-    """Run ``pending`` (sorted longest first) in batches, halving the size on out-of-memory
-    and retrying only the rows of the failed batch that had not finished."""
+    """Run ``pending`` (sorted longest first, or in ``sharing``'s order) in batches, halving
+    the size on out-of-memory and retrying only the rows of the failed batch that had not
+    finished. A batch does not cross a shared-prefill chunk."""
     finished: set[int] = set()
 
     def emit_once(row: _Row, tokens: list[int], reason: str) -> None:
@@ -462,10 +486,21 @@ def _generate_batches(lm: LoadedModel, pending: list[_Row], group_specs: Sequenc
     else:
         raise DataError(f"batch_size must be 'auto' or a positive integer; got {batch_size!r}.")
     while pending:
-        batch, rest = pending[:size], pending[size:]
+        batch = pending[:size]
+        if sharing is not None:
+            batch = batch[:sharing[0].same_chunk([r.slot for r in batch])]
+        rest = pending[len(batch):]
         try:
+            plan = None
+            if sharing is not None:
+                started = time.perf_counter()
+                plan = sharing[0].batch([r.slot for r in batch], size)
+                if plan.computed and on_batch is not None:
+                    on_batch([sharing[1][slot] for slot in plan.computed],
+                             time.perf_counter() - started)
             started = time.perf_counter()
-            _run_batch(lm, batch, group_specs, settings, emit_once, on_tokens, on_first_logits)
+            _run_batch(lm, batch, group_specs, settings, emit_once, on_tokens, on_first_logits,
+                       plan)
             if on_batch is not None:
                 on_batch(batch, time.perf_counter() - started)
         except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError

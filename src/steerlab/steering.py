@@ -464,6 +464,16 @@ def check_specs(lm: LoadedModel, specs: Spec | Iterable[Spec]) -> None:
     _compile(lm, resolved, SteeringPlan(resolved, None))
 
 
+def first_hooked_layer(lm: LoadedModel, specs: Spec | Iterable[Spec]) -> int:
+    """The lowest decoder layer whose computation ``specs`` change (``lm.n_layers`` when
+    they hook nothing): below it a steered forward is the unsteered one, which
+    :mod:`steerlab.shared_prefill` computes once for every condition over a prompt."""
+    resolved = resolve_specs(specs, lm=lm)
+    plan = SteeringPlan(resolved, None)
+    _compile(lm, resolved, plan)
+    return min((layer for _kind, layer in plan.ops), default=lm.n_layers)
+
+
 def count_hooks(module: nn.Module) -> int:
     """Forward (pre-)hooks currently registered anywhere in ``module`` (tests, sanity checks)."""
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
@@ -517,4 +527,4 @@ def with_mean_norms(
 
 
 __all__ = ["SiteInfo", "SteeringPlan", "backbone", "check_specs", "count_hooks",
-           "orthonormal_basis", "past_length", "steer", "with_mean_norms"]
+           "first_hooked_layer", "orthonormal_basis", "past_length", "steer", "with_mean_norms"]

@@ -99,6 +99,14 @@ class PersonaGatingConfig(LayerSelectionSettings):
         le=1,
         description="Grid cells whose validation degenerate rate exceeds this are not chosen.",
     )
+    val_tolerance: int = Field(
+        1,
+        ge=0,
+        description="Grid cells whose validation refusal count is within this many prompts of "
+        "the lowest count as tied, and the smallest strength among them is chosen (then the "
+        "earlier layer): one validation prompt flips with rounding, and the smallest strength "
+        "that works is the fair one to hold random directions of the same norm to.",
+    )
     readd_alpha: float | None = Field(
         None,
         description="Refusal re-add strength, in multiples of the raw refusal vector "

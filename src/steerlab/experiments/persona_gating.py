@@ -260,8 +260,9 @@ def _select(
     grid: Sequence[tuple[int, float]],
     config: PersonaGatingConfig,
 ) -> dict[str, Any]:
-    """Pick the persona layer and strength with the lowest validation refusal rate among cells
-    that stay coherent (degenerate rate ≤ max_degenerate_rate); ties go to the smaller alpha."""
+    """Pick the persona layer and strength on the validation split: among cells that stay
+    coherent, the smallest strength within ``val_tolerance`` prompts of the lowest refusal
+    rate (see :func:`choose_cell`)."""
     from steerlab.interventions import Add
 
     conds = [
@@ -273,17 +274,29 @@ def _select(
         {"layer": layer, "alpha": alpha, **condition_summary(r)}
         for (layer, alpha), r in zip(grid, rows, strict=True)
     ]
-    ok = [c for c in cells if c["degenerate_rate"] <= config.max_degenerate_rate] or cells
-    best = min(ok, key=lambda c: (c["refusal_rate"], c["alpha"], c["layer"]))
+    best = choose_cell(cells, config.max_degenerate_rate, config.val_tolerance, len(val_set))
     return {
         "layer": best["layer"],
         "alpha": best["alpha"],
         "cells": cells,
-        "rule": "lowest validation refusal rate among cells with degenerate rate <= "
-        f"{config.max_degenerate_rate}; ties to smaller alpha, then earlier layer",
+        "rule": f"smallest strength whose validation refusal rate is within {config.val_tolerance} "
+        f"of {len(val_set)} prompts of the lowest, among cells with degenerate rate <= "
+        f"{config.max_degenerate_rate}; then lower refusal, then earlier layer",
         "n_val": len(val_set),
         "val_prompts": f"{config.val_prompts} ({config.val_split})",
     }
+
+
+def choose_cell(cells: Sequence[dict[str, Any]], max_degenerate_rate: float, tolerance: int,
+                n_val: int) -> dict[str, Any]:
+    """The grid cell to steer with: among coherent cells (all, when none is), those whose
+    refusal rate is within ``tolerance`` of ``n_val`` prompts of the lowest count as tied,
+    and the smallest strength among them wins (then lower refusal, then earlier layer)."""
+    ok = [c for c in cells if c["degenerate_rate"] <= max_degenerate_rate] or list(cells)
+    lowest = min(c["refusal_rate"] for c in ok)
+    slack = (tolerance + 0.5) / max(n_val, 1)  # counts are whole prompts: half a prompt spare
+    near = [c for c in ok if c["refusal_rate"] <= lowest + slack]
+    return min(near, key=lambda c: (c["alpha"], c["refusal_rate"], c["layer"]))
 
 
 def _select_readd(
