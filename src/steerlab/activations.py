@@ -165,21 +165,6 @@ def full_attention_only(lm: LoadedModel) -> bool:
         or not getattr(config, "use_sliding_window", True)
 
 
-def run_until_stop_cached(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor,
-                          cache: Any, positions: torch.Tensor | None = None) -> None:
-    """Forward ``ids`` (left-padded; ``mask`` covers the cache too) into ``cache``; a
-    ``stop_after`` hook's early stop is expected, and the cache then holds every layer up
-    to the deepest one read."""
-    from steerlab.decoding import forward_step
-
-    try:
-        with torch.inference_mode():
-            forward_step(lm, ids, mask, position_ids(mask) if positions is None else positions,
-                         cache)
-    except _StopForward:
-        return
-
-
 # Below this many shared tokens a batch is run whole: the prefix pass would not pay.
 MIN_SHARED_PREFIX = 8
 
@@ -229,23 +214,31 @@ def run_until_stop_sharing_prefix(lm: LoadedModel, batch: ChatBatch, shared: int
     """
     from transformers import DynamicCache
 
+    return forward_sharing_prefix(lm, batch.input_ids, batch.attention_mask, shared,
+                                  in_prefix, DynamicCache())
+
+
+def forward_sharing_prefix(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor,
+                           shared: int, in_prefix: list[bool], cache: Any) -> torch.Tensor | None:
+    """:func:`run_until_stop_sharing_prefix` on left-padded ``ids``/``mask`` into ``cache``
+    (``shared`` may be 0: one plain pass). The cache then holds the prefix followed by
+    each row's left-padded rest, up to the deepest layer a ``stop_after`` hook read."""
     from steerlab.decoding import forward_step
 
-    ids, mask = batch.input_ids, batch.attention_mask
     n_rows, width = ids.shape
-    start = width - int(mask[0].sum())
-    cache = DynamicCache()
-    prefix = ids[:1, start:start + shared]
-    in_prefix[0] = True
-    try:
-        with torch.inference_mode():
-            forward_step(lm, prefix, torch.ones_like(prefix),
-                         torch.arange(shared, device=ids.device)[None], cache)
-    except _StopForward:
-        pass  # the cache holds every layer up to the deepest one read: all the rest needs
-    finally:
-        in_prefix[0] = False
-    cache.batch_repeat_interleave(n_rows)
+    if shared:
+        start = width - int(mask[0].sum())
+        prefix = ids[:1, start:start + shared]
+        in_prefix[0] = True
+        try:
+            with torch.inference_mode():
+                forward_step(lm, prefix, torch.ones_like(prefix),
+                             torch.arange(shared, device=ids.device)[None], cache)
+        except _StopForward:
+            pass  # the cache holds every layer up to the deepest one read: all the rest needs
+        finally:
+            in_prefix[0] = False
+        cache.batch_repeat_interleave(n_rows)
     rest_mask = mask[:, : width - shared]
     rest_ids = ids[:, shared:] * rest_mask  # columns left of a row's own rest are padding
     full_mask = torch.cat([torch.ones_like(mask[:, :shared]), rest_mask], dim=1)

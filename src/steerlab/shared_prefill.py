@@ -33,9 +33,9 @@ import torch
 
 from steerlab.activations import (
     MIN_SHARED_PREFIX,
+    forward_sharing_prefix,
     full_attention_only,
     layer_output_hooks,
-    run_until_stop_cached,
 )
 from steerlab.decoding import PrefillFn, forward_step, left_pad
 
@@ -87,7 +87,8 @@ def compute_states(lm: LoadedModel, prompts: Sequence[Sequence[int]],
     K/V of every layer below it and the residual entering each start layer.
 
     A batch's common leading tokens (the chat template and system prompt) run once, the
-    rest of every row against their KV cache, as activation reads do.
+    rest of every row against their KV cache (:func:`activations.forward_sharing_prefix`,
+    as activation reads do).
     """
     from transformers import DynamicCache
 
@@ -98,27 +99,22 @@ def compute_states(lm: LoadedModel, prompts: Sequence[Sequence[int]],
         rows = [prompts[i] for i in chunk]
         wanted = sorted({s for i in chunk for s in starts[i]})
         shared = _common_prefix(rows)
+        ids, mask = left_pad(rows, pad_id)
         cache = DynamicCache()
+        in_prefix = [False]
         prefix_read: dict[int, torch.Tensor] = {}
         read: dict[int, torch.Tensor] = {}
-        into = [prefix_read]  # where the hooks put residuals: the prefix's, then the rest's
 
-        def keep(layer: int, hidden: torch.Tensor,
-                 into: list[dict[int, torch.Tensor]] = into) -> None:
-            into[0][layer + 1] = hidden  # the residual entering layer + 1
+        def keep(layer: int, hidden: torch.Tensor, in_prefix: list[bool] = in_prefix,
+                 prefix_read: dict[int, torch.Tensor] = prefix_read,
+                 read: dict[int, torch.Tensor] = read) -> None:
+            # the residual entering layer + 1, of the shared prefix or of the rows' rest
+            (prefix_read if in_prefix[0] else read)[layer + 1] = hidden
 
         with layer_output_hooks(lm, [s - 1 for s in wanted], keep, stop_after=True):
-            if shared:
-                head = torch.tensor([list(rows[0][:shared])], device=lm.device)
-                run_until_stop_cached(lm, head, torch.ones_like(head), cache)
-                cache.batch_repeat_interleave(len(rows))
-            into[0] = read
-            ids, mask = left_pad([r[shared:] for r in rows], pad_id)
-            ids, mask = ids.to(lm.device), mask.to(lm.device)
-            whole = torch.cat([mask.new_ones((len(rows), shared)), mask], dim=1)
-            run_until_stop_cached(lm, ids, whole, cache,
-                                  shared + (mask.cumsum(-1) - 1).clamp_min(0))
-        width = ids.shape[1]
+            forward_sharing_prefix(lm, ids.to(lm.device), mask.to(lm.device), shared,
+                                   in_prefix, cache)
+        width = ids.shape[1] - shared  # the rest's columns, each row's tokens at the right
         for b, i in enumerate(chunk):
             n = len(prompts[i]) - shared
             state = out[i]
