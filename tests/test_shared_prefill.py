@@ -119,6 +119,40 @@ def test_shared_generation_gives_the_same_tokens_with_less_lower_layer_compute(a
     assert not any("forward" in layer.__dict__ for layer in lm.layers)
 
 
+def test_state_bytes_is_what_compute_states_stores() -> None:
+    lm = tiny_model("qwen2", dtype=torch.bfloat16)
+    ids = [lm.tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    states = shared_prefill.compute_states(lm, ids, [[1, 3]] * len(ids), 0, batch_size=2)
+    for row, state in zip(ids, states, strict=True):
+        stored = sum(t.numel() * t.element_size()
+                     for t in [*state.keys, *state.values, *state.residual.values()])
+        assert stored == shared_prefill.state_bytes(lm, len(row), 3, 2)
+
+
+def test_prompts_split_into_chunks_by_state_memory_and_give_the_same_tokens(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A budget that holds two prompts' states makes several chunks; the tokens are those of
+    whole prefills either way."""
+    assert shared_prefill._chunks([3, 3, 3, 7, 1], 6) == [[0, 1], [2], [3], [4]]
+    lm = tiny_model("qwen2", dtype=torch.float32)
+    d = _direction(lm)
+    ids = [lm.tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    starts = [1, 2]
+    rows = [i for i in ids for _ in starts]
+    row_starts = starts * len(ids)
+    pad = lm.tokenizer.pad_token_id or 0
+    assert len(shared_prefill.SharedPrefill(lm, rows, row_starts, pad).chunks) == 1
+    longest = sorted((len(i) for i in ids), reverse=True)
+    budget = sum(shared_prefill.state_bytes(lm, n, 2, 2) for n in longest[:2])
+    small = shared_prefill.SharedPrefill(lm, rows, row_starts, pad, budget_bytes=budget)
+    assert len(small.chunks) == 2 and sorted(len(c) for c in small.chunks) == [2, 2]
+    whole = generate_groups(lm, _groups(d), max_new_tokens=5, batch_size=3, share_prefill=False)
+    monkeypatch.setattr(shared_prefill, "STATE_BUDGET_BYTES", budget)
+    chunked = generate_groups(lm, _groups(d), max_new_tokens=5, batch_size=3)
+    assert [[g.response for g in rows] for rows in chunked] == \
+        [[g.response for g in rows] for rows in whole]
+
+
 def test_a_sliding_window_model_prefills_whole_and_gives_the_same_tokens() -> None:
     lm = tiny_model("gemma2", dtype=torch.float32)
     d = _direction(lm)

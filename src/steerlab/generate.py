@@ -206,10 +206,8 @@ def auto_batch_size(lm: LoadedModel, n_prompts: int, max_tokens: int) -> int:
         return max(1, min(n_prompts, CPU_AUTO_BATCH))
     free, _ = torch.cuda.mem_get_info(device)
     config = lm.model.config
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     elem = torch.finfo(lm.dtype).bits // 8
-    per_row = 2 * lm.n_layers * heads * head_dim * elem * max_tokens
+    per_row = lm.n_layers * lm.kv_bytes_per_token * max_tokens
     per_row += 4 * config.vocab_size * 3 + 16 * config.hidden_size * max_tokens * elem
     fits = int(0.6 * free // max(per_row, 1))
     return max(1, min(n_prompts, GPU_MAX_AUTO_BATCH, fits))

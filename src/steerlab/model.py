@@ -61,6 +61,16 @@ class LoadedModel:
         return self.layout.layers
 
     @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes one token's keys and values take in one layer's cache: what memory
+        budgets for cached or stored prefills are counted in."""
+        config = self.model.config
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = (getattr(config, "head_dim", None)
+                    or config.hidden_size // config.num_attention_heads)
+        return 2 * int(heads) * int(head_dim) * (torch.finfo(self.dtype).bits // 8)
+
+    @property
     def n_layers(self) -> int:
         return len(self.layout.layers)
 

@@ -47,6 +47,13 @@ log = logging.getLogger(__name__)
 
 _CHECKED: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
+#: Memory the stored states of one chunk of prompts may take. Chunks are sized by bytes,
+#: not by a prompt count: a batch never crosses chunks, so every extra chunk leaves a ragged
+#: batch behind, while a fixed count either splits a small model's prompts needlessly (the
+#: 0.5B default's 96 prompts in two chunks cost 4% of the persona-gating run) or holds too
+#: much of a large model's (about 64 prompts of 200 tokens of an 8B model fit in 2 GiB).
+STATE_BUDGET_BYTES = 2 * 1024**3
+
 
 class _NoCache(Exception):
     """A stand-in layer was called without the model's KV cache."""
@@ -128,6 +135,27 @@ def compute_states(lm: LoadedModel, prompts: Sequence[Sequence[int]],
                 if shared:
                     parts.insert(0, prefix_read[start][0])
                 state.residual[start] = torch.cat(parts, dim=0)
+    return out
+
+
+def state_bytes(lm: LoadedModel, n_tokens: int, deepest: int, levels: int) -> int:
+    """What a prompt's stored state takes: K/V of ``deepest`` layers and the residual
+    entering ``levels`` start layers, for ``n_tokens`` tokens."""
+    elem = torch.finfo(lm.dtype).bits // 8
+    return n_tokens * (deepest * lm.kv_bytes_per_token + levels * lm.d_model * elem)
+
+
+def _chunks(sizes: Sequence[int], budget: int) -> list[list[int]]:
+    """Consecutive groups of item indices whose ``sizes`` sum to at most ``budget`` (an item
+    over it alone makes a chunk of one)."""
+    out: list[list[int]] = []
+    total = budget + 1
+    for i, size in enumerate(sizes):
+        if total + size > budget:
+            out.append([])
+            total = 0
+        out[-1].append(i)
+        total += size
     return out
 
 
@@ -248,11 +276,12 @@ class SharedPrefill:
     Rows are given by their prompt's token ids and the first layer their steering changes
     (``starts``; ``n_layers`` for unsteered rows). A prompt is shared when at least two rows
     with a start above 0 use it. :attr:`order` lists the rows that prefill whole first, then
-    each chunk's rows, highest start first, so a batch's rows mostly start alike.
+    each chunk's rows, highest start first, so a batch's rows mostly start alike. A chunk's
+    states take at most ``budget_bytes`` (:data:`STATE_BUDGET_BYTES` by default).
     """
 
     def __init__(self, lm: LoadedModel, prompts: Sequence[Sequence[int]], starts: Sequence[int],
-                 pad_id: int, chunk: int = 64) -> None:
+                 pad_id: int, budget_bytes: int | None = None) -> None:
         self.lm, self.pad_id = lm, pad_id
         by_key: dict[tuple[int, ...], list[int]] = {}
         for row, (ids, start) in enumerate(zip(prompts, starts, strict=True)):
@@ -268,8 +297,13 @@ class SharedPrefill:
         plain = sorted((r for r in range(len(prompts)) if r not in in_shared),
                        key=lambda r: -len(prompts[r]))
         keys = sorted(shared, key=lambda k: -len(k))
-        self.chunks: list[list[tuple[int, ...]]] = [keys[i:i + chunk]
-                                                    for i in range(0, len(keys), chunk)]
+        levels = {starts[r] for rows in shared.values() for r in rows}
+        deepest = {k: max(starts[r] for r in shared[k]) for k in keys}
+        sizes = [state_bytes(lm, len(k), deepest[k], sum(s <= deepest[k] for s in levels))
+                 for k in keys]
+        budget = STATE_BUDGET_BYTES if budget_bytes is None else budget_bytes
+        self.chunks: list[list[tuple[int, ...]]] = [[keys[i] for i in members]
+                                                    for members in _chunks(sizes, budget)]
         self.order: list[int] = list(plain)
         for c, chunk_keys in enumerate(self.chunks):
             rows = [r for k in chunk_keys for r in shared[k]]
@@ -312,4 +346,5 @@ class SharedPrefill:
                          computed)
 
 
-__all__ = ["BatchPlan", "SharedPrefill", "compute_states", "prefill_from", "supported"]
+__all__ = ["STATE_BUDGET_BYTES", "BatchPlan", "SharedPrefill", "compute_states", "prefill_from",
+           "state_bytes", "supported"]
