@@ -50,8 +50,9 @@ _CHECKED: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 #: Memory the stored states of one chunk of prompts may take. Chunks are sized by bytes,
 #: not by a prompt count: a batch never crosses chunks, so every extra chunk leaves a ragged
 #: batch behind, while a fixed count either splits a small model's prompts needlessly (the
-#: 0.5B default's 96 prompts in two chunks cost 4% of the persona-gating run) or holds too
-#: much of a large model's (about 64 prompts of 200 tokens of an 8B model fit in 2 GiB).
+#: 0.5B default's 96 prompts, ~140 MB of states, in two chunks cost about 4% of the
+#: persona-gating run) or holds too much of a large model's (about 40 prompts of 200
+#: tokens of an 8B model, stored up to its top layer, fit in 2 GiB).
 STATE_BUDGET_BYTES = 2 * 1024**3
 
 
@@ -149,9 +150,9 @@ def _chunks(sizes: Sequence[int], budget: int) -> list[list[int]]:
     """Consecutive groups of item indices whose ``sizes`` sum to at most ``budget`` (an item
     over it alone makes a chunk of one)."""
     out: list[list[int]] = []
-    total = budget + 1
+    total = 0
     for i, size in enumerate(sizes):
-        if total + size > budget:
+        if not out or total + size > budget:
             out.append([])
             total = 0
         out[-1].append(i)
