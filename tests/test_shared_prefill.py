@@ -149,8 +149,8 @@ def test_prompts_split_into_chunks_by_state_memory_and_give_the_same_tokens(
     whole = generate_groups(lm, _groups(d), max_new_tokens=5, batch_size=3, share_prefill=False)
     monkeypatch.setattr(shared_prefill, "STATE_BUDGET_BYTES", budget)
     chunked = generate_groups(lm, _groups(d), max_new_tokens=5, batch_size=3)
-    assert [[g.response for g in rows] for rows in chunked] == \
-        [[g.response for g in rows] for rows in whole]
+    assert [[g.response for g in group] for group in chunked] == \
+        [[g.response for g in group] for group in whole]
 
 
 def test_a_sliding_window_model_prefills_whole_and_gives_the_same_tokens() -> None:
