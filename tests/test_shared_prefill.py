@@ -141,6 +141,7 @@ def test_prompts_split_into_chunks_by_state_memory_and_give_the_same_tokens(
     rows = [i for i in ids for _ in starts]
     row_starts = starts * len(ids)
     pad = lm.tokenizer.pad_token_id or 0
+    assert shared_prefill.state_budget(lm) == shared_prefill.STATE_BUDGET_BYTES  # on the CPU
     assert len(shared_prefill.SharedPrefill(lm, rows, row_starts, pad).chunks) == 1
     longest = sorted((len(i) for i in ids), reverse=True)
     budget = sum(shared_prefill.state_bytes(lm, n, 2, 2) for n in longest[:2])

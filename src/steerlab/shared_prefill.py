@@ -54,6 +54,10 @@ _CHECKED: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 #: persona-gating run) or holds too much of a large model's (about 40 prompts of 200
 #: tokens of an 8B model, stored up to its top layer, fit in 2 GiB).
 STATE_BUDGET_BYTES = 2 * 1024**3
+#: On a GPU a chunk also takes at most this share of the free memory, so that the stored
+#: states and a batch's own KV cache (``generate.auto_batch_size`` plans on 60% of the free
+#: memory) fit together: an 8B model on a 24 GB card leaves only ~6 GB free.
+GPU_FREE_SHARE = 0.2
 
 
 class _NoCache(Exception):
@@ -144,6 +148,15 @@ def state_bytes(lm: LoadedModel, n_tokens: int, deepest: int, levels: int) -> in
     entering ``levels`` start layers, for ``n_tokens`` tokens."""
     elem = torch.finfo(lm.dtype).bits // 8
     return n_tokens * (deepest * lm.kv_bytes_per_token + levels * lm.d_model * elem)
+
+
+def state_budget(lm: LoadedModel) -> int:
+    """Bytes one chunk's stored states may take: :data:`STATE_BUDGET_BYTES`, and on a GPU
+    no more than :data:`GPU_FREE_SHARE` of its free memory."""
+    if lm.device.type != "cuda":
+        return STATE_BUDGET_BYTES
+    free, _ = torch.cuda.mem_get_info(lm.device)
+    return min(STATE_BUDGET_BYTES, int(GPU_FREE_SHARE * free))
 
 
 def _chunks(sizes: Sequence[int], budget: int) -> list[list[int]]:
@@ -278,7 +291,7 @@ class SharedPrefill:
     (``starts``; ``n_layers`` for unsteered rows). A prompt is shared when at least two rows
     with a start above 0 use it. :attr:`order` lists the rows that prefill whole first, then
     each chunk's rows, highest start first, so a batch's rows mostly start alike. A chunk's
-    states take at most ``budget_bytes`` (:data:`STATE_BUDGET_BYTES` by default).
+    states take at most ``budget_bytes`` (:func:`state_budget` by default).
     """
 
     def __init__(self, lm: LoadedModel, prompts: Sequence[Sequence[int]], starts: Sequence[int],
@@ -302,7 +315,7 @@ class SharedPrefill:
         deepest = {k: max(starts[r] for r in shared[k]) for k in keys}
         sizes = [state_bytes(lm, len(k), deepest[k], sum(s <= deepest[k] for s in levels))
                  for k in keys]
-        budget = STATE_BUDGET_BYTES if budget_bytes is None else budget_bytes
+        budget = state_budget(lm) if budget_bytes is None else budget_bytes
         self.chunks: list[list[tuple[int, ...]]] = [[keys[i] for i in members]
                                                     for members in _chunks(sizes, budget)]
         self.order: list[int] = list(plain)
@@ -347,5 +360,5 @@ class SharedPrefill:
                          computed)
 
 
-__all__ = ["STATE_BUDGET_BYTES", "BatchPlan", "SharedPrefill", "compute_states", "prefill_from",
-           "state_bytes", "supported"]
+__all__ = ["GPU_FREE_SHARE", "STATE_BUDGET_BYTES", "BatchPlan", "SharedPrefill", "compute_states",
+           "prefill_from", "state_budget", "state_bytes", "supported"]
