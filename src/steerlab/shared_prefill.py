@@ -312,9 +312,9 @@ class SharedPrefill:
                        key=lambda r: -len(prompts[r]))
         keys = sorted(shared, key=lambda k: -len(k))
         levels = {starts[r] for rows in shared.values() for r in rows}
-        deepest = {k: max(starts[r] for r in shared[k]) for k in keys}
-        sizes = [state_bytes(lm, len(k), deepest[k], sum(s <= deepest[k] for s in levels))
-                 for k in keys]
+        self._deepest = {k: max(starts[r] for r in shared[k]) for k in keys}
+        sizes = [state_bytes(lm, len(k), self._deepest[k],
+                             sum(s <= self._deepest[k] for s in levels)) for k in keys]
         budget = state_budget(lm) if budget_bytes is None else budget_bytes
         self.chunks: list[list[tuple[int, ...]]] = [[keys[i] for i in members]
                                                     for members in _chunks(sizes, budget)]
@@ -348,11 +348,8 @@ class SharedPrefill:
             keys = self.chunks[c]
             mine = self._rows[c]
             levels = sorted({self.start[r] for r in mine})
-            deepest = {k: 0 for k in keys}
-            for r in mine:
-                deepest[self.key[r]] = max(deepest[self.key[r]], self.start[r])
             states = compute_states(self.lm, keys,
-                                    [[s for s in levels if s <= deepest[k]] for k in keys],
+                                    [[s for s in levels if s <= self._deepest[k]] for k in keys],
                                     self.pad_id, batch_size)
             self._states, self._loaded, computed = dict(zip(keys, states, strict=True)), c, mine
         start = min(self.start[r] for r in rows)
