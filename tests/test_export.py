@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -105,6 +106,27 @@ def test_hf_export_refuses_to_overwrite(tmp_path: Path) -> None:
         export_hf(lm, tmp_path / "m")
     export_hf(lm, tmp_path / "m", overwrite=True)
     assert (tmp_path / "m" / "config.json").is_file()
+
+
+def test_hf_export_refuses_up_front_when_the_disk_cannot_hold_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from steerlab.export import checkpoint_bytes
+
+    lm = tiny_model("llama")
+    need = checkpoint_bytes(lm.model)
+    assert need == sum(p.numel() * 4 for p in lm.model.parameters())  # float32, tied once
+    assert checkpoint_bytes(lm.model, torch.bfloat16) == need // 2
+    real_usage = shutil.disk_usage
+    # A disk with less free space than the checkpoint: the one thing this test cannot make.
+    monkeypatch.setattr(shutil, "disk_usage",
+                        lambda p: real_usage(p)._replace(free=need // 2))
+    with pytest.raises(ExportError, match=r"needs about .* GB but only .* GB is free.*bfloat16"):
+        export_hf(lm, tmp_path / "m")
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+    monkeypatch.setattr(shutil, "disk_usage", real_usage)
+    assert (export_hf(lm, tmp_path / "m") / "config.json").is_file()
 
 
 # -- lora --------------------------------------------------------------------------------------
@@ -315,49 +337,64 @@ def test_compare_side_by_side(tmp_path: Path) -> None:
 
 
 # -- real model ------------------------------------------------------------------------------
-@pytest.mark.real
-def test_real_hf_export_matches_runtime_ablation_in_a_fresh_process(real_lm, tmp_path) -> None:
-    """The exported checkpoint, loaded by plain transformers in another process, answers
-    the built-in harmful test prompts exactly as the runtime ablation does."""
-    import gc
+HF_GREEDY = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from steerlab.evaluate import is_refusal, rate_summary
+def greedy(model, tok, prompts):
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                     add_generation_prompt=True) for p in prompts]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=24, do_sample=False)
+    return tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+if __name__ == "__main__":
+    folder, prompts = sys.argv[1], json.loads(sys.argv[2])
+    tok = AutoTokenizer.from_pretrained(folder, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+    print(json.dumps({"dtype": str(model.dtype), "responses": greedy(model, tok, prompts)}))
+"""
+
+
+@pytest.mark.real
+def test_real_hf_export_loads_in_a_fresh_process_and_answers_as_the_edited_model(
+        real_lm, tmp_path) -> None:
+    """The exported checkpoint, loaded by plain transformers in another process, answers
+    the built-in harmful test prompts exactly as the edited model in memory does, and its
+    weights carry the edit. (Weights == runtime ablation is test_orthogonalize's real
+    test; bfloat16 keeps this one to 1.3 GB of disk.)"""
+    from transformers import AutoTokenizer
+
     from steerlab.extraction import refusal_direction
-    from steerlab.generate import generate
-    from steerlab.interventions import Ablate
     from steerlab.model import load_model
     from steerlab.prompts import load_prompts
 
     direction = refusal_direction(real_lm, limit=8, layers=[12], select_split=None)
     prompts = [p.prompt for p in load_prompts("paired:harmful", split="test", limit=4)]
-    gens = generate(real_lm, prompts, steer=[Ablate(direction, source_layer=12)],
-                    max_new_tokens=24, batch_size=4)
-    runtime = [g.response for g in gens]
-    own = load_model("default", dtype="float32")  # never edit the shared real_lm
+    own = load_model("default", dtype="bfloat16")  # never edit the shared real_lm
     orthogonalize(own, direction, source_layer=12)
     out = export_hf(own, tmp_path / "ablated")
+    helpers: dict[str, Any] = {}
+    exec(HF_GREEDY, helpers)  # the same greedy decode as the fresh process runs
+    tok = AutoTokenizer.from_pretrained(out, padding_side="left")
+    in_memory = helpers["greedy"](own.model, tok, prompts)
     del own
-    gc.collect()
-    script = textwrap.dedent(f"""
-        import json, sys, torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        tok = AutoTokenizer.from_pretrained({str(out)!r}, padding_side="left")
-        model = AutoModelForCausalLM.from_pretrained({str(out)!r}, dtype=torch.float32)
-        prompts = json.loads(sys.argv[1])
-        texts = [tok.apply_chat_template([{{"role": "user", "content": p}}], tokenize=False,
-                                         add_generation_prompt=True) for p in prompts]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        out = model.generate(**enc, max_new_tokens=24, do_sample=False)
-        new = out[:, enc["input_ids"].shape[1]:]
-        print(json.dumps(tok.batch_decode(new, skip_special_tokens=True)))
-    """)
-    done = subprocess.run([sys.executable, "-c", script, json.dumps(prompts)], check=True,
-                          capture_output=True, text=True, timeout=600)
-    exported = json.loads(done.stdout.strip().splitlines()[-1])
-    a = rate_summary([is_refusal(t) for t in runtime])
-    b = rate_summary([is_refusal(t) for t in exported])
-    assert b["rate"] == a["rate"], (runtime, exported)
-    assert [t.strip() for t in exported] == [t.strip() for t in runtime]
+    done = subprocess.run([sys.executable, "-c", HF_GREEDY, str(out), json.dumps(prompts)],
+                          check=True, capture_output=True, text=True, timeout=600)
+    fresh = json.loads(done.stdout.strip().splitlines()[-1])
+    assert fresh["dtype"] == "torch.bfloat16"
+    assert fresh["responses"] == in_memory
+    # The file carries the edit: a written block's output has (almost) nothing left along r.
+    from safetensors import safe_open
+
+    r = direction.vector(12).float()
+    r = r / r.norm()
+    name = "model.layers.20.mlp.down_proj.weight"
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        edited = f.get_tensor(name).float()
+    original = real_lm.model.get_parameter(name).detach().float()
+    assert (r @ edited).norm() < 0.02 * (r @ original).norm()
 
 
 LLAMA_CPP_SCRIPT = """

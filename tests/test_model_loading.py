@@ -103,6 +103,22 @@ def test_corrupt_part_is_detected(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert [p.name for p in (tmp_path / "cache" / "embedded").iterdir()] == []
 
 
+def test_embedded_conversion_refuses_a_disk_too_small_before_writing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from steerlab import embedded
+
+    real_usage = shutil.disk_usage
+    monkeypatch.setenv("STEERLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(shutil, "disk_usage",
+                        lambda p: real_usage(p)._replace(free=embedded.GGUF_SIZE))
+    # GGUF + float32 copy at the peak: room for the GGUF alone is not enough.
+    with pytest.raises(EmbeddedModelError, match=r"needs about 3\.01 GB.*STEERLAB_CACHE"):
+        embedded.safetensors_dir()
+    assert list((tmp_path / "cache" / "embedded").iterdir()) == []
+
+
 @pytest.mark.real
 def test_embedded_default_loads_and_info_prints(real_lm) -> None:  # type: ignore[no-untyped-def]
     info = real_lm.info()

