@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -304,7 +305,11 @@ def load_edited(spec: str, *, dtype: str = "auto", base: str | None = None) -> L
     if not base_spec:
         raise ExportError(f"{folder} is a LoRA adapter with no recorded base model; pass base=...")
     lm = load_model(base_spec, dtype=dtype)
-    merged = PeftModel.from_pretrained(lm.model, str(folder)).merge_and_unload()
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated ``is_gradient_checkpointing``; not ours to act on.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                                category=FutureWarning)
+        merged = PeftModel.from_pretrained(lm.model, str(folder)).merge_and_unload()
     merged.eval()
     return LoadedModel(model=merged, tokenizer=lm.tokenizer, arch=lm.arch,
                        spec=f"{base_spec}+{folder}", dtype=lm.dtype, dtype_reason=lm.dtype_reason)
