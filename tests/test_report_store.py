@@ -60,8 +60,8 @@ def test_report_renders_self_contained_html_and_markdown(tmp_path: Path) -> None
         tables=[
             Table(
                 "Conditions",
-                ["condition", "rate", "ci"],
-                [{"condition": "a|b", "rate": 0.25, "ci": [0.1, 0.4]}],
+                ["condition", "rate", "ci", "p"],
+                [{"condition": "a|b", "rate": 0.25, "ci": [0.1, 0.4], "p": None}],
             )
         ],
         figures=[Figure(png, "bars")],
@@ -76,6 +76,7 @@ def test_report_renders_self_contained_html_and_markdown(tmp_path: Path) -> None
     md = md_path.read_text()
     assert "| claim one | **reproduced** | p=0.01 |" in md
     assert "a\\|b" in md and "[0.100, 0.400]" in md
+    assert "| [0.100, 0.400] | — |" in md and "None" not in md + html  # not applicable
     assert "![bars](figures/bars.png)" in md
 
 

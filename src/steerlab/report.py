@@ -176,6 +176,8 @@ class Report:
 
 
 def _fmt(value: Any) -> str:
+    if value is None:  # a measure that does not apply to the row (baseline vs itself)
+        return "—"
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 1e-3 and value != 0 else f"{value:.3f}"
     if (
