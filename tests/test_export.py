@@ -129,6 +129,18 @@ def test_hf_export_refuses_up_front_when_the_disk_cannot_hold_it(
     assert (export_hf(lm, tmp_path / "m") / "config.json").is_file()
 
 
+def test_a_full_disk_is_recognised_in_the_forms_writers_raise_it() -> None:
+    from steerlab._atomic import disk_full
+
+    with pytest.raises(OSError) as info, open("/dev/full", "wb") as handle:
+        handle.write(b"x")
+    assert disk_full(info.value)
+    # safetensors' Rust writer reports it in its own exception's message.
+    assert disk_full(RuntimeError("Error while serializing: I/O error: No space left on device "
+                                  "(os error 28)"))
+    assert not disk_full(PermissionError(13, "Permission denied"))
+
+
 # -- lora --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ARCH_NAMES)
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # peft's

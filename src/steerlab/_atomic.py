@@ -6,6 +6,7 @@ only a temp file that the next write replaces.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -62,3 +63,10 @@ def free_space_shortfall(folder: str | os.PathLike[str], need_bytes: int) -> str
         return None
     return (f"it needs about {need_bytes / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free "
             f"on the disk holding {probe}")
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (an OSError, or a writer's own error wrapping one) means no space left."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    return "No space left on device" in str(exc) or f"os error {errno.ENOSPC}" in str(exc)

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from steerlab._atomic import free_space_shortfall
+from steerlab._atomic import disk_full, free_space_shortfall
 from steerlab.errors import EmbeddedModelError
 
 DEFAULT_MODEL_NAME = "Qwen2.5-Coder-0.5B-Instruct"
@@ -132,6 +132,14 @@ def safetensors_dir() -> Path:
             if not _converted(target):
                 raise
             # Another process finished first; its copy is as good as ours.
+    except Exception as exc:
+        if disk_full(exc):
+            raise EmbeddedModelError(
+                f"The disk filled up while caching the embedded model in {target.parent}; the "
+                f"partial copy was removed. Free some space, or point ${CACHE_ENV} at a folder "
+                "on a larger disk."
+            ) from exc
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

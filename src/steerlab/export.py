@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from safetensors.torch import load_file, save_file
 
-from steerlab._atomic import free_space_shortfall, write_json
+from steerlab._atomic import disk_full, free_space_shortfall, write_json
 from steerlab.directions import Direction, DirectionMeta
 from steerlab.errors import DirectionError, SteerlabError
 from steerlab.orthogonalize import (
@@ -137,8 +137,13 @@ def export_hf(
                   **(extra or {})}
         write_json(tmp / EDIT_FILE, record)
         _commit_dir(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(exc):  # something else filled the disk after the check above
+            raise ExportError(
+                f"The disk filled up while writing {target}; the partial export was removed. "
+                "Free some space or choose an --out on a larger disk, and export again."
+            ) from exc
         raise
     return target
 
