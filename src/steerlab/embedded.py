@@ -62,8 +62,8 @@ def part_paths() -> list[Path]:
 
 def gguf_path() -> Path:
     """Assemble (once) and return the verified GGUF file of the default model."""
-    target = cache_dir() / "embedded" / f"{DEFAULT_MODEL_NAME}.gguf"
-    if target.is_file() and target.stat().st_size == GGUF_SIZE:
+    target = _gguf_file()
+    if _assembled(target):
         return target
     parts = part_paths()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -100,7 +100,7 @@ def gguf_path() -> Path:
 
 def safetensors_dir() -> Path:
     """Return the cached float32 safetensors copy of the default model, building it once."""
-    target = cache_dir() / "embedded" / DEFAULT_MODEL_NAME
+    target = _copy_dir()
     if _converted(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -154,12 +154,23 @@ def cache_shortfall() -> str | None:
     At the peak of the first load the cache holds the GGUF and the float32 copy being
     written; the test suite asks this to skip its real tier on a machine that small.
     """
-    target = cache_dir() / "embedded" / DEFAULT_MODEL_NAME
+    target = _copy_dir()
     if _converted(target):
         return None
-    have_gguf = (target.parent / f"{DEFAULT_MODEL_NAME}.gguf").is_file()
     return free_space_shortfall(target.parent,
-                                SAFETENSORS_SIZE + (0 if have_gguf else GGUF_SIZE))
+                                SAFETENSORS_SIZE + (0 if _assembled(_gguf_file()) else GGUF_SIZE))
+
+
+def _gguf_file() -> Path:
+    return cache_dir() / "embedded" / f"{DEFAULT_MODEL_NAME}.gguf"
+
+
+def _copy_dir() -> Path:
+    return cache_dir() / "embedded" / DEFAULT_MODEL_NAME
+
+
+def _assembled(gguf: Path) -> bool:
+    return gguf.is_file() and gguf.stat().st_size == GGUF_SIZE
 
 
 def _converted(target: Path) -> bool:
