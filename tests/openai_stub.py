@@ -45,6 +45,7 @@ class OpenAIStub:
                     stub.calls += 1
                     n = stub.calls
                     stub.inflight += 1
+                    self._in_flight = True
                     stub.max_inflight = max(stub.max_inflight, stub.inflight)
                     stub.headers.append(dict(self.headers))
                 try:
@@ -69,10 +70,18 @@ class OpenAIStub:
                                   "total_tokens": 1 + len(text.split())},
                     })
                 finally:
-                    with stub._lock:
+                    self._answered()
+
+            def _answered(self) -> None:
+                # Before the answer is written: a client that sends its next request as soon
+                # as this one returns must not find this one still counted.
+                with stub._lock:
+                    if getattr(self, "_in_flight", False):
                         stub.inflight -= 1
+                        self._in_flight = False
 
             def _send(self, status: int, obj: dict[str, Any]) -> None:
+                self._answered()
                 data = json.dumps(obj).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
