@@ -27,6 +27,7 @@ TINY = dict(
     steer_layer_fractions=[0.5],
     readd_every=1,
     extraction_limit=8,
+    trait_questions=5,
 )
 
 
@@ -100,6 +101,17 @@ def test_tiny_pipeline_all_steps(tmp_path: Path) -> None:
     results = run_persona_gating(lm, tmp_path, config, show_progress=False)
     _check_outputs(tmp_path, lm.n_layers, 4)
     assert results["cost"]["generation_passes"] > 0
+    # Traits read the tighter of extraction_limit and trait_questions; persona is uncapped by it.
+    for name, rows in (("evil_nurturing", 5), ("persona", 8 * 2)):
+        meta = json.loads((tmp_path / "directions" / name / "direction.json").read_text())["meta"]
+        assert meta["counts"] == {"positive": rows, "negative": rows}
+    # Every evaluation condition also ran on the harmless prompts (harmless_for="all"), and
+    # the re-add layers' over-refusal is reported beside their harmful-prompt rates.
+    assert {"persona_system_prompt", "refusal_readd/L0", "persona_project_late",
+            "random_project_late/s4"} <= set(results["harmless"])
+    assert "harmless_refusal_rate" in (tmp_path / "report.md").read_text()
+    readd_claim = next(f for f in results["findings"] if f["claim"].startswith("Re-adding"))
+    assert "on the harmless prompts the layer-" in readd_claim["evidence"]
     # First-token KL read off the harmless generations equals a teacher-forced pass.
     from steerlab.directions import Direction
     from steerlab.evaluate.kl import kl_per_prompt_many
@@ -299,3 +311,17 @@ def test_the_grid_choice_takes_the_smallest_strength_within_the_tolerance() -> N
     assert choose_cell(cells, 0.5, 1, 24)["layer"] == 16  # same strength: lower refusal wins
     unsafe = [cell(16, 8.0, 0, degenerate=20), cell(16, 12.0, 5)]
     assert choose_cell(unsafe, 0.25, 1, 24)["alpha"] == 12.0
+
+
+def test_harmless_for_steering_keeps_only_the_steering_conditions() -> None:
+    from steerlab.experiments.persona_gating import _harmless_conditions
+    from steerlab.experiments.runner import Condition
+
+    names = ("baseline", "persona_system_prompt", "persona_steer", "random_steer/s0",
+             "refusal_ablate", "refusal_readd/L0", "persona_project_late")
+    conditions = [Condition(n) for n in names]
+    assert [c.name for c in _harmless_conditions(conditions, "steering")] == [
+        "harmless/baseline", "harmless/persona_steer", "harmless/random_steer/s0",
+        "harmless/refusal_ablate"]
+    assert [c.name for c in _harmless_conditions(conditions, "all")] == [
+        f"harmless/{n}" for n in names]

@@ -181,3 +181,24 @@ def test_run_many_equals_separate_runs_and_keeps_rows_finished_before_a_crash(
     assert len(stored) == 15 and stored[: len(kept)] == kept  # nothing generated twice
     with pytest.raises(SteerlabError, match="twice"):
         shared.run_many([Job(conds[0], prompts), Job(conds[0], prompts)])
+
+
+def test_rate_by_layer_labels_each_series_as_given(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import matplotlib.axes
+
+    seen: list[list[str]] = []
+    original = matplotlib.axes.Axes.legend
+
+    def recording_legend(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(self.get_legend_handles_labels()[1])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "legend", recording_legend)
+    path = plots.rate_by_layer(
+        tmp_path / "readd.png", [0, 1], [0.2, 0.6], [[0.1, 0.3], [0.5, 0.7]],
+        title="t", ylabel="refusal rate", label="harmful prompts",
+        references={"baseline": (0.5, [0.4, 0.6])}, spans={"late third": (0.5, 1.5)},
+        more={"harmless prompts": ([0.0, 0.1], [[0.0, 0.05], [0.05, 0.2]])},
+    )
+    assert path.stat().st_size > 0
+    assert seen == [["late third", "baseline (50%)", "harmful prompts", "harmless prompts"]]

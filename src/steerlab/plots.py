@@ -175,19 +175,27 @@ def rate_by_layer(
     ylabel: str,
     references: Mapping[str, tuple[float, Sequence[float]]] | None = None,
     spans: Mapping[str, tuple[float, float]] | None = None,
+    label: str = "measured (95% CI)",
+    more: Mapping[str, tuple[Sequence[float], Sequence[Sequence[float]]]] | None = None,
 ) -> Path:
-    """Rates (with 95% CI bars) by layer, with horizontal reference rates and shaded spans."""
+    """Rates (with 95% CI bars) by layer, with horizontal reference rates and shaded spans;
+    ``more`` adds other measured series over the same layers, each ``(rates, cis)``."""
     with _figure(path, 9, 5, REPORT_STYLE) as (_fig, ax):
         colors = ["#444444", "#d62728", "#2ca02c", "#9467bd"]
-        for (label, (lo_x, hi_x)), color in zip(
+        for (span_name, (lo_x, hi_x)), color in zip(
             (spans or {}).items(), ["#e8f0ff", "#fff0e0"], strict=False
         ):
-            ax.axvspan(lo_x, hi_x, color=color, alpha=0.8, label=label, zorder=0)
-        for (label, (rate, ci)), color in zip((references or {}).items(), colors, strict=False):
-            ax.axhline(rate, color=color, linestyle="--", label=f"{label} ({rate:.0%})")
+            ax.axvspan(lo_x, hi_x, color=color, alpha=0.8, label=span_name, zorder=0)
+        for (ref_name, (rate, ci)), color in zip((references or {}).items(), colors, strict=False):
+            ax.axhline(rate, color=color, linestyle="--", label=f"{ref_name} ({rate:.0%})")
             ax.axhspan(ci[0], ci[1], color=color, alpha=0.08)
         ax.errorbar(layers, rates, yerr=_ci_errors(rates, cis), marker="o", capsize=4,
-                    color="#1f77b4", lw=2, label="measured (95% CI)")
+                    color="#1f77b4", lw=2, label=label)
+        for (name, (more_rates, more_cis)), color in zip(
+            (more or {}).items(), ["#ff7f0e", "#8c564b", "#e377c2"], strict=False
+        ):
+            ax.errorbar(layers, more_rates, yerr=_ci_errors(more_rates, more_cis), marker="s",
+                        capsize=3, color=color, lw=1.5, label=name)
         ax.set(title=title, xlabel="layer", ylabel=ylabel, ylim=(-0.03, 1.03))
         ax.legend(loc="best")
         ax.grid(alpha=0.3)

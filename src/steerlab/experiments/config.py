@@ -82,6 +82,12 @@ class PersonaGatingConfig(LayerSelectionSettings):
     )
     harmless_split: str = Field("test", description="Split of harmless_prompts.")
     harmless_limit: int = Field(48, ge=2, description="Harmless prompts for over-refusal and KL.")
+    harmless_for: Literal["all", "steering"] = Field(
+        "all",
+        description="Which evaluation conditions also run on the harmless prompts: all (each "
+        "re-add layer and projection too: does re-added refusal land on harmless prompts as "
+        "well?) or steering (baseline, persona_steer, random_steer, refusal_ablate).",
+    )
     position: str = Field("last", description="Token position the directions are read at.")
     extraction_limit: int | None = Field(
         None, ge=2, description="Cap on prompts per side when extracting directions (None: all)."
@@ -120,7 +126,10 @@ class PersonaGatingConfig(LayerSelectionSettings):
         "refusal rate (coherently) is used at every re-add layer.",
     )
     readd_every: int = Field(
-        2, ge=1, description="Re-add the refusal direction at every k-th layer."
+        1,
+        ge=1,
+        description="Re-add the refusal direction at every k-th layer (1: every layer, the "
+        "paper's by-layer curve; 2 halves those conditions on deep models).",
     )
     early_window: list[int] | None = Field(
         None, description="Layers of the early projection window (default: first third)."
@@ -144,6 +153,13 @@ class PersonaGatingConfig(LayerSelectionSettings):
         description="Persona pairs each neutral question is read under for the four trait "
         "directions (the compliant-persona direction uses 2). Traits only feed per-layer "
         "cosines, so they skip the held-out Cohen's d pass too.",
+    )
+    trait_questions: int | None = Field(
+        50,
+        ge=2,
+        description="Neutral training questions the four trait directions read (None: all "
+        "75). On the embedded model 50 move the reported trait cosines by at most 0.03 at "
+        "layers 1-23 (0.08 at layer 0) against all 75, for two thirds of the cost.",
     )
     judge_url: str | None = Field(None, description="OpenAI-compatible judge endpoint (optional).")
     judge_model: str = Field("judge", description="Model name sent to the judge endpoint.")

@@ -84,7 +84,7 @@ def run_persona_gating(
         plan_units = (
             len(grid) * len(val_set)
             + _n_eval_conditions(n_layers, config) * len(eval_set)
-            + (3 + len(config.random_seeds)) * len(harmless)
+            + _n_harmless_conditions(n_layers, config) * len(harmless)
         )
         run.plan(plan_units + (1 + len(config.readd_alphas)) * len(val_set))
 
@@ -111,7 +111,7 @@ def run_persona_gating(
         # The baseline runs alone: its time is the unit the cost is stated in. Every other
         # condition, harmful and harmless, shares generation batches.
         run.run(conditions[0], eval_set, tag="eval")
-        harmless_conditions = _harmless_conditions(conditions)
+        harmless_conditions = _harmless_conditions(conditions, config.harmless_for)
         run.run_many(
             [Job(c, eval_set, "eval") for c in conditions[1:]]
             + [Job(c, harmless, "harmless", keep_first_token=True) for c in harmless_conditions]
@@ -177,7 +177,7 @@ def _directions(
                 a,
                 split="train",
                 position=config.position,
-                limit=config.extraction_limit,
+                limit=_smallest(config.extraction_limit, config.trait_questions),
                 per_question=config.trait_per_question,
                 select_split=None,  # only per-layer cosines are reported: no best layer
             ),
@@ -185,6 +185,12 @@ def _directions(
         for axis in TRAIT_AXES
     }
     return refusal, persona, traits
+
+
+def _smallest(*limits: int | None) -> int | None:
+    """The tightest of several optional caps (None: no cap)."""
+    given = [n for n in limits if n is not None]
+    return min(given) if given else None
 
 
 def _analysis(
@@ -435,13 +441,20 @@ def _eval_conditions(
     return conds
 
 
-def _harmless_conditions(conditions: Sequence[Condition]) -> list[Condition]:
+def _harmless_conditions(conditions: Sequence[Condition], which: str) -> list[Condition]:
+    """The evaluation conditions rerun on the harmless prompts (``harmless_for``)."""
     keep = ("baseline", "persona_steer", "refusal_ablate")
     return [
         Condition(f"harmless/{c.name}", c.specs, c.system, c.description)
         for c in conditions
-        if c.name in keep or c.name.startswith("random_steer/")
+        if which == "all" or c.name in keep or c.name.startswith("random_steer/")
     ]
+
+
+def _n_harmless_conditions(n_layers: int, config: PersonaGatingConfig) -> int:
+    if config.harmless_for == "all":
+        return _n_eval_conditions(n_layers, config)
+    return 3 + len(config.random_seeds)
 
 
 def _kl(
@@ -636,7 +649,7 @@ def _results(
         "selection": selection,
         "refusal_source_layer": refusal_layer,
         "windows": {"early": early, "late": late},
-        "findings": _findings(cond_out),
+        "findings": _findings(cond_out, harmless_out),
         "provenance": provenance(lm, config=config, seed=config.seed),
     }
 
@@ -673,8 +686,11 @@ def _share_text(entry: dict[str, Any]) -> str:
     return f"restores {share:.0%}{interval} of the persona-induced drop"
 
 
-def _findings(c: dict[str, Any]) -> list[dict[str, str]]:
-    """State, for each claim of the paper, whether this run's numbers reproduce it."""
+def _findings(
+    c: dict[str, Any], harmless: dict[str, Any] | None = None
+) -> list[dict[str, str]]:
+    """State, for each claim of the paper, whether this run's numbers reproduce it
+    (``harmless``: the harmless-prompt results, quoted beside the re-add claim)."""
 
     def fmt(name: str) -> str:
         e = c[name]
@@ -736,7 +752,8 @@ def _findings(c: dict[str, Any]) -> list[dict[str, str]]:
                 f"{e['restoring_layers'] or 'none'} of {e['layers']}, late "
                 f"{late['restoring_layers'] or 'none'} of {late['layers']}; highest "
                 f"early: layer {e['layer']} {e['refusal_rate']:.0%}, highest late: layer "
-                f"{late['layer']} {late['refusal_rate']:.0%} ({_share_text(late)})",
+                f"{late['layer']} {late['refusal_rate']:.0%} ({_share_text(late)})"
+                + _over_refusal_text(harmless or {}, late["layer"]),
             }
         )
     pl, pe, rp = c["persona_project_late"], c["persona_project_early"], c["random_project_late"]
@@ -761,6 +778,17 @@ def _findings(c: dict[str, Any]) -> list[dict[str, str]]:
         }
     )
     return out
+
+
+def _over_refusal_text(harmless: dict[str, Any], layer: int) -> str:
+    """How often the re-add at ``layer`` refuses the harmless prompts, when that was run."""
+    entry, base = harmless.get(f"refusal_readd/L{layer}"), harmless.get("baseline")
+    if not entry or not base:
+        return ""
+    lo, hi = entry["refusal_rate_ci95"]
+    return (f"; on the harmless prompts the layer-{layer} re-add refuses "
+            f"{entry['refusal_rate']:.0%} [{lo:.0%}, {hi:.0%}] (n={entry['n']}; baseline "
+            f"{base['refusal_rate']:.0%}, p={entry['vs_baseline_p']:.3g})")
 
 
 def _record_timings(run: Runner, results: dict[str, Any], n_eval: int, total: float) -> None:

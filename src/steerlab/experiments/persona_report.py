@@ -40,6 +40,15 @@ def write_persona_report(
         (int(k.split("/L")[1]), v) for k, v in c.items() if k.startswith("refusal_readd/L")
     )
     n_layers = results["provenance"]["model"]["n_layers"]
+    harmless = results["harmless"]
+    harmless_readd = [harmless.get(f"refusal_readd/L{k}") for k, _ in readd]
+    over_refusal = (  # present when the run also re-added refusal on the harmless prompts
+        {"harmless prompts, same re-add (95% CI)": (
+            [h["refusal_rate"] for h in harmless_readd if h],
+            [h["refusal_rate_ci95"] for h in harmless_readd if h],
+        )}
+        if readd and all(harmless_readd) else None
+    )
     figures_ = [
         Figure(
             plots.rate_by_layer(
@@ -60,9 +69,13 @@ def write_persona_report(
                     "early third": (-0.5, n_layers / 3 - 0.5),
                     "late third": (2 * n_layers / 3 - 0.5, n_layers - 0.5),
                 },
+                label="harmful evaluation prompts (95% CI)",
+                more=over_refusal,
             ),
             "Refusal rate (95% Wilson CI) by the layer where the refusal direction is re-added, "
-            "with baseline and persona-steered rates for reference.",
+            "with baseline and persona-steered rates for reference"
+            + (", and the same re-add on the harmless prompts (over-refusal)."
+               if over_refusal else "."),
         ),
         Figure(
             plots.bars_with_ci(
@@ -152,9 +165,15 @@ def write_persona_report(
                  "persona_project_early", "random_project_late"]
     share_rows = [{"condition": m, **c[m]} for m in restoring if m in c]
     main_rows = [{"condition": m, **c[m]} for m in MAIN if m in c]
-    readd_rows = [{"condition": f"refusal_readd/L{k}", **v} for k, v in readd]
+    readd_rows = [
+        {"condition": f"refusal_readd/L{k}", **v, **_harmless_columns(h)}
+        for (k, v), h in zip(readd, harmless_readd, strict=True)
+    ]
     seed_rows = [{"condition": k, **v} for k, v in c.items() if "/s" in k]
-    harmless_rows = [{"condition": k, **v} for k, v in results["harmless"].items()]
+    harmless_rows = [  # the re-add layers' harmless results are columns of their own table
+        {"condition": k, **v} for k, v in harmless.items() if not k.startswith("refusal_readd/")
+    ]
+    harmless_keys = list(_harmless_columns({})) if over_refusal else []
     kl_keys = ["kl_first_token", "kl_first_token_ci95"]
     if config.kl_tokens > 1:
         kl_keys.append(f"kl_first_{config.kl_tokens}")
@@ -176,8 +195,10 @@ def write_persona_report(
         ),
         Table(
             "Refusal re-added at each layer (persona-steered)",
-            [*columns[:-1], *share_keys],
+            [*columns[:-1], *share_keys, *harmless_keys],
             readd_rows,
+            note="harmless_*: the same condition on the harmless prompts (over-refusal, "
+            "McNemar p against the harmless baseline, first-token KL)." if harmless_keys else "",
         ),
         Table("Random-direction controls, per seed", columns, seed_rows, note=_seed_note(c)),
         Table(
@@ -279,3 +300,12 @@ def _cost_table(cost: dict[str, Any]) -> Table:
         note=f"In units of one unhooked generation pass over the evaluation prompts "
         f"({base:.1f} s); the run is {verdict} budget.",
     )
+
+
+def _harmless_columns(entry: dict[str, Any] | None) -> dict[str, Any]:
+    """A condition's harmless-prompt results as ``harmless_*`` columns (None: not run)."""
+    entry = entry or {}
+    return {
+        f"harmless_{key}": entry.get(key)
+        for key in ("refusal_rate", "refusal_rate_ci95", "vs_baseline_p", "kl_first_token")
+    }
