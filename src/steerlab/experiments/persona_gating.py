@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 TRAIT_AXES = ("evil_nurturing", "callous_supportive", "hostile_patient", "arrogant_diplomatic")
 ALPHA_SIG = 0.05
 GENERATING_STEPS = frozenset({"selection", "readd_selection"})
+# The conditions ``harmless_for: steering`` runs on the harmless prompts, beside the random seeds.
+STEERING_ON_HARMLESS = ("baseline", "persona_steer", "refusal_ablate")
 
 
 def run_persona_gating(
@@ -443,18 +445,18 @@ def _eval_conditions(
 
 def _harmless_conditions(conditions: Sequence[Condition], which: str) -> list[Condition]:
     """The evaluation conditions rerun on the harmless prompts (``harmless_for``)."""
-    keep = ("baseline", "persona_steer", "refusal_ablate")
     return [
         Condition(f"harmless/{c.name}", c.specs, c.system, c.description)
         for c in conditions
-        if which == "all" or c.name in keep or c.name.startswith("random_steer/")
+        if which == "all" or c.name in STEERING_ON_HARMLESS or c.name.startswith("random_steer/")
     ]
 
 
 def _n_harmless_conditions(n_layers: int, config: PersonaGatingConfig) -> int:
+    """How many conditions :func:`_harmless_conditions` keeps, before they are built."""
     if config.harmless_for == "all":
         return _n_eval_conditions(n_layers, config)
-    return 3 + len(config.random_seeds)
+    return len(STEERING_ON_HARMLESS) + len(config.random_seeds)
 
 
 def _kl(

@@ -42,12 +42,12 @@ def write_persona_report(
     n_layers = results["provenance"]["model"]["n_layers"]
     harmless = results["harmless"]
     harmless_readd = [harmless.get(f"refusal_readd/L{k}") for k, _ in readd]
+    ran = [h for h in harmless_readd if h]
     over_refusal = (  # present when the run also re-added refusal on the harmless prompts
         {"harmless prompts, same re-add (95% CI)": (
-            [h["refusal_rate"] for h in harmless_readd if h],
-            [h["refusal_rate_ci95"] for h in harmless_readd if h],
+            [h["refusal_rate"] for h in ran], [h["refusal_rate_ci95"] for h in ran],
         )}
-        if readd and all(harmless_readd) else None
+        if readd and len(ran) == len(readd) else None
     )
     figures_ = [
         Figure(
