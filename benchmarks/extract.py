@@ -1,7 +1,8 @@
 """Benchmark: all-layer direction extraction vs one plain forward pass, and vs peers.
 
 Work: 256 harmful + 256 harmless instructions (the refusal_direction train
-files in /work/shared/data; never copied into the repo), chat-rendered, batch
+files in ``../shared/data`` beside the repository, or ``--data DIR``; never copied
+into the repo), chat-rendered, batch
 32, read at the last prompt token, a difference-of-means vector on every layer
 of the embedded Qwen2.5-Coder-0.5B-Instruct.
 
@@ -14,8 +15,8 @@ Rows, in this venv (transformers 5), interleaved round by round:
 - ``steerlab.extract_direction`` (hooks on every decoder layer, float64 running
   sums, forward stopped after the last layer).
 
-Peers, in their own interpreter (``--peers-python``, default
-/work/bench-venv/bin/python: transformers < 5, repeng 0.4.0, steering-vectors),
+Peers, in their own interpreter (``--peers-python`` or the environment variable
+``STEERLAB_PEERS_PYTHON``: a venv with transformers < 5, repeng 0.4.0, steering-vectors),
 on the same rendered texts with their own batching at batch 32 (``--peer-baseline``
 adds a plain forward there): repeng ``ControlVector.train`` (pca_diff),
 steering-vectors ``train_steering_vector`` (mean aggregator = difference of
@@ -43,14 +44,15 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path("/work/shared/data")
+DATA = ROOT.parent / "shared" / "data"
+PEERS_PYTHON = os.environ.get("STEERLAB_PEERS_PYTHON")
 SECTION = "extract"
 WORKER_FLAG = "--peer-worker"
 BASELINE = "plain forward, decoder stack only (no LM head)"
 NOTES = (
-    "Notes: the peers' venv is /work/bench-venv (torch linked to the same torch 2.13.0+cpu "
-    "build; transformers 4.57.6, repeng 0.4.0, steering-vectors 0.12.2, plus httpx so steerlab "
-    "imports there). repeng reads its default 23 layers (hidden_layers = -1..-23) with "
+    "Notes: the peers' venv (--peers-python) has torch linked to the same torch 2.13.0+cpu "
+    "build, transformers 4.57.6, repeng 0.4.0, steering-vectors 0.12.2, plus httpx so steerlab "
+    "imports there. repeng reads its default 23 layers (hidden_layers = -1..-23) with "
     "output_hidden_states and fits a PCA per layer; steering-vectors hooks all 24 decoder "
     "blocks with its mean aggregator (a difference of means, like steerlab's, hence the "
     "cosine check; why it stays below 1, e.g. bfloat16 rounding under different padding, "
@@ -59,10 +61,12 @@ NOTES = (
 )
 
 
-def load_instructions(n: int) -> tuple[list[str], list[str]]:
+def load_instructions(n: int, data: Path = DATA) -> tuple[list[str], list[str]]:
     """The first ``n`` harmful and harmless training instructions."""
-    harmful = [r["instruction"] for r in json.loads((DATA / "harmful_train.json").read_text())]
-    harmless = [r["instruction"] for r in json.loads((DATA / "harmless_train.json").read_text())]
+    if not (data / "harmful_train.json").exists():
+        raise SystemExit(f"{data} holds no harmful_train.json: pass --data DIR")
+    harmful = [r["instruction"] for r in json.loads((data / "harmful_train.json").read_text())]
+    harmless = [r["instruction"] for r in json.loads((data / "harmless_train.json").read_text())]
     if len(harmful) < n or len(harmless) < n:
         raise SystemExit(f"need {n} prompts per side; have {len(harmful)} and {len(harmless)}")
     return harmful[:n], harmless[:n]
@@ -219,10 +223,11 @@ def _peer_worker(args: argparse.Namespace) -> None:
 
 
 def _run_peers(args: argparse.Namespace, model_dir: str, payload: dict[str, Any]) -> dict:
-    python = Path(args.peers_python)
-    if not python.exists():
-        return {"errors": {"all": f"{python} not found: create the peers' venv (transformers<5,"
-                                  " repeng==0.4.0, steering-vectors) or pass --peers-python"}}
+    python = Path(args.peers_python or "")
+    if not args.peers_python or not python.exists():
+        missing = (f"peers' python {python} not found: create the peers' venv "
+                   "(transformers<5, repeng==0.4.0, steering-vectors) and pass --peers-python")
+        return {"errors": {"all": missing}}
     with tempfile.TemporaryDirectory() as tmp:
         texts, out = Path(tmp) / "texts.json", Path(tmp) / "peers.json"
         texts.write_text(json.dumps(payload))
@@ -315,7 +320,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the box is "
                         "shared, and spinning OpenMP threads on busy cores distort timings)")
-    parser.add_argument("--peers-python", default="/work/bench-venv/bin/python")
+    parser.add_argument("--peers-python", default=PEERS_PYTHON,
+                        help="python of a venv with repeng and steering-vectors "
+                        "(default: $STEERLAB_PEERS_PYTHON; without either, --no-peers)")
+    parser.add_argument("--data", type=Path, default=DATA,
+                        help="folder of the refusal_direction train files "
+                        "(default: ../shared/data beside the repository)")
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--peer-baseline", action="store_true",
                         help="also time a plain forward in the peers' venv")
@@ -338,7 +348,7 @@ def main() -> None:
     from steerlab.embedded import safetensors_dir
     from steerlab.model import load_model
 
-    harmful, harmless = load_instructions(args.n)
+    harmful, harmless = load_instructions(args.n, args.data)
     lm = load_model("default", dtype=args.dtype)
     print(f"model {lm.name}, {lm.dtype}, {args.n}+{args.n} prompts, batch {args.batch_size}",
           flush=True)

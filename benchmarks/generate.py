@@ -7,8 +7,8 @@ to unhooked ``transformers`` ``generate`` measured in the same round = 1.00):
 - transformers ``generate`` inside ``steerlab.steer``: one ``Add`` at one layer;
   ``Ablate`` at all layers (every layer's input, attention and MLP writes);
 - ``steerlab.generate`` (its own KV-cached loop): unhooked, ``Add``, ``Ablate``;
-- peers, in a separate interpreter (``--peers-python``, default
-  /work/bench-venv/bin/python, transformers < 5): steering-vectors' ``apply`` and
+- peers, in a separate interpreter (``--peers-python`` or
+  ``$STEERLAB_PEERS_PYTHON``: a venv with transformers < 5): steering-vectors' ``apply`` and
   repeng's ``ControlModel`` doing the same addition, with their own unhooked
   baseline and ``steerlab.steer`` under that transformers for a same-venv check;
 - at batch 1 and 16 on CPU (embedded Qwen2.5-Coder-0.5B-Instruct), at batch 1 and
@@ -329,10 +329,10 @@ def _raiser(exc: BaseException) -> Callable[[int], int]:
 
 
 def _run_peers(args: argparse.Namespace, model_dir: str, layer: int) -> dict[str, Any]:
-    python = Path(args.peers_python)
-    if not python.exists():
-        return {"error": f"{python} not found: create the peers' venv (transformers<5, "
-                         "steering-vectors, repeng) or pass --peers-python"}
+    python = Path(args.peers_python or "")
+    if not args.peers_python or not python.exists():
+        return {"error": f"peers' python {python} not found: create the peers' venv "
+                         "(transformers<5, steering-vectors, repeng) and pass --peers-python"}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "peers.json"
         cmd = [str(python), str(Path(__file__).resolve()), PEER_SCRIPT_FLAG, "--model-dir",
@@ -409,7 +409,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32", help="CPU dtype: float32 or bfloat16")
     parser.add_argument("--layer", type=int, default=None)
     parser.add_argument("--alpha", type=float, default=1.0)
-    parser.add_argument("--peers-python", default="/work/bench-venv/bin/python")
+    parser.add_argument("--peers-python", default=os.environ.get("STEERLAB_PEERS_PYTHON"),
+                        help="python of a venv with repeng and steering-vectors "
+                        "(default: $STEERLAB_PEERS_PYTHON; without either, --no-peers)")
     parser.add_argument("--peer-rounds", type=int, default=None,
                         help="rounds for the peers' interpreter (default: --rounds)")
     parser.add_argument("--no-peers", action="store_true")

@@ -4,7 +4,9 @@ and the model's identity, so a reader can tell exactly what produced a number.""
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import platform
+import shlex
 import sys
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
@@ -26,9 +28,17 @@ def versions() -> dict[str, str]:
     return out
 
 
-def machine() -> dict[str, Any]:
-    import os
+def command_line(argv: list[str] | None = None) -> str:
+    """The command as the user typed it: ``steerlab extract ...``, never the absolute path
+    of the executable (a record must not carry one machine's paths)."""
+    argv = sys.argv if argv is None else argv
+    program = os.path.basename(argv[0]) if argv else "steerlab"
+    if program in ("__main__.py", "-m", "-c", ""):
+        program = "python -m steerlab"
+    return " ".join([program, shlex.join(argv[1:])]).strip()
 
+
+def machine() -> dict[str, Any]:
     import torch
 
     info: dict[str, Any] = {
@@ -53,7 +63,7 @@ def provenance(
     """One JSON-able record of everything that produced a result."""
     record: dict[str, Any] = {
         "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
+        "command": command_line(),
         "seed": seed,
         "versions": versions(),
         "machine": machine(),
