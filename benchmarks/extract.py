@@ -43,10 +43,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sections import section, write_section
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 PEERS_PYTHON = os.environ.get("STEERLAB_PEERS_PYTHON")
 SECTION = "extract"
+WHAT = ("the time to extract all-layer difference-of-means directions, against a plain forward "
+        "pass over the same prompts in the same venv, and against the peer libraries doing the "
+        "same work in theirs.")
+RERUN = "python benchmarks/extract.py --data DIR --peers-python PY --rounds 1 --write"
 WORKER_FLAG = "--peer-worker"
 BASELINE = "plain forward, decoder stack only (no LM head)"
 NOTES = (
@@ -249,8 +255,6 @@ def _run_peers(args: argparse.Namespace, model_dir: str, payload: dict[str, Any]
 def markdown(info: dict[str, Any], ours: dict[str, Any], peers: dict[str, Any]) -> str:
     base = BASELINE
     lines = [
-        f"## {SECTION}",
-        "",
         f"All-layer difference-of-means directions from {info['n']} harmful + {info['n']} "
         f"harmless instructions (refusal_direction train files), batch {info['batch_size']}, "
         f"last prompt token, embedded Qwen2.5-Coder-0.5B-Instruct ({info['layers']} layers), "
@@ -291,24 +295,7 @@ def markdown(info: dict[str, Any], ours: dict[str, Any], peers: dict[str, Any]) 
     for key, value in peers.get("errors", {}).items():
         lines += ["", f"**{key} could not run:** {value}"]
     lines += ["", NOTES, ""]
-    return "\n".join(lines)
-
-
-def write_section(text: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
-    """Replace (or append) this benchmark's section, leaving the others alone."""
-    from steerlab._atomic import write_text
-
-    old = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    lines = old.splitlines(keepends=True)
-    start = next((i for i, ln in enumerate(lines) if ln.strip() == f"## {SECTION}"), None)
-    if start is None:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
-                   len(lines))
-        new = "".join(lines[:start]) + text + ("\n" if end < len(lines) else "") + \
-            "".join(lines[end:])
-    write_text(path, new)
+    return section(SECTION, WHAT, RERUN, "\n".join(lines))
 
 
 def main() -> None:
@@ -373,7 +360,7 @@ def main() -> None:
     text = markdown(info, ours, peers)
     print(text)
     if args.write:
-        write_section(text)
+        write_section(SECTION, text)
 
 
 def load_model_tokenizer() -> Any:

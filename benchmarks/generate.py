@@ -40,6 +40,11 @@ from typing import Any
 
 import torch
 
+from sections import section, write_section
+
+WHAT = ("tokens per second of steered generation, steerlab's and its peers', as ratios to "
+        "unhooked transformers `generate`.")
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [
     "Write a long story about a lighthouse keeper who finds a message in a bottle.",
@@ -383,19 +388,6 @@ def _table(results: dict[str, Any], batches: list[int]) -> list[str]:
     return lines
 
 
-def _write_section(path: Path, body: str) -> None:
-    from steerlab._atomic import write_text
-
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find("\n## generate")
-    if start == -1:
-        text = text.rstrip("\n") + "\n\n" + body
-    else:
-        end = text.find("\n## ", start + 1)
-        text = text[:start + 1] + body + ("" if end == -1 else text[end:])
-    write_text(path, text.rstrip("\n") + "\n")
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(PEER_SCRIPT_FLAG, action="store_true", help=argparse.SUPPRESS)
@@ -450,9 +442,6 @@ def main(argv: list[str] | None = None) -> None:
     what = ("GPU: random-init Llama-3.1-8B-Instruct config, bfloat16" if gpu else
             "embedded Qwen2.5-Coder-0.5B-Instruct, " + str(lm.dtype).removeprefix("torch."))
     lines = [
-        "## generate",
-        "",
-        f"`python benchmarks/generate.py --rounds {args.rounds}` — "
         f"{what}; "
         f"{max(args.batches)} prompts at batch {max(args.batches)}, the first "
         f"{args.single_prompts} one at a time at batch 1, "
@@ -477,11 +466,12 @@ def main(argv: list[str] | None = None) -> None:
             lines.append(f"Not run: {peers['error']}")
         else:
             lines += _table(peers["results"], args.batches)
-    body = "\n".join(lines) + "\n"
+    rerun = f"python benchmarks/generate.py --rounds {args.rounds} --peers-python PY"
+    body = section("generate", WHAT, rerun, "\n".join(lines))
     print()
     print(body)
     if args.write:
-        _write_section(Path(args.write), body)
+        write_section("generate", body, Path(args.write))
         print(f"updated {args.write}")
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from sections import section, write_section
 from steerlab.directions import Direction, DirectionMeta
 from steerlab.generate import generate
 from steerlab.interventions import Ablate
@@ -38,6 +39,9 @@ PROMPTS = [
     "Give three tips for learning Python.",
 ]
 SECTION = "orthogonalize"
+WHAT = ("the time and peak memory of orthogonalizing a direction out of the weights, and the "
+        "generation speed of the original model, the original under runtime ablation, and the "
+        "orthogonalized model.")
 
 
 def _status(key: str) -> int:
@@ -113,9 +117,7 @@ def run(dtype: str, tokens: int, repeats: int) -> dict[str, Any]:
 
 def markdown(results: list[dict[str, Any]]) -> str:
     lines = [
-        f"## {SECTION}",
-        "",
-        f"`python benchmarks/orthogonalize.py --write` — machine: {platform.processor() or 'CPU'}"
+        f"Machine: {platform.processor() or 'CPU'}"
         f" ({torch.get_num_threads()} threads), torch {torch.__version__}, CPU, embedded "
         "Qwen2.5-Coder-0.5B-Instruct (untied, 24 layers). Peak = model bytes + the rise of the "
         "process's peak RSS during `orthogonalize` (VmHWM reset just before).",
@@ -137,24 +139,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
     lines += ["", f"Generation: {results[0]['generation']}. The machine is shared (2 cores, "
               "other jobs running), so speed ratios carry a few percent of noise; the "
               "orthogonalized model runs the same graph as the original with no hooks.", ""]
-    return "\n".join(lines)
-
-
-def write_section(text: str, path: Path = Path("BENCHMARKS.md")) -> None:
-    """Replace (or append) this benchmark's section, leaving the others alone."""
-    from steerlab._atomic import write_text
-
-    old = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    lines = old.splitlines(keepends=True)
-    start = next((i for i, ln in enumerate(lines) if ln.strip() == f"## {SECTION}"), None)
-    if start is None:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
-                   len(lines))
-        new = "".join(lines[:start]) + text + ("\n" if end < len(lines) else "") + "".join(
-            lines[end:])
-    write_text(path, new)
+    return section(SECTION, WHAT, "python benchmarks/orthogonalize.py --write", "\n".join(lines))
 
 
 def main() -> None:
@@ -171,7 +156,7 @@ def main() -> None:
     text = markdown(results)
     print(text)
     if args.write:
-        write_section(text)
+        write_section(SECTION, text)
 
 
 if __name__ == "__main__":

@@ -30,11 +30,14 @@ from typing import Any
 import httpx
 import torch
 
-from steerlab._atomic import write_text
+from sections import section, write_section
 from steerlab.model import load_model
 from steerlab.serve import background, create_app
 
 SECTION = "serve"
+WHAT = ("the throughput of `steerlab serve` with dynamic batching against one request at a "
+        "time.")
+RERUN = "python benchmarks/serve.py --requests 16 --tokens 16 --trials 4 --threads 1"
 PROMPTS = [
     "What is the capital of France?", "Name three primary colors.",
     "How many legs does a spider have?", "What does a thermometer measure?",
@@ -104,18 +107,6 @@ def _counters(url: str) -> tuple[float, float]:
             raise RuntimeError(f"{name} missing from /metrics")
         values.append(float(match.group(1)))
     return values[0], values[1]
-
-
-def update_section(path: Path, name: str, body: str) -> None:
-    """Replace (or append) the ``## name`` section of a Markdown file, atomically."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"## {name}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^## {re.escape(name)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block + "\n", text, count=1).rstrip() + "\n"
-    else:
-        text = text.rstrip() + "\n\n" + block
-    write_text(path, text)
 
 
 def main() -> None:
@@ -190,7 +181,7 @@ def main() -> None:
     print()
     print(report)
     if not args.no_write:
-        update_section(Path(args.out), SECTION, report)
+        write_section(SECTION, section(SECTION, WHAT, RERUN, report), Path(args.out))
         print(f"\nwrote section '{SECTION}' of {args.out}")
 
 
