@@ -290,11 +290,10 @@ def _summary(results: dict[str, Any], config: PositionsConfig) -> str:
     )
 
 
-def _report(out: Path, results: dict[str, Any], run: Runner, config: PositionsConfig) -> Path:
-    figs = out / "figures"
+def _figures(figs: Path, results: fw.Results) -> list[Figure]:
     a, labels, positions = results["analysis"], results["labels"], results["positions"]
     ab, ad = results["ablate"], results["add"]
-    fig_list = [
+    return [
         Figure(
             plots.lines_by_layer(
                 figs / "cohens_d_by_layer.png",
@@ -351,6 +350,12 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: PositionsCo
             "Refusal on harmless prompts (95% Wilson CI).",
         ),
     ]
+
+
+def _report(out: Path, results: fw.Results, run: Runner, config: PositionsConfig) -> Path:
+    a, labels, positions = results["analysis"], results["labels"], results["positions"]
+    ab, ad = results["ablate"], results["add"]
+    fig_list = _figures(out / "figures", results)
     judged = bool(results["judged"])
     per_pos = [
         {
