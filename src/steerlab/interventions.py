@@ -34,8 +34,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
-import math
-import numbers
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -46,6 +44,7 @@ import torch
 
 from steerlab.directions import Direction, DirectionMeta
 from steerlab.errors import InterventionError
+from steerlab.limits import check_alpha, check_seed
 
 if TYPE_CHECKING:
     from steerlab.model import LoadedModel
@@ -224,11 +223,7 @@ class Add:
 
     def __post_init__(self) -> None:
         _check_ref(self.direction)
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real):
-            raise InterventionError(f"Add alpha must be a number; got {self.alpha!r}.")
-        if not math.isfinite(float(self.alpha)):
-            raise InterventionError(f"Add alpha must be finite; got {self.alpha!r}.")
-        object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "alpha", check_alpha(self.alpha))
         object.__setattr__(self, "layers", parse_layers(self.layers))
         _check_choice(self.positions, POSITIONS, "positions")
         _check_choice(self.scale, SCALES, "scale")
@@ -356,6 +351,7 @@ def random_like(direction: Direction, seed: int, orthogonal: bool = False) -> Di
         >>> abs(float(r.vector(3) @ d.vector(3))) < 1e-4
         True
     """
+    seed = check_seed(seed)
     vectors = []
     for layer, vec in zip(direction.layers, direction.vectors, strict=True):
         gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(layer) + 17)
@@ -440,7 +436,7 @@ def resolve_direction(
     if match:
         base = resolve_direction(match.group(1).strip(), names=names, allow_paths=allow_paths,
                                  lm=lm, allow_mismatch=allow_mismatch)
-        return random_like(base, int(match.group(2)), orthogonal=match.group(3) is not None)
+        return random_like(base, check_seed(match.group(2)), orthogonal=match.group(3) is not None)
     if names is not None and text in names:
         if isinstance(names, DirectionRegistry):
             return names.get(text, lm, allow_mismatch=allow_mismatch)

@@ -11,7 +11,15 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from steerlab.cli.common import DTYPE_OPT, MODEL_ARG, console, error_console, load
+from steerlab.cli.common import (
+    DTYPE_OPT,
+    MODEL_ARG,
+    SYSTEM_HELP,
+    console,
+    error_console,
+    load,
+    read_system,
+)
 from steerlab.errors import DataError
 
 OUT_OPT = typer.Option(..., "--out", "-o", help="Output folder.")
@@ -19,9 +27,9 @@ POSITIVE_OPT = typer.Option(None, "--positive", help="Positive prompt set: built
                             "(e.g. paired:harmful) or a .jsonl/.json/.csv/.txt file.")
 NEGATIVE_OPT = typer.Option(None, "--negative", help="Negative prompt set (same forms).")
 SYS_POS_OPT = typer.Option(None, "--system-positive",
-                           help="System prompt for the positive set (text or a file path).")
+                           help="System prompt for the positive set. " + SYSTEM_HELP)
 SYS_NEG_OPT = typer.Option(None, "--system-negative",
-                           help="System prompt for the negative set (text or a file path).")
+                           help="System prompt for the negative set (same forms).")
 POSITION_OPT = typer.Option("last", "--position", help="Token position: last, t_inst, "
                             "post_inst, post_inst\\[k] (k-th post-instruction token), "
                             "prompt_mean, response_mean.")
@@ -44,14 +52,6 @@ def parse_layers(text: str) -> list[int] | None:
     except ValueError as exc:
         raise DataError(f"Cannot read layers {text!r}; use all, 8-16 or 3,5,7.") from exc
     return layers
-
-
-def _system(value: str | None) -> str | None:
-    if value is None:
-        return None
-    path = Path(value).expanduser()
-    return path.read_text(encoding="utf-8").strip() if len(value) < 4096 and path.is_file() \
-        else value
 
 
 @contextmanager
@@ -112,14 +112,15 @@ def register(app: typer.Typer) -> None:
         extraction.get_method(method)
         chosen = parse_layers(layers)
         pos_set, neg_set = _load_sets(positive, negative, split, limit)
+        sys_pos = read_system(system_positive, "--system-positive")
+        sys_neg = read_system(system_negative, "--system-negative")
         lm = load(model, dtype)
         if pos_set is not None:
             total = len(pos_set) + len(neg_set)
             with progress_bar("extracting", total) as advance:
                 direction = extraction.extract_direction(
                     lm, pos_set, neg_set, method=method, position=position, layers=chosen,
-                    system_positive=_system(system_positive),
-                    system_negative=_system(system_negative), name=name, kind="custom",
+                    system_positive=sys_pos, system_negative=sys_neg, name=name, kind="custom",
                     batch_size=batch_size, progress=advance)
         elif kind == "refusal":
             train = extraction.paired_split(split or "train", limit)
@@ -179,6 +180,8 @@ def register(app: typer.Typer) -> None:
         extraction.get_method(method)
         chosen = parse_layers(layers)
         pos_set, neg_set = _load_sets(positive, negative, None, limit)
+        sys_pos = read_system(system_positive, "--system-positive")
+        sys_neg = read_system(system_negative, "--system-negative")
         pos_test = load_prompts(positive_test, limit=limit) if positive_test else None
         neg_test = load_prompts(negative_test, limit=limit) if negative_test else None
         if pos_set is None:
@@ -192,8 +195,8 @@ def register(app: typer.Typer) -> None:
         with progress_bar("scanning", total) as advance:
             result = run_scan(
                 lm, positive=pos_set, negative=neg_set, positive_test=pos_test,
-                negative_test=neg_test, system_positive=_system(system_positive),
-                system_negative=_system(system_negative), method=method, position=position,
+                negative_test=neg_test, system_positive=sys_pos,
+                system_negative=sys_neg, method=method, position=position,
                 layers=chosen, persona=persona, limit=limit, batch_size=batch_size,
                 progress=advance)
         out.mkdir(parents=True, exist_ok=True)
