@@ -50,14 +50,19 @@ def _root() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user mistakes and unreadable inputs become one red line and exit code 2."""
+    run_app(app, argv)
+
+
+def run_app(typer_app: typer.Typer, argv: list[str] | None) -> None:
+    """Run ``typer_app`` inside the one error boundary of the ``steerlab`` command."""
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
-        _run(argv)
+        _run(typer_app, argv)
 
 
-def _run(argv: list[str] | None) -> None:
+def _run(typer_app: typer.Typer, argv: list[str] | None) -> None:
     try:
-        app(args=argv, standalone_mode=False)
+        typer_app(args=argv, standalone_mode=False)
     except SteerlabError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
@@ -111,7 +116,7 @@ def describe_input_error(exc: BaseException) -> str:
         return f"cannot use {exc.filename}: {reason}; check the path and its permissions."
     if isinstance(exc, UnicodeError):
         return f"an input is not UTF-8 text ({exc}); give a text file."
-    kind = {json.JSONDecodeError: "JSON"}.get(type(exc), type(exc).__name__)
+    kind = "JSON" if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
     return f"cannot read an input ({kind}: {exc}); check the file."
 
 
