@@ -21,6 +21,7 @@ from steerlab.cli.common import (
     read_system,
 )
 from steerlab.errors import DataError
+from steerlab.layer_spec import parse_layers
 
 OUT_OPT = typer.Option(..., "--out", "-o", help="Output folder.")
 POSITIVE_OPT = typer.Option(None, "--positive", help="Positive prompt set: built-in name "
@@ -39,19 +40,6 @@ LIMIT_OPT = typer.Option(None, "--limit", help="Use at most this many prompts (p
 BATCH_OPT = typer.Option(32, "--batch-size", help="Prompts per forward pass.")
 
 
-def parse_layers(text: str) -> list[int] | None:
-    """``all`` -> None; ``8-16`` -> 8..16; ``3,5,7`` -> [3, 5, 7]."""
-    text = text.strip()
-    if text in ("", "all"):
-        return None
-    layers: list[int] = []
-    try:
-        for part in text.split(","):
-            lo, sep, hi = part.strip().partition("-")
-            layers.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
-    except ValueError as exc:
-        raise DataError(f"Cannot read layers {text!r}; use all, 8-16 or 3,5,7.") from exc
-    return layers
 
 
 @contextmanager
@@ -110,7 +98,8 @@ def register(app: typer.Typer) -> None:
         from steerlab import extraction
 
         extraction.get_method(method)
-        chosen = parse_layers(layers)
+        parsed = parse_layers(layers)
+        chosen = None if parsed == "all" else list(parsed)
         pos_set, neg_set = _load_sets(positive, negative, split, limit)
         sys_pos = read_system(system_positive, "--system-positive")
         sys_neg = read_system(system_negative, "--system-negative")
@@ -178,7 +167,8 @@ def register(app: typer.Typer) -> None:
         from steerlab.prompts import load_prompts
 
         extraction.get_method(method)
-        chosen = parse_layers(layers)
+        parsed = parse_layers(layers)
+        chosen = None if parsed == "all" else list(parsed)
         pos_set, neg_set = _load_sets(positive, negative, None, limit)
         sys_pos = read_system(system_positive, "--system-positive")
         sys_neg = read_system(system_negative, "--system-negative")
