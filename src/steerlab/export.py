@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from safetensors.torch import load_file, save_file
 
-from steerlab._atomic import disk_full, free_space_shortfall, write_json
+from steerlab._atomic import disk_full, free_space_shortfall, temp_dir, umask, write_json
 from steerlab.directions import Direction, DirectionMeta
 from steerlab.errors import DirectionError, SteerlabError
 from steerlab.orthogonalize import (
@@ -81,7 +81,7 @@ def _fresh_dir(out: Path, overwrite: bool) -> Path:
             "(--overwrite)."
         )
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    return temp_dir(out)
 
 
 def _commit_dir(tmp: Path, out: Path) -> None:
@@ -502,6 +502,7 @@ def export_gguf_cvec(
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.fchmod(fd, 0o666 & ~umask())  # an ordinary file's mode, not mkstemp's 0600
     os.close(fd)
     try:
         writer = gguf.GGUFWriter(tmp_name, CVEC_ARCH)
