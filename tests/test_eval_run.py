@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from steerlab import rowstore
-from steerlab.errors import EvaluationError
+from steerlab.errors import EvaluationError, SteerlabError
 from steerlab.evaluate import InProcessBackend, Judge, OpenAIBackend, read_rows, run_eval
 from steerlab.evaluate.run import summary_markdown
 from steerlab.prompts import Prompt
@@ -107,9 +107,9 @@ def test_half_written_last_row_is_dropped_and_redone(tmp_path):
 
 def test_resume_refuses_a_different_config(tmp_path, tiny_qwen):
     run_eval(PROMPTS[:2], InProcessBackend(tiny_qwen, max_new_tokens=3), tmp_path)
-    with pytest.raises(EvaluationError, match="different backend"):
+    with pytest.raises(SteerlabError, match="different backend"):
         run_eval(PROMPTS[:2], InProcessBackend(tiny_qwen, max_new_tokens=4), tmp_path)
-    with pytest.raises(EvaluationError, match="different system"):
+    with pytest.raises(SteerlabError, match="different system"):
         run_eval(PROMPTS[:2], InProcessBackend(tiny_qwen, max_new_tokens=3), tmp_path,
                  system="other")
 
