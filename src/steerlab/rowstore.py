@@ -1,22 +1,12 @@
 """The one resumable row store: a versioned JSONL file of typed rows.
 
-Layout (version 1): the first line is a header naming the format, its version, the
-kind of rows (``generate``, ``eval``, ``experiment``, ``compare``) and the run identity,
-everything that changes a row (model fingerprint, dtype, specs, generation settings);
-each further line is one row. Rows are appended and flushed as they finish, so a kill
-loses only rows in flight.
-
-Opening a store for writing, in this order, before any byte on disk changes:
-
-1. the path policy of :mod:`steerlab.outputs` (a file steerlab did not write, or an
-   older layout, is refused unless ``overwrite``);
-2. the header: same kind, a version this code reads, the same identity;
-3. every row: it decodes, and the caller's ``check`` accepts it (e.g. the prompt text
-   stored with it is this run's);
-4. only then is a torn last line (bytes after the last newline, from a kill) cut off.
-
-A fresh run and a resumed run give the same typed rows: every row, new or reloaded,
-goes through the codec's JSON round trip.
+Layout 1: a header line (format, version, kind of rows, and the run identity: all that
+changes a row, e.g. model fingerprint, dtype, specs, settings), then one row a line,
+appended and flushed as rows finish. Opening checks, before any byte changes: the path
+policy (:mod:`steerlab.outputs`), the header's kind, version and identity, then every
+row (it decodes; the caller's ``check`` accepts it); only then is a torn last line from
+a kill cut off. New and reloaded rows both go through the codec's JSON round trip, so a
+fresh run and a resumed one get the same types.
 """
 
 from __future__ import annotations
@@ -182,12 +172,8 @@ class RowStore(Generic[R]):
     def _line(self, row: R) -> str:
         return json.dumps(self.codec.encode(row), ensure_ascii=False) + "\n"
 
-    # -- reading ----------------------------------------------------------------------------
     def __contains__(self, key: Hashable) -> bool:
         return key in self._rows
-
-    def __len__(self) -> int:
-        return len(self._rows)
 
     def get(self, key: Hashable) -> R | None:
         return self._rows.get(key)
@@ -196,7 +182,6 @@ class RowStore(Generic[R]):
         """Every row, in the order first stored (a row stored again keeps its place)."""
         return list(self._rows.values())
 
-    # -- writing ----------------------------------------------------------------------------
     @contextmanager
     def appending(self) -> Iterator[Callable[[R], R]]:
         """Yield ``put(row)``: appends and flushes one row, returns it as it reads back;
