@@ -37,16 +37,14 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from steerlab.directions import Direction
 from steerlab.errors import DirectionError, InterventionError
-
-if TYPE_CHECKING:
-    from steerlab.model import LoadedModel
+from steerlab.model import LoadedModel, model_fingerprint
 
 COMPONENTS = ("embed", "attn_out", "mlp_out")
 DEFAULT_CHUNK_ELEMENTS = 1 << 22  # 4M float32 values = 16 MiB of scratch per chunk
@@ -323,8 +321,6 @@ def orthogonalize(
         untied = True
     for target in targets:
         apply_edit(target, float(alpha), chunk_elements=chunk_elements)
-    from steerlab.model import model_fingerprint
-
     lm.fingerprint = model_fingerprint(lm.model)
     chosen_layers = tuple(sorted({t.layer for t in targets if t.layer is not None}))
     return OrthogonalizeResult(

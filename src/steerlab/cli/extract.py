@@ -13,6 +13,7 @@ from rich.table import Table
 
 from steerlab.cli.common import DTYPE_OPT, MODEL_ARG, console, error_console, load
 from steerlab.errors import DataError
+from steerlab.layer_spec import parse_layers
 from steerlab.outputs import output_dir
 
 OUT_OPT = typer.Option(..., "--out", "-o", help="Output folder.")
@@ -31,21 +32,6 @@ LAYERS_OPT = typer.Option("all", "--layers", help="all, a range like 8-16, or a 
 LIMIT_OPT = typer.Option(None, "--limit", help="Use at most this many prompts (pairs) per set.")
 BATCH_OPT = typer.Option(32, "--batch-size", help="Prompts per forward pass.")
 OVERWRITE_OPT = typer.Option(False, "--overwrite", help="Replace what a non-empty --out holds.")
-
-
-def parse_layers(text: str) -> list[int] | None:
-    """``all`` -> None; ``8-16`` -> 8..16; ``3,5,7`` -> [3, 5, 7]."""
-    text = text.strip()
-    if text in ("", "all"):
-        return None
-    layers: list[int] = []
-    try:
-        for part in text.split(","):
-            lo, sep, hi = part.strip().partition("-")
-            layers.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
-    except ValueError as exc:
-        raise DataError(f"Cannot read layers {text!r}; use all, 8-16 or 3,5,7.") from exc
-    return layers
 
 
 def _system(value: str | None) -> str | None:
@@ -113,7 +99,8 @@ def register(app: typer.Typer) -> None:
         from steerlab import extraction
 
         extraction.get_method(method)
-        chosen = parse_layers(layers)
+        parsed = parse_layers(layers)
+        chosen = None if parsed == "all" else list(parsed)
         pos_set, neg_set = _load_sets(positive, negative, split, limit)
         output_dir(out, overwrite=overwrite)  # before the model loads: fail fast
         lm = load(model, dtype)
@@ -182,7 +169,8 @@ def register(app: typer.Typer) -> None:
         from steerlab.prompts import load_prompts
 
         extraction.get_method(method)
-        chosen = parse_layers(layers)
+        parsed = parse_layers(layers)
+        chosen = None if parsed == "all" else list(parsed)
         pos_set, neg_set = _load_sets(positive, negative, None, limit)
         pos_test = load_prompts(positive_test, limit=limit) if positive_test else None
         neg_test = load_prompts(negative_test, limit=limit) if negative_test else None
