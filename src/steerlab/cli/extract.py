@@ -22,6 +22,7 @@ from steerlab.cli.common import (
 )
 from steerlab.errors import DataError
 from steerlab.layer_spec import parse_layers
+from steerlab.outputs import output_dir
 
 OUT_OPT = typer.Option(..., "--out", "-o", help="Output folder.")
 POSITIVE_OPT = typer.Option(None, "--positive", help="Positive prompt set: built-in name "
@@ -38,6 +39,7 @@ METHOD_OPT = typer.Option("diff_in_means", "--method", help="diff_in_means, pca 
 LAYERS_OPT = typer.Option("all", "--layers", help="all, a range like 8-16, or a list like 3,5,7.")
 LIMIT_OPT = typer.Option(None, "--limit", help="Use at most this many prompts (pairs) per set.")
 BATCH_OPT = typer.Option(32, "--batch-size", help="Prompts per forward pass.")
+OVERWRITE_OPT = typer.Option(False, "--overwrite", help="Replace what a non-empty --out holds.")
 
 
 
@@ -87,6 +89,7 @@ def register(app: typer.Typer) -> None:
                                  "direction."),
         limit: int | None = LIMIT_OPT,
         batch_size: int = BATCH_OPT,
+        overwrite: bool = OVERWRITE_OPT,
         dtype: str = DTYPE_OPT,
     ) -> None:
         """Extract a direction (one vector per layer) and save it to OUT as safetensors + JSON.
@@ -103,6 +106,7 @@ def register(app: typer.Typer) -> None:
         pos_set, neg_set = _load_sets(positive, negative, split, limit)
         sys_pos = read_system(system_positive, "--system-positive")
         sys_neg = read_system(system_negative, "--system-negative")
+        output_dir(out, overwrite=overwrite)  # before the model loads: fail fast
         lm = load(model, dtype)
         if pos_set is not None:
             total = len(pos_set) + len(neg_set)
@@ -154,6 +158,7 @@ def register(app: typer.Typer) -> None:
                                      "this one per layer."),
         limit: int | None = LIMIT_OPT,
         batch_size: int = BATCH_OPT,
+        overwrite: bool = OVERWRITE_OPT,
         dtype: str = DTYPE_OPT,
     ) -> None:
         """Layer-by-layer analysis: held-out Cohen's d, probe accuracy, cross-layer cosines.
@@ -181,6 +186,7 @@ def register(app: typer.Typer) -> None:
             total += len(pos_test or ()) + len(neg_test or ())
         if persona:
             total += 2 * len(extraction.persona_contrast("compliance", "train", limit=limit)[0])
+        output_dir(out, overwrite=overwrite)
         lm = load(model, dtype)
         with progress_bar("scanning", total) as advance:
             result = run_scan(
