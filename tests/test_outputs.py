@@ -18,7 +18,7 @@ from steerlab.cli import main
 from steerlab.errors import SteerlabError
 from steerlab.evaluate import OpenAIBackend, run_eval
 from steerlab.generate import generate
-from steerlab.outputs import OutputError
+from steerlab.outputs import OutputError, clear_run_dir
 from steerlab.prompts import Prompt
 from tests.openai_stub import OpenAIStub
 from tests.tiny import tiny_model
@@ -180,3 +180,24 @@ def test_artifact_modes_follow_the_umask_not_mkstemp(tmp_path: Path) -> None:
         assert stat.S_IMODE((tmp_path / "results.json").stat().st_mode) == 0o600
     finally:
         os.umask(old)
+
+
+def test_silent_overwrite_experiment_overwrite_clears_only_a_run_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--overwrite`` on an experiment deletes its run folder (cached steps included) but
+    never the working directory, one of its parents, or a git checkout."""
+    run = tmp_path / "work" / "run"
+    (run / "steps").mkdir(parents=True)
+    (run / "steps" / "baseline.json").write_text("{}")
+    (tmp_path / "work" / ".git").mkdir()
+    monkeypatch.chdir(run)
+    for refused in (run, tmp_path / "work", tmp_path):
+        with pytest.raises(OutputError, match="working directory or a git checkout"):
+            clear_run_dir(refused)
+    monkeypatch.chdir(tmp_path)
+    clear_run_dir(run)
+    assert not run.exists() and (tmp_path / "work" / ".git").is_dir()
+    clear_run_dir(run)  # a missing folder is nothing to clear
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="is a file"):
+        clear_run_dir(tmp_path / "file")

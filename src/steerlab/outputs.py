@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -72,4 +73,20 @@ def output_dir(path: str | Path, *, overwrite: bool = False, flag: str = "--out"
                       f"another {flag}.")
 
 
-__all__ = ["OutputError", "output_dir", "output_file"]
+def clear_run_dir(path: str | Path, flag: str = "--out") -> None:
+    """Delete run folder ``path`` for ``--overwrite`` (a run folder's cached steps would
+    otherwise be reused); refuses a folder that holds the working directory or a git
+    checkout, where a mistyped ``--out`` would delete the user's work."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise OutputError(f"{flag} {path} is a file; {flag} takes a folder here.")
+    here, target = Path.cwd().resolve(), path.resolve()
+    if target == here or target in here.parents or (target / ".git").exists():
+        raise OutputError(f"--overwrite would delete {path}, which holds the working directory "
+                          f"or a git checkout; choose a run folder of its own for {flag}.")
+    shutil.rmtree(target)
+
+
+__all__ = ["OutputError", "clear_run_dir", "output_dir", "output_file"]

@@ -17,6 +17,7 @@ from typing import Any
 import typer
 
 from steerlab.cli.common import DTYPE_OPT, MODEL_ARG, console, load
+from steerlab.outputs import clear_run_dir
 
 OUT_OPT = typer.Option(..., "--out", help="Run folder (resumes if it exists).")
 LIMIT_OPT = typer.Option(None, "--limit", help="Use the first N evaluation prompts.")
@@ -25,6 +26,9 @@ JUDGE_MODEL_OPT = typer.Option(None, "--judge-model", help="Judge model name.")
 CONFIG_OPT = typer.Option(None, "--config", help="YAML/JSON file of config overrides.")
 SEED_OPT = typer.Option(None, "--seed", help="Seed for random controls.")
 TOKENS_OPT = typer.Option(None, "--max-new-tokens", help="Greedy tokens per prompt.")
+OVERWRITE_OPT = typer.Option(
+    False, "--overwrite", help="Delete the run folder's earlier run and start over."
+)
 EVAL_OPT = typer.Option(
     None,
     "--eval-prompts",
@@ -42,13 +46,14 @@ def _shared_options(
     seed: int | None = SEED_OPT,
     max_new_tokens: int | None = TOKENS_OPT,
     eval_prompts: str | None = EVAL_OPT,
+    overwrite: bool = OVERWRITE_OPT,
     dtype: str = DTYPE_OPT,
 ) -> None:
     """The options every experiment command takes (its signature is all that is used)."""
 
 
 def _run(model: str, out: Path, dtype: str, module: str, config_file: Path | None,
-         eval_prompts: str | None, **overrides: Any) -> None:
+         eval_prompts: str | None, overwrite: bool, **overrides: Any) -> None:
     """Resolve the config, load the model, run the experiment, and print the findings."""
     experiment = importlib.import_module(f"steerlab.experiments.{module}").EXPERIMENT
     if eval_prompts is not None:
@@ -56,6 +61,8 @@ def _run(model: str, out: Path, dtype: str, module: str, config_file: Path | Non
     cfg = experiment.config.from_file(config_file, **overrides)
     if eval_prompts is not None and Path(eval_prompts).exists():
         cfg = cfg.model_copy(update={"eval_split": None})  # a user's file has no splits
+    if overwrite:
+        clear_run_dir(out)
     results = experiment.run(load(model, dtype), out, cfg)
     for finding in results["findings"]:
         color = {"reproduced": "green", "not reproduced": "red"}.get(finding["verdict"], "yellow")
@@ -90,8 +97,8 @@ def experiment_command(
         def command(**values: Any) -> None:
             given = {p.name: values.pop(p.name) for p in shared}
             _run(given["model"], given["out"], given["dtype"], module, given["config"],
-                 given["eval_prompts"], limit=given["limit"], judge_url=given["judge"],
-                 judge_model=given["judge_model"], seed=given["seed"],
+                 given["eval_prompts"], given["overwrite"], limit=given["limit"],
+                 judge_url=given["judge"], judge_model=given["judge_model"], seed=given["seed"],
                  max_new_tokens=given["max_new_tokens"], **own(**values))
 
         command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
