@@ -410,6 +410,13 @@ def test_cli_runs_an_experiment_on_a_model_folder(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exc:  # a bad setting is one clear line, exit code 2
         main(["experiment", "hydra", str(tmp_path / "model"), "--out", str(out), "--rounds", "0"])
     assert exc.value.code == 2
+    again = ["experiment", "hydra", str(tmp_path / "model"), "--out", str(out), "--rounds", "1",
+             "--limit", "2", "--config", str(config), "--dtype", "float32"]
+    with pytest.raises(SystemExit) as exc:  # other settings never resume this run folder
+        main(again)
+    assert exc.value.code == 2
+    main([*again, "--overwrite"])  # ...unless the user asks to start over
+    assert json.loads((out / "results.json").read_text())["n_rounds"] == 1
 
 
 def test_every_experiment_is_one_declared_experiment_behind_one_cli_path() -> None:
