@@ -57,6 +57,8 @@ def register(app: typer.Typer) -> None:
                                               "on N built-in capability items (0 = all)."),
         seed: int = typer.Option(0, "--seed"),
         out: Path = typer.Option(..., "--out", help="Run folder (resumes if it exists)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Start --out over instead of "
+                                       "resuming it (or write into a folder steerlab did not)."),
         dtype: str = DTYPE_OPT,
     ) -> None:
         """Evaluate a model (optionally steered) on a prompt set; write responses and summary."""
@@ -69,11 +71,13 @@ def register(app: typer.Typer) -> None:
             RefusalScorer,
             run_eval,
         )
+        from steerlab.evaluate.run import eval_dir
         from steerlab.interventions import parse_steer_args
         from steerlab.prompts import load_prompts
 
         prompt_set = load_prompts(prompts, split=split, limit=limit)
         specs = parse_steer_args(steer)
+        eval_dir(out, overwrite)  # a wrong --out fails before the model loads
         gen_backend: InProcessBackend | OpenAIBackend
         if backend == "inprocess":
             gen_backend = InProcessBackend(load(model, dtype), specs,
@@ -110,6 +114,7 @@ def register(app: typer.Typer) -> None:
                 baseline=baseline, kl_prompts=kl_set, kl_k=kl_tokens,
                 capability_limit=capability, seed=seed, progress=True,
                 extra_config={"prompts": {"source": prompts, "split": split, "limit": limit}},
+                overwrite=overwrite,
             )
         finally:
             if llm_judge is not None:

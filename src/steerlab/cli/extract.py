@@ -14,6 +14,7 @@ from rich.table import Table
 from steerlab.cli.common import DTYPE_OPT, MODEL_ARG, console, error_console, load
 from steerlab.errors import DataError
 from steerlab.layer_spec import parse_layers
+from steerlab.outputs import output_dir
 
 OUT_OPT = typer.Option(..., "--out", "-o", help="Output folder.")
 POSITIVE_OPT = typer.Option(None, "--positive", help="Positive prompt set: built-in name "
@@ -30,6 +31,7 @@ METHOD_OPT = typer.Option("diff_in_means", "--method", help="diff_in_means, pca 
 LAYERS_OPT = typer.Option("all", "--layers", help="all, a range like 8-16, or a list like 3,5,7.")
 LIMIT_OPT = typer.Option(None, "--limit", help="Use at most this many prompts (pairs) per set.")
 BATCH_OPT = typer.Option(32, "--batch-size", help="Prompts per forward pass.")
+OVERWRITE_OPT = typer.Option(False, "--overwrite", help="Replace what a non-empty --out holds.")
 
 
 def _system(value: str | None) -> str | None:
@@ -85,6 +87,7 @@ def register(app: typer.Typer) -> None:
                                  "direction."),
         limit: int | None = LIMIT_OPT,
         batch_size: int = BATCH_OPT,
+        overwrite: bool = OVERWRITE_OPT,
         dtype: str = DTYPE_OPT,
     ) -> None:
         """Extract a direction (one vector per layer) and save it to OUT as safetensors + JSON.
@@ -99,6 +102,7 @@ def register(app: typer.Typer) -> None:
         parsed = parse_layers(layers)
         chosen = None if parsed == "all" else list(parsed)
         pos_set, neg_set = _load_sets(positive, negative, split, limit)
+        output_dir(out, overwrite=overwrite)  # before the model loads: fail fast
         lm = load(model, dtype)
         if pos_set is not None:
             total = len(pos_set) + len(neg_set)
@@ -151,6 +155,7 @@ def register(app: typer.Typer) -> None:
                                      "this one per layer."),
         limit: int | None = LIMIT_OPT,
         batch_size: int = BATCH_OPT,
+        overwrite: bool = OVERWRITE_OPT,
         dtype: str = DTYPE_OPT,
     ) -> None:
         """Layer-by-layer analysis: held-out Cohen's d, probe accuracy, cross-layer cosines.
@@ -176,6 +181,7 @@ def register(app: typer.Typer) -> None:
             total += len(pos_test or ()) + len(neg_test or ())
         if persona:
             total += 2 * len(extraction.persona_contrast("compliance", "train", limit=limit)[0])
+        output_dir(out, overwrite=overwrite)
         lm = load(model, dtype)
         with progress_bar("scanning", total) as advance:
             result = run_scan(

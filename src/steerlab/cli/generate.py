@@ -51,13 +51,17 @@ def register(app: typer.Typer) -> None:
                                        "(halves on out-of-memory)."),
         allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help="Use directions "
                                             "made on a model with another fingerprint."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Start --out over instead of "
+                                       "resuming it (or replace a file steerlab did not write)."),
         dtype: str = DTYPE_OPT,
     ) -> None:
         """Generate chat responses (optionally steered), streamed to a resumable JSONL."""
         from steerlab.errors import DataError
         from steerlab.generate import generate as run
         from steerlab.interventions import parse_steer_args, resolve_specs
+        from steerlab.outputs import output_file
         from steerlab.prompts import load_prompts
+        from steerlab.rowstore import is_store
 
         specs = parse_steer_args(steer)  # parse before loading the model: fail fast on typos
         size: int | str = batch_size
@@ -67,12 +71,16 @@ def register(app: typer.Typer) -> None:
                                 f"{batch_size!r}.")
             size = int(batch_size)
         prompt_set = load_prompts(prompts, split=split, limit=limit)
+        # a wrong --out fails before the model loads (the run identity is checked after)
+        output_file(out, overwrite=overwrite, ours=lambda p: is_store(p, "generate"),
+                    what="steerlab generate")
         lm = load(model, dtype)
         specs = resolve_specs(specs, lm=lm, allow_mismatch=allow_mismatch)
         start = time.perf_counter()
         rows = run(lm, list(prompt_set), system=_system(system), steer=specs,
                    max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature,
-                   top_p=top_p, seed=seed, batch_size=size, out_jsonl=out, progress=True)
+                   top_p=top_p, seed=seed, batch_size=size, out_jsonl=out, progress=True,
+                   overwrite=overwrite)
         elapsed = time.perf_counter() - start
         reasons = Counter(r.finish_reason for r in rows)
         tokens = sum(r.n_new_tokens for r in rows)
