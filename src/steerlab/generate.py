@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from steerlab import steering
-from steerlab.chat import render
+from steerlab.chat import check_context, render
 from steerlab.decoding import decode_loop, prompt_generator, sampling_probs
 from steerlab.errors import DataError, SteerlabError
 from steerlab.interventions import Spec, resolve_specs, specs_to_json
@@ -248,6 +248,7 @@ def _as_rows(lm: LoadedModel, prompts: Iterable[Any], system: str | Sequence[str
             raise DataError(f"Prompt {index} is a {type(item).__name__}, not text or a Prompt.")
         rendered = render(lm.tokenizer, text, sys_prompt, chat_template=chat_template)
         ids = list(lm.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+        check_context(len(ids), lm.context_length, f"Prompt {index}")
         rows.append(_Row(index, text, sys_prompt, str(getattr(item, "id", "") or ""), ids, group))
     return rows
 
