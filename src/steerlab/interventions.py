@@ -46,6 +46,7 @@ import torch
 
 from steerlab.directions import Direction, DirectionMeta
 from steerlab.errors import InterventionError
+from steerlab.kernel_ablate import Kernel, KernelAblate
 
 if TYPE_CHECKING:
     from steerlab.model import LoadedModel
@@ -315,13 +316,15 @@ class Project:
         _check_source(self.source_layer)
 
 
-Spec: TypeAlias = "Add | Ablate | SubspaceAblate | Project"
+Spec: TypeAlias = "Add | Ablate | SubspaceAblate | Project | KernelAblate"
 SPEC_TYPES: dict[str, type] = {
     "add": Add,
     "ablate": Ablate,
     "subspace": SubspaceAblate,
     "project": Project,
+    "kernel_ablate": KernelAblate,
 }
+_SPEC_CLASSES = tuple(SPEC_TYPES.values())
 _OP_OF = {cls: op for op, cls in SPEC_TYPES.items()}
 
 
@@ -475,7 +478,7 @@ def resolve_specs(
     Each distinct reference is loaded once. With ``lm``, directions are
     checked against the model (d_model, layer count, fingerprint).
     """
-    items: list[Any] = [specs] if isinstance(specs, Add | Ablate | SubspaceAblate | Project) \
+    items: list[Any] = [specs] if isinstance(specs, _SPEC_CLASSES) \
         else list(specs)
     cache: dict[str, Direction] = {}
 
@@ -493,7 +496,7 @@ def resolve_specs(
 
     out: list[Spec] = []
     for spec in items:
-        if not isinstance(spec, Add | Ablate | SubspaceAblate | Project):
+        if not isinstance(spec, _SPEC_CLASSES):
             raise InterventionError(
                 f"Not an intervention spec: {type(spec).__name__}; use Add, Ablate, "
                 "SubspaceAblate or Project (or parse_steer for text)."
@@ -571,6 +574,8 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
             value = format_layers(value)
         elif f.name == "sites":
             value = list(value)
+        elif isinstance(value, Kernel):
+            value = value.to_list()
         out[f.name] = value
     return out
 
@@ -727,6 +732,8 @@ def _parse_source(source: str | None, text: str) -> int | None:
 def to_compact(spec: Spec) -> str:
     """The compact form of a spec whose directions are names or paths."""
     refs = spec_refs(spec)
+    if isinstance(spec, KernelAblate):
+        raise InterventionError("kernel_ablate specs have no compact form; use JSON.")
     if not all(isinstance(r, str) for r in refs):
         raise InterventionError(
             "Only specs whose directions are names or paths have a compact form; use "
@@ -807,6 +814,7 @@ __all__ = [
     "Add",
     "DirectionRef",
     "DirectionRegistry",
+    "KernelAblate",
     "Project",
     "Spec",
     "SubspaceAblate",

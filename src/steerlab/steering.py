@@ -35,6 +35,7 @@ from steerlab.errors import DirectionError, InterventionError
 from steerlab.interventions import (
     Ablate,
     Add,
+    KernelAblate,
     Project,
     Spec,
     SubspaceAblate,
@@ -336,6 +337,14 @@ def _compile(lm: LoadedModel, specs: list[Spec], plan: SteeringPlan) -> None:
                               " (give source_layer, DIR[L], to use one layer's)")
                 add("output", layer, _ProjectOp, f"{index}:project", spec.positions,
                     unit=_unit(vec, d.meta.name))
+        elif isinstance(spec, KernelAblate):
+            assert isinstance(spec.direction, Direction)
+            basis = spec.basis(spec.direction)
+            for kind, weights in spec.site_weights(n).items():
+                for layer, weight in enumerate(weights):
+                    if weight != 0.0:
+                        add(kind, layer, _SubspaceOp, f"{index}:kernel_ablate", spec.positions,
+                            basis=basis, basis_t=weight * basis.T.contiguous())
         else:  # pragma: no cover - resolve_specs rejects other types
             raise InterventionError(f"Not an intervention spec: {type(spec).__name__}.")
 
