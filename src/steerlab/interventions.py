@@ -324,7 +324,6 @@ SPEC_TYPES: dict[str, type] = {
     "project": Project,
     "kernel_ablate": KernelAblate,
 }
-_SPEC_CLASSES = tuple(SPEC_TYPES.values())
 _OP_OF = {cls: op for op, cls in SPEC_TYPES.items()}
 
 
@@ -478,8 +477,10 @@ def resolve_specs(
     Each distinct reference is loaded once. With ``lm``, directions are
     checked against the model (d_model, layer count, fingerprint).
     """
-    items: list[Any] = [specs] if isinstance(specs, _SPEC_CLASSES) \
+    items: list[Any] = (
+        [specs] if isinstance(specs, Add | Ablate | SubspaceAblate | Project | KernelAblate)
         else list(specs)
+    )
     cache: dict[str, Direction] = {}
 
     def one(ref: DirectionRef) -> Direction:
@@ -496,7 +497,7 @@ def resolve_specs(
 
     out: list[Spec] = []
     for spec in items:
-        if not isinstance(spec, _SPEC_CLASSES):
+        if not isinstance(spec, Add | Ablate | SubspaceAblate | Project | KernelAblate):
             raise InterventionError(
                 f"Not an intervention spec: {type(spec).__name__}; use Add, Ablate, "
                 "SubspaceAblate or Project (or parse_steer for text)."

@@ -8,7 +8,8 @@ sweep, orthogonalize, the exports). It differs from :class:`Ablate` in three way
   vectors of the two neighbouring layers are interpolated linearly, so the
   search can move between layers smoothly;
 - ``rank > 1`` removes a subspace instead: the interpolated vector plus the
-  unit vectors of the ``rank - 1`` layers nearest ``source``, orthonormalised
+  unit vectors of the ``rank - 1`` layers nearest ``source`` other than the two
+  it interpolates, orthonormalised
   by QR;
 - each layer's attention output and MLP output get their own weight ``w``,
   ``x ← x − w·QQᵀx``, read off a tent kernel
@@ -24,7 +25,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -126,14 +127,15 @@ class KernelAblate:
         object.__setattr__(self, "attn", _kernel(self.attn, "attn"))
         object.__setattr__(self, "mlp", _kernel(self.mlp, "mlp"))
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise InterventionError(f"kernel_ablate rank must be an integer ≥ 1; got {self.rank!r}.")
+            raise InterventionError(
+                f"kernel_ablate rank must be an integer ≥ 1; got {self.rank!r}.")
         if self.positions not in ("all", "prompt", "generated"):
             raise InterventionError(
                 f"Unknown positions {self.positions!r}; choose one of all, prompt, generated."
             )
 
     @property
-    def layers(self) -> str:
+    def layers(self) -> Literal["all"]:
         """Every layer may be hooked (the kernels decide the weights)."""
         return "all"
 
@@ -153,7 +155,7 @@ class KernelAblate:
         lo = max(layer for layer in layers if layer <= self.source)
         hi = min(layer for layer in layers if layer >= self.source)
         nearest = sorted(layers, key=lambda layer: (abs(layer - self.source), layer))
-        return lo, hi, nearest[:self.rank - 1]
+        return lo, hi, [layer for layer in nearest if layer not in (lo, hi)][:self.rank - 1]
 
     def basis(self, direction: Direction) -> torch.Tensor:
         """Orthonormal basis ``[d, k]`` of the ablated (sub)space read from ``direction``."""

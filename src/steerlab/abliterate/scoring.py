@@ -97,7 +97,7 @@ def make_scorer(judge_url: str | None, judge_model: str,
     if judge_url and classifier:
         raise EvaluationError("Give a judge or a classifier, not both.")
     if judge_url:
-        judge = Judge(judge_url, judge_model)
+        judge = Judge(judge_url, judge_model, max_retries=2, timeout=60.0)
         judge.check()
         return JudgeScorer(judge)
     if classifier:

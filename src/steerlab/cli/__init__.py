@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "eval",
     "extract",
     "experiment",
+    "abliterate",
 ]
 
 app = typer.Typer(
