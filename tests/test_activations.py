@@ -97,7 +97,7 @@ def test_layer_filter_and_negative_layers(tiny_qwen):
     full = mean_activations(tiny_qwen, PROMPTS[:2])
     torch.testing.assert_close(stats.mean[1], full.mean[2])
     with pytest.raises(DataError, match="out of range"):
-        resolve_layers(tiny_qwen, [3])
+        resolve_layers([3], tiny_qwen.n_layers)
 
 
 def test_layer_i_is_the_output_of_decoder_layer_i(tiny_qwen):

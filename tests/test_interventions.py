@@ -65,13 +65,13 @@ def test_parse_layers_with_model_size_expands_and_checks():
 
 
 def test_parse_layers_refuses_a_huge_range_before_expanding_it(monkeypatch):
-    from steerlab import interventions
+    from steerlab import layer_spec
 
     def no_expansion(*args):
         raise AssertionError(f"range{args} was expanded")
 
     # a range past the model (or past MAX_LAYERS) must fail before range() builds it
-    monkeypatch.setattr(interventions, "range", no_expansion, raising=False)
+    monkeypatch.setattr(layer_spec, "range", no_expansion, raising=False)
     with pytest.raises(InterventionError, match=r"'0-99999999999'.*model has 24 layers \(0-23\)"):
         parse_layers("0-99999999999", 24)
     with pytest.raises(InterventionError, match=r"'3-99999999999'.*below 1024 \(0-1023\)"):

@@ -27,6 +27,8 @@ from torch import nn
 
 from steerlab.chat import ChatBatch, encode, position_weights
 from steerlab.errors import DataError, SteerlabError
+from steerlab.layer_spec import resolve_layers
+from steerlab.layout_bound import is_layout_bound
 from steerlab.model import LoadedModel
 
 Progress = Callable[[int], None]
@@ -65,22 +67,6 @@ class ActivationStats:
 
 
 # -- plumbing ---------------------------------------------------------------------------------
-def resolve_layers(lm: LoadedModel, layers: Sequence[int] | None) -> tuple[int, ...]:
-    """Validate layer indices (negative counts from the end); None means all layers."""
-    if layers is None:
-        return tuple(range(lm.n_layers))
-    out = []
-    for layer in layers:
-        index = int(layer) + lm.n_layers if int(layer) < 0 else int(layer)
-        if not 0 <= index < lm.n_layers:
-            raise DataError(f"Layer {layer} is out of range: the model has {lm.n_layers} layers "
-                            f"(0-{lm.n_layers - 1}).")
-        out.append(index)
-    if not out:
-        raise DataError("No layers chosen; pass at least one layer index or None for all.")
-    return tuple(sorted(set(out)))
-
-
 def prompt_texts(prompts: Any) -> list[str]:
     """Plain strings from a list of strings or a PromptSet-like object (``.texts()``)."""
     texts = list(prompts.texts()) if hasattr(prompts, "texts") else list(prompts)
@@ -177,13 +163,9 @@ def shared_prefix_length(lm: LoadedModel, batch: ChatBatch, weights: torch.Tenso
     masks this path does not rebuild) and no steering that depends on the batch's
     layout is hooked: a position-dependent one reads its prompt/generation phase off
     the cache, which the shared prefix fills, and a row-masked one expects the batch's
-    rows (:func:`steerlab.steering.steer` marks both with a pre-hook on the backbone).
+    rows (:func:`steerlab.steering.steer` marks both in :mod:`steerlab.layout_bound`).
     """
-    if not full_attention_only(lm):
-        return 0
-    from steerlab.steering import backbone
-
-    if backbone(lm)._forward_pre_hooks:
+    if not full_attention_only(lm) or is_layout_bound(lm.model):
         return 0
     ids, mask, reads = batch.input_ids.cpu(), batch.attention_mask.cpu().bool(), weights.cpu()
     n_rows, width = ids.shape
@@ -292,7 +274,7 @@ def record_activations(
         >>> acts[3][0].shape                                        # doctest: +SKIP
         torch.Size([2, 17, 896])
     """
-    chosen = resolve_layers(lm, layers)
+    chosen = resolve_layers(layers, lm.n_layers)
     records: dict[int, list[torch.Tensor]] = {layer: [] for layer in chosen}
 
     def keep(layer: int, hidden: torch.Tensor) -> None:
@@ -402,7 +384,7 @@ def mean_activations(
         torch.Size([1, 896])
     """
     texts = prompt_texts(prompts)
-    chosen = resolve_layers(lm, layers)
+    chosen = resolve_layers(layers, lm.n_layers)
     rows = {layer: r for r, layer in enumerate(chosen)}
     running = _Running(len(chosen), lm.d_model, _stats_device(lm))
     raw = torch.empty(len(texts), len(chosen), lm.d_model) if keep_raw else None
@@ -453,7 +435,7 @@ def project_activations(
     and layer (what Cohen's d and sign tests need).
     """
     texts = prompt_texts(prompts)
-    resolve_layers(lm, direction.layers)
+    resolve_layers(direction.layers, lm.n_layers)
     chosen = tuple(direction.layers)
     units = {layer: direction.vector(layer, unit=True).double() for layer in chosen}
     out = torch.empty(len(texts), len(chosen), dtype=torch.float64)

@@ -37,3 +37,7 @@ class InterventionError(SteerlabError):
 
 class EvaluationError(SteerlabError):
     """An evaluation backend, judge or scorer failed in a way the user can fix."""
+
+
+class LayerError(InterventionError, DataError):
+    """A layer spec that cannot be read, or names layers the model does not have."""

@@ -18,7 +18,6 @@ on it, so raw vectors of different methods are comparable. Add a method with
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +28,8 @@ from steerlab.activations import ActivationStats, Progress, mean_activations, pr
 from steerlab.directions import Direction, stamp_meta
 from steerlab.errors import DataError, DirectionError
 from steerlab.model import LoadedModel
+from steerlab.prompts import load_prompts, persona_pairs
+from steerlab.separability import cohens_d, fit_probe, with_best_layer
 
 MethodFn = Callable[[ActivationStats, ActivationStats], torch.Tensor]
 TRAIT_AXES = ("evil_nurturing", "callous_supportive", "hostile_patient", "arrogant_diplomatic")
@@ -115,32 +116,6 @@ def logreg_probe(pos: ActivationStats, neg: ActivationStats) -> torch.Tensor:
     return _scale_to_mean_diff(torch.stack(units), pos, neg)
 
 
-@dataclass
-class Probe:
-    """A standardizing logistic-regression probe for one layer."""
-
-    coef_: Any
-    center_: Any
-    scale_: Any
-    model: Any
-
-    def predict(self, x: Any) -> Any:
-        return self.model.predict((x - self.center_) / self.scale_)
-
-
-def fit_probe(x: Any, y: Sequence[int], *, c: float = 1.0, seed: int = 0) -> Probe:
-    """Fit ``LogisticRegression`` on standardized ``x`` [n, d] (numpy) with labels ``y``."""
-    import numpy as np
-    from sklearn.linear_model import LogisticRegression
-
-    center = x.mean(axis=0)
-    scale = x.std(axis=0)
-    scale = np.where(scale > 1e-8, scale, 1.0)
-    model = LogisticRegression(C=c, max_iter=2000, random_state=seed)
-    model.fit((x - center) / scale, np.asarray(y))
-    return Probe(model.coef_, center, scale, model)
-
-
 # -- extraction -------------------------------------------------------------------------------
 def direction_from_stats(
     lm: LoadedModel,
@@ -225,8 +200,6 @@ def _set_name(prompts: Any) -> str:
 # -- built-in contrasts -----------------------------------------------------------------------
 def paired_split(split: str, limit: int | None = None) -> tuple[list[str], list[str]]:
     """(harmful, harmless) twins of the built-in ``paired`` set, aligned by pair_id."""
-    from steerlab.prompts import load_prompts
-
     harmful = {p.pair_id: p.prompt for p in load_prompts("paired", split=split, label="harmful")}
     harmless = {p.pair_id: p.prompt for p in load_prompts("paired", split=split, label="harmless")}
     ids = sorted(set(harmful) & set(harmless), key=str)[:limit]
@@ -274,8 +247,6 @@ def persona_contrast(
     round-robin (deterministic, every pair used about equally); ``None`` uses
     every pair with every question.
     """
-    from steerlab.prompts import load_prompts, persona_pairs
-
     if axis not in PERSONA_AXES:
         raise DataError(f"Unknown persona axis {axis!r}; choose one of {', '.join(PERSONA_AXES)}.")
     questions = load_prompts("neutral", split=split).texts()[:limit]
@@ -348,13 +319,7 @@ def _with_best_layer(
     system_positive: Sequence[str] | None, system_negative: Sequence[str] | None,
     held_out: str, position: str, batch_size: int, progress: Progress | None,
 ) -> Direction:
-    from steerlab.analysis import cohens_d  # analysis builds on extraction; import late
-
     d = cohens_d(lm, direction, positive, negative, position=position,
                  system_positive=system_positive, system_negative=system_negative,
                  batch_size=batch_size, progress=progress)
-    best = max(d, key=lambda layer: d[layer])
-    extra = {**direction.meta.extra, "cohens_d": {str(k): v for k, v in d.items()},
-             "best_layer_by": f"largest Cohen's d on held-out {held_out}"}
-    meta = dataclasses.replace(direction.meta, best_layer=best, extra=extra)
-    return Direction(direction.vectors, direction.layers, meta)
+    return with_best_layer(direction, d, f"largest Cohen's d on held-out {held_out}")

@@ -25,12 +25,17 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from steerlab.compilers import Sites, _SubspaceOp, register_compiler
 from steerlab.directions import Direction
 from steerlab.errors import InterventionError
+from steerlab.spec_types import spec_op
+
+if TYPE_CHECKING:
+    from steerlab.model import LoadedModel
 
 KERNEL_SITES = ("attn", "mlp")
 """The residual writers a kernel weighs: attention output and MLP output."""
@@ -75,21 +80,24 @@ class Kernel:
         return [self.peak, self.center, self.width, self.floor]
 
 
-def _kernel(value: Any, what: str) -> Kernel:
+def _kernel(value: Any, what: str) -> tuple[float, ...]:
+    """A kernel given as a Kernel, a mapping or [peak, center, width(, floor)], checked and
+    stored as the 4-tuple the JSON form writes."""
     if isinstance(value, Kernel):
-        return value
+        return tuple(value.to_list())
     if isinstance(value, dict):
         try:
-            return Kernel(**value)
+            return tuple(Kernel(**value).to_list())
         except TypeError as exc:
             raise InterventionError(f"Malformed {what} kernel {value!r}: {exc}.") from exc
     if isinstance(value, list | tuple) and len(value) in (3, 4):
-        return Kernel(*value)
+        return tuple(Kernel(*value).to_list())
     raise InterventionError(
         f"The {what} kernel must be [peak, center, width, floor] or a Kernel; got {value!r}."
     )
 
 
+@spec_op("kernel_ablate")
 @dataclass(frozen=True)
 class KernelAblate:
     """Ablate a (sub)space at each layer's attention and MLP outputs with kernel weights.
@@ -139,9 +147,13 @@ class KernelAblate:
         """Every layer may be hooked (the kernels decide the weights)."""
         return "all"
 
+    def kernel(self, site: str) -> Kernel:
+        """The ``attn`` or ``mlp`` kernel."""
+        return Kernel(*(self.attn if site == "attn" else self.mlp))
+
     def site_weights(self, n_layers: int) -> dict[str, list[float]]:
         """``{"attn": [w per layer], "mlp": [...]}`` on a model with ``n_layers`` layers."""
-        return {"attn": self.attn.weights(n_layers), "mlp": self.mlp.weights(n_layers)}
+        return {site: self.kernel(site).weights(n_layers) for site in KERNEL_SITES}
 
     def layers_used(self, direction: Direction) -> tuple[int, int, list[int]]:
         """(lower, upper neighbour of ``source``, extra basis layers) among the direction's
@@ -169,6 +181,18 @@ class KernelAblate:
         if not bool(keep.any()):
             raise InterventionError("The kernel_ablate direction is zero; nothing to ablate.")
         return q[:, keep].to(torch.float32)
+
+
+@register_compiler(KernelAblate)
+def _compile(spec: KernelAblate, lm: LoadedModel, sites: Sites, label: str) -> None:
+    """``x ← x − w·QQᵀx`` at each attention / MLP output whose kernel weight is not 0."""
+    assert isinstance(spec.direction, Direction)
+    basis = spec.basis(spec.direction)
+    for kind, weights in spec.site_weights(lm.n_layers).items():
+        for layer, weight in enumerate(weights):
+            if weight != 0.0:
+                sites.add_op(lm, kind, layer, _SubspaceOp, label, spec.positions,
+                             basis=basis, basis_t=weight * basis.T.contiguous())
 
 
 def _unit(direction: Direction, layer: int) -> torch.Tensor:

@@ -23,140 +23,29 @@ prompts. A forward without a cache counts as prompt.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from steerlab.directions import Direction
-from steerlab.errors import DirectionError, InterventionError
-from steerlab.interventions import (
-    Ablate,
-    Add,
-    KernelAblate,
-    Project,
-    Spec,
-    SubspaceAblate,
-    resolve_layers,
-    resolve_specs,
+from steerlab.chat import encode
+from steerlab.compilers import (
+    MEAN_NORMS_KEY,
+    _Op,
+    _Placed,
+    compile_specs,
+    orthonormal_basis,
 )
+from steerlab.directions import Direction
+from steerlab.errors import InterventionError
+from steerlab.layout_bound import layout_bound
+from steerlab.spec_resolution import resolve_specs
+from steerlab.spec_types import Spec
 
 if TYPE_CHECKING:
     from steerlab.model import LoadedModel
-
-MEAN_NORMS_KEY = "mean_norms"
-
-
-# -- tensors placed once per device/dtype ------------------------------------------------------
-class _Placed:
-    """A float32 tensor, copied to each (device, dtype) it meets exactly once.
-
-    Prepared at entry for the site's own device and dtype; a hook that sees
-    another place (e.g. accelerate moves inputs after our pre-hook) gets a
-    cached copy instead of a per-call transfer.
-    """
-
-    __slots__ = ("base", "copies")
-
-    def __init__(self, base: torch.Tensor, device: torch.device, dtype: torch.dtype) -> None:
-        self.base = base
-        self.copies: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {
-            (device, dtype): base.to(device=device, dtype=dtype)
-        }
-
-    def on(self, x: torch.Tensor) -> torch.Tensor:
-        key = (x.device, x.dtype)
-        found = self.copies.get(key)
-        if found is None:
-            found = self.copies[key] = self.base.to(device=x.device, dtype=x.dtype)
-        return found
-
-    @property
-    def places(self) -> list[tuple[torch.device, torch.dtype]]:
-        return list(self.copies)
-
-
-class _Op:
-    """One spec's action at one site: ``x ← x + m·delta(x)`` gated by phase and rows."""
-
-    kind = "op"
-
-    def __init__(self, positions: str, rows: _Placed | None, label: str) -> None:
-        self.positions = positions
-        self.rows = rows
-        self.label = label
-
-    def tensors(self) -> list[_Placed]:
-        return []
-
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def __call__(self, x: torch.Tensor, phase: str) -> torch.Tensor:
-        if self.positions != "all" and self.positions != phase:
-            return x
-        change = self.delta(x)
-        if self.rows is not None:
-            mask = self.rows.on(x)
-            if mask.shape[0] != x.shape[0]:
-                raise InterventionError(
-                    f"row_mask has {mask.shape[0]} rows but the batch has {x.shape[0]}; give one "
-                    "flag per batch row (and call select_rows when a loop drops finished rows)."
-                )
-            change = change * mask
-        return x + change
-
-
-class _AddOp(_Op):
-    kind = "add"
-
-    def __init__(self, vector: _Placed, **kw: Any) -> None:
-        super().__init__(**kw)
-        self.vector = vector
-
-    def tensors(self) -> list[_Placed]:
-        return [self.vector]
-
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        return self.vector.on(x).expand_as(x)
-
-
-class _ProjectOp(_Op):
-    kind = "project"
-
-    def __init__(self, unit: _Placed, **kw: Any) -> None:
-        super().__init__(**kw)
-        self.unit = unit
-
-    def tensors(self) -> list[_Placed]:
-        return [self.unit]
-
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        v = self.unit.on(x)
-        return -(x @ v).unsqueeze(-1) * v
-
-    def __call__(self, x: torch.Tensor, phase: str) -> torch.Tensor:
-        if self.rows is None and (self.positions == "all" or self.positions == phase):
-            v = self.unit.on(x)
-            return x - (x @ v).unsqueeze(-1) * v  # the hot path: two small kernels
-        return super().__call__(x, phase)
-
-
-class _SubspaceOp(_Op):
-    kind = "subspace"
-
-    def __init__(self, basis: _Placed, basis_t: _Placed, **kw: Any) -> None:
-        super().__init__(**kw)
-        self.basis, self.basis_t = basis, basis_t
-
-    def tensors(self) -> list[_Placed]:
-        return [self.basis, self.basis_t]
-
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        return -((x @ self.basis.on(x)) @ self.basis_t.on(x))
-
 
 # -- the plan ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -219,6 +108,23 @@ class SteeringPlan:
             placed.base = placed.base[index]
             placed.copies = {k: v[index.to(v.device)] for k, v in placed.copies.items()}
 
+    def add_op(self, lm: LoadedModel, kind: str, layer: int, make: Callable[..., _Op],
+               label: str, positions: str, **tensors: torch.Tensor) -> None:
+        """Add one op at site ``(kind, layer)``, its tensors copied to the site's place."""
+        site = (kind, layer)
+        if site not in self.modules:
+            module = _site_module(lm, kind, layer)
+            self.modules[site] = module
+            self.places[site] = _place_of(module, lm.layout.layers[layer], lm.dtype)
+            self.ops[site] = []
+        place = self.places[site]
+        rows = None
+        if self.row_mask is not None:
+            rows = _Placed(self.row_mask.to(torch.float32).view(-1, 1, 1), *place)
+            self._rows.append(rows)
+        placed = {k: _Placed(v, *place) for k, v in tensors.items()}
+        self.ops[site].append(make(positions=positions, rows=rows, label=label, **placed))
+
     def apply(self, site: tuple[str, int], x: torch.Tensor) -> torch.Tensor:
         phase = self.phase
         for op in self.ops[site]:
@@ -240,125 +146,6 @@ def _site_module(lm: LoadedModel, kind: str, layer: int) -> nn.Module:
     if kind in ("input", "output"):
         return layout.layers[layer]
     return (layout.attn_residual if kind == "attn" else layout.mlp_residual)[layer]
-
-
-def _vector(direction: Direction, layer: int | None, why: str) -> torch.Tensor:
-    try:
-        return direction.vector(layer).detach().to("cpu", torch.float32)
-    except DirectionError as exc:
-        raise InterventionError(f"{why}: {exc}") from exc
-
-
-def _unit(vec: torch.Tensor, name: str) -> torch.Tensor:
-    norm = vec.norm()
-    if not torch.isfinite(norm) or float(norm) < 1e-12:
-        raise InterventionError(
-            f"Direction {name!r} has a zero or non-finite vector; cannot use its unit vector."
-        )
-    return vec / norm
-
-
-def orthonormal_basis(vectors: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
-    """Orthonormal basis ``[d, k]`` of the rows of ``vectors`` by QR; dependent rows dropped."""
-    mat = vectors.to(torch.float64).T
-    q, r = torch.linalg.qr(mat)
-    diag = r.diagonal().abs()
-    keep = diag > tol * float(diag.max().clamp_min(1e-30))
-    if not bool(keep.any()):
-        raise InterventionError("The subspace directions are all zero; nothing to ablate.")
-    return q[:, keep].to(torch.float32)
-
-
-def _compile(lm: LoadedModel, specs: list[Spec], plan: SteeringPlan) -> None:
-    """Turn resolved specs into per-site ops, every tensor already on its site's place."""
-    n = lm.n_layers
-
-    def rows_for(place: tuple[torch.device, torch.dtype]) -> _Placed | None:
-        if plan.row_mask is None:
-            return None
-        placed = _Placed(plan.row_mask.to(torch.float32).view(-1, 1, 1), *place)
-        plan._rows.append(placed)
-        return placed
-
-    def add(kind: str, layer: int, make: Callable[..., _Op], label: str, positions: str,
-            **tensors: torch.Tensor) -> None:
-        site = (kind, layer)
-        if site not in plan.modules:
-            module = _site_module(lm, kind, layer)
-            plan.modules[site] = module
-            plan.places[site] = _place_of(module, lm.layout.layers[layer], lm.dtype)
-            plan.ops[site] = []
-        place = plan.places[site]
-        placed = {k: _Placed(v, *place) for k, v in tensors.items()}
-        plan.ops[site].append(make(positions=positions, rows=rows_for(place), label=label,
-                                   **placed))
-
-    for index, spec in enumerate(specs):
-        targets = resolve_layers(spec.layers, n)
-        if isinstance(spec, Add):
-            d = spec.direction
-            assert isinstance(d, Direction)
-            for layer in targets:
-                src = layer if spec.source_layer is None else spec.source_layer
-                vec = _vector(d, src, f"add at layer {layer} uses layer {src}'s vector (give "
-                              "source_layer, DIR[L] in the compact form, to use one layer's)")
-                if spec.scale == "unit":
-                    vec = _unit(vec, d.meta.name)
-                elif spec.scale == "mean_norm":
-                    vec = _unit(vec, d.meta.name) * _mean_norm(d, layer)
-                add("output", layer, _AddOp, f"{index}:add", spec.positions,
-                    vector=spec.alpha * vec)
-        elif isinstance(spec, Ablate):
-            d = spec.direction
-            assert isinstance(d, Direction)
-            unit = _unit(_vector(d, spec.source_layer, "ablate needs one vector"), d.meta.name)
-            for layer in targets:
-                for kind in spec.sites:
-                    add(kind, layer, _ProjectOp, f"{index}:ablate", spec.positions, unit=unit)
-        elif isinstance(spec, SubspaceAblate):
-            rows: list[torch.Tensor] = []
-            for d in spec.directions:
-                assert isinstance(d, Direction)
-                src_layers: Iterable[int | None] = (
-                    (None,) if spec.source_layers is None else spec.source_layers
-                )
-                rows.extend(_vector(d, s, "subspace basis") for s in src_layers)
-            basis = orthonormal_basis(torch.stack(rows))
-            for layer in targets:
-                for kind in spec.sites:
-                    add(kind, layer, _SubspaceOp, f"{index}:subspace", spec.positions,
-                        basis=basis, basis_t=basis.T.contiguous())
-        elif isinstance(spec, Project):
-            d = spec.direction
-            assert isinstance(d, Direction)
-            for layer in targets:
-                src = layer if spec.source_layer is None else spec.source_layer
-                vec = _vector(d, src, f"project at layer {layer} uses layer {src}'s vector"
-                              " (give source_layer, DIR[L], to use one layer's)")
-                add("output", layer, _ProjectOp, f"{index}:project", spec.positions,
-                    unit=_unit(vec, d.meta.name))
-        elif isinstance(spec, KernelAblate):
-            assert isinstance(spec.direction, Direction)
-            basis = spec.basis(spec.direction)
-            for kind, weights in spec.site_weights(n).items():
-                for layer, weight in enumerate(weights):
-                    if weight != 0.0:
-                        add(kind, layer, _SubspaceOp, f"{index}:kernel_ablate", spec.positions,
-                            basis=basis, basis_t=weight * basis.T.contiguous())
-        else:  # pragma: no cover - resolve_specs rejects other types
-            raise InterventionError(f"Not an intervention spec: {type(spec).__name__}.")
-
-
-def _mean_norm(direction: Direction, layer: int) -> float:
-    norms = direction.meta.extra.get(MEAN_NORMS_KEY) or {}
-    value = norms.get(str(layer), norms.get(layer)) if isinstance(norms, dict) else None
-    if value is None:
-        raise InterventionError(
-            f"scale='mean_norm' needs the mean activation norm at layer {layer}, which direction "
-            f"{direction.meta.name!r} does not carry; make it with "
-            "steerlab.steering.with_mean_norms(direction, lm, prompts) (or use scale='unit')."
-        )
-    return float(value)
 
 
 # -- hooks -------------------------------------------------------------------------------------
@@ -443,26 +230,26 @@ def steer(
                 f"{mask.dtype} and shape {tuple(mask.shape)}."
             )
     plan = SteeringPlan(resolved, mask)
-    _compile(lm, resolved, plan)
+    compile_specs(lm, resolved, plan)
+    layout = plan.needs_phase or mask is not None
     handles: list[torch.utils.hooks.RemovableHandle] = []
-    try:
-        if plan.needs_phase or mask is not None:
-            # Also for row masks: a backbone pre-hook tells batch-reshaping fast paths
-            # (shared-prefix reads) that this steering depends on the batch's layout.
-            handles.append(backbone(lm).register_forward_pre_hook(_phase_hook(plan),
-                                                                   with_kwargs=True))
-        for site, module in plan.modules.items():
-            if site[0] == "input":
-                handles.append(module.register_forward_pre_hook(_input_hook(plan, site),
-                                                                with_kwargs=True))
-            else:
-                handles.append(module.register_forward_hook(_output_hook(plan, site)))
-        plan.n_hooks = len(handles)
-        yield plan
-    finally:
-        for handle in handles:
-            handle.remove()
-        plan.n_hooks = 0
+    with layout_bound(lm.model) if layout else nullcontext():
+        try:
+            if plan.needs_phase:
+                handles.append(backbone(lm).register_forward_pre_hook(_phase_hook(plan),
+                                                                       with_kwargs=True))
+            for site, module in plan.modules.items():
+                if site[0] == "input":
+                    handles.append(module.register_forward_pre_hook(_input_hook(plan, site),
+                                                                    with_kwargs=True))
+                else:
+                    handles.append(module.register_forward_hook(_output_hook(plan, site)))
+            plan.n_hooks = len(handles)
+            yield plan
+        finally:
+            for handle in handles:
+                handle.remove()
+            plan.n_hooks = 0
 
 
 def check_specs(lm: LoadedModel, specs: Spec | Iterable[Spec]) -> None:
@@ -470,7 +257,7 @@ def check_specs(lm: LoadedModel, specs: Spec | Iterable[Spec]) -> None:
     layer out of range, wrong width), hooking nothing: for commands that should fail
     before they spend compute or create a run folder."""
     resolved = resolve_specs(specs, lm=lm)
-    _compile(lm, resolved, SteeringPlan(resolved, None))
+    compile_specs(lm, resolved, SteeringPlan(resolved, None))
 
 
 def first_hooked_layer(lm: LoadedModel, specs: Spec | Iterable[Spec]) -> int:
@@ -479,7 +266,7 @@ def first_hooked_layer(lm: LoadedModel, specs: Spec | Iterable[Spec]) -> int:
     :mod:`steerlab.shared_prefill` computes once for every condition over a prompt."""
     resolved = resolve_specs(specs, lm=lm)
     plan = SteeringPlan(resolved, None)
-    _compile(lm, resolved, plan)
+    compile_specs(lm, resolved, plan)
     return min((layer for _kind, layer in plan.ops), default=lm.n_layers)
 
 
@@ -499,8 +286,6 @@ def with_mean_norms(
     """``direction`` with ``meta.extra["mean_norms"]``: the mean norm of each layer's
     output over the prompt tokens of ``prompts``, so ``Add(scale="mean_norm")``
     can express α as a fraction of a typical activation."""
-    from steerlab.chat import encode
-
     if not prompts:
         raise InterventionError("with_mean_norms needs at least one prompt.")
     totals = torch.zeros(lm.n_layers, dtype=torch.float64)

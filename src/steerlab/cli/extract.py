@@ -13,6 +13,7 @@ from rich.table import Table
 
 from steerlab.cli.common import DTYPE_OPT, MODEL_ARG, console, error_console, load
 from steerlab.errors import DataError
+from steerlab.layer_spec import parse_layers
 
 OUT_OPT = typer.Option(..., "--out", "-o", help="Output folder.")
 POSITIVE_OPT = typer.Option(None, "--positive", help="Positive prompt set: built-in name "
@@ -29,21 +30,6 @@ METHOD_OPT = typer.Option("diff_in_means", "--method", help="diff_in_means, pca 
 LAYERS_OPT = typer.Option("all", "--layers", help="all, a range like 8-16, or a list like 3,5,7.")
 LIMIT_OPT = typer.Option(None, "--limit", help="Use at most this many prompts (pairs) per set.")
 BATCH_OPT = typer.Option(32, "--batch-size", help="Prompts per forward pass.")
-
-
-def parse_layers(text: str) -> list[int] | None:
-    """``all`` -> None; ``8-16`` -> 8..16; ``3,5,7`` -> [3, 5, 7]."""
-    text = text.strip()
-    if text in ("", "all"):
-        return None
-    layers: list[int] = []
-    try:
-        for part in text.split(","):
-            lo, sep, hi = part.strip().partition("-")
-            layers.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
-    except ValueError as exc:
-        raise DataError(f"Cannot read layers {text!r}; use all, 8-16 or 3,5,7.") from exc
-    return layers
 
 
 def _system(value: str | None) -> str | None:
@@ -110,7 +96,8 @@ def register(app: typer.Typer) -> None:
         from steerlab import extraction
 
         extraction.get_method(method)
-        chosen = parse_layers(layers)
+        parsed = parse_layers(layers)
+        chosen = None if parsed == "all" else list(parsed)
         pos_set, neg_set = _load_sets(positive, negative, split, limit)
         lm = load(model, dtype)
         if pos_set is not None:
@@ -177,7 +164,8 @@ def register(app: typer.Typer) -> None:
         from steerlab.prompts import load_prompts
 
         extraction.get_method(method)
-        chosen = parse_layers(layers)
+        parsed = parse_layers(layers)
+        chosen = None if parsed == "all" else list(parsed)
         pos_set, neg_set = _load_sets(positive, negative, None, limit)
         pos_test = load_prompts(positive_test, limit=limit) if positive_test else None
         neg_test = load_prompts(negative_test, limit=limit) if negative_test else None

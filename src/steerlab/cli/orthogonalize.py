@@ -10,31 +10,7 @@ import typer
 
 from steerlab.cli.common import DTYPE_OPT, MODEL_ARG, console, error_console, load
 from steerlab.errors import InterventionError
-
-
-def parse_layers(text: str | None, n_layers: int) -> list[int] | None:
-    """``None``/"all" → None (every layer); "3,5,9" and "12-18" (inclusive) → a list."""
-    if text is None or text.strip().lower() == "all":
-        return None
-    layers: set[int] = set()
-    try:
-        for part in text.split(","):
-            part = part.strip()
-            if "-" in part:
-                lo, hi = (int(x) for x in part.split("-", 1))
-                layers.update(range(lo, hi + 1))
-            elif part:
-                layers.add(int(part))
-    except ValueError as exc:
-        raise InterventionError(
-            f"Cannot read layers {text!r}; use 'all', a list like 3,5,9 or a range like 12-18."
-        ) from exc
-    bad = sorted(i for i in layers if not 0 <= i < n_layers)
-    if bad or not layers:
-        raise InterventionError(
-            f"Layers {bad or text!r} are out of range: the model has layers 0-{n_layers - 1}."
-        )
-    return sorted(layers)
+from steerlab.layer_spec import parse_layers
 
 
 def register(app: typer.Typer) -> None:
@@ -78,7 +54,8 @@ def register(app: typer.Typer) -> None:
         check_format(fmt)
         lm = load(model, dtype)
         vec = Direction.load(direction, lm, allow_mismatch=allow_mismatch)
-        chosen = parse_layers(layers, lm.n_layers)
+        whole = parse_layers(layers) == "all"
+        chosen = None if whole else list(parse_layers(layers, lm.n_layers))
         comps = tuple(c.strip() for c in components.split(",") if c.strip())
         if fmt == "gguf-cvec":
             if scale not in ("raw", "unit"):
