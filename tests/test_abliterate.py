@@ -272,8 +272,8 @@ def test_an_unreachable_judge_is_one_clear_error():
 # -- the real embedded model -----------------------------------------------------------------
 @pytest.mark.real
 def test_real_search_lowers_validation_refusal(real_lm, tmp_path):
-    config = AbliterateConfig(trials=3, startup_trials=3, train_limit=32, harmful_val_limit=8,
-                              harmless_val_limit=8, over_refusal_limit=0, max_new_tokens=16,
+    config = AbliterateConfig(trials=2, startup_trials=2, train_limit=16, harmful_val_limit=8,
+                              harmless_val_limit=4, over_refusal_limit=0, max_new_tokens=12,
                               positions=["last"], evaluate=False)
     result = abliterate(real_lm, tmp_path / "run", config)
     assert result.baseline.refusals > 0
