@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,12 +12,13 @@ from peft import PeftModel
 from steerlab.cli import main
 from steerlab.directions import Direction
 from steerlab.export import ExportError, edit_record, export_hf, load_edited
+from steerlab.generate import generate
 from steerlab.interventions import specs_to_json
 from steerlab.kernel_ablate import KernelAblate
 from steerlab.kernel_export import export_kernel
 from steerlab.orthogonalize import orthogonalize_spec
 from steerlab.steering import steer
-from tests.tiny import tiny_model
+from tests.tiny import save_tiny, tiny_model
 
 IDS = torch.tensor([[5, 9, 14, 3, 22, 7, 11]])
 
@@ -68,3 +70,25 @@ def test_cli_orthogonalize_takes_the_abliterate_spec(tmp_path: Path, capsys):
     assert "cannot remove" in " ".join(capsys.readouterr().err.split())
     with pytest.raises(ExportError, match="cannot"):
         export_kernel(lm, spec, tmp_path / "x", "gguf-cvec")
+
+
+def test_generate_and_eval_take_the_spec_file(tmp_path: Path):
+    lm = tiny_model("qwen2")
+    model_dir = save_tiny(lm, tmp_path / "model")
+    spec = KernelAblate(direction(lm), 1.5, [1.4, 1.0, 1.0, 0.5], [1.2, 2.0, 1.0, 0.0])
+    (tmp_path / "spec.json").write_text(specs_to_json([spec]))
+    (tmp_path / "p.txt").write_text("hello world\na red car\n")
+    main(["generate", str(model_dir), "--prompts", str(tmp_path / "p.txt"), "--steer",
+          str(tmp_path / "spec.json"), "--out", str(tmp_path / "g.jsonl"), "--dtype", "float32",
+          "--max-new-tokens", "6"])
+    rows = [line for line in (tmp_path / "g.jsonl").read_text().splitlines() if line]
+    got = sorted(json.loads(r)["response"] for r in rows)
+    want = sorted(g.response for g in generate(lm, ["hello world", "a red car"], steer=[spec],
+                                               max_new_tokens=6))
+    plain = sorted(g.response for g in generate(lm, ["hello world", "a red car"],
+                                                max_new_tokens=6))
+    assert got == want and got != plain
+    main(["eval", str(model_dir), "--prompts", str(tmp_path / "p.txt"), "--steer",
+          str(tmp_path / "spec.json"), "--out", str(tmp_path / "ev"), "--dtype", "float32",
+          "--max-new-tokens", "6"])
+    assert (tmp_path / "ev").is_dir()
