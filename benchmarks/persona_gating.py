@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from steerlab.experiments.config import PersonaGatingConfig
-from steerlab.experiments.persona_gating import cost_parts, run_persona_gating
+from steerlab.experiments.persona_gating import run_persona_gating
+from steerlab.experiments.timings import cost_parts
 from steerlab.model import load_model
 
 

@@ -467,7 +467,8 @@ def test_kl_conditions_share_a_baseline_per_system_prompt_and_match_kl_report(
 ) -> None:
     from steerlab.directions import stamp_meta
     from steerlab.evaluate import kl_report
-    from steerlab.experiments.runner import Condition, Runner, kl_conditions
+    from steerlab.experiments.measure import kl_conditions
+    from steerlab.experiments.runner import Condition, Runner
     from steerlab.interventions import Add
     from steerlab.prompts import Prompt, PromptSet
 

@@ -269,7 +269,7 @@ def test_evaluation_on_the_validation_split_is_refused_before_any_work(tmp_path:
 
 
 def test_restored_share_aligns_rows_by_prompt_and_pools_seeds() -> None:
-    from steerlab.experiments.persona_gating import _restored
+    from steerlab.experiments.persona_gating.results import _restored
 
     def rows(refusing: set[int], order: list[int]) -> list[dict]:
         return [{"prompt_id": f"p{i}", "outcome": "refusal" if i in refusing else "bypass"}
@@ -314,7 +314,9 @@ def test_the_grid_choice_takes_the_smallest_strength_within_the_tolerance() -> N
 
 
 def test_harmless_for_steering_keeps_only_the_steering_conditions() -> None:
-    from steerlab.experiments.persona_gating import _harmless_conditions
+    from steerlab.experiments.persona_gating.conditions import (
+        harmless_conditions as _harmless_conditions,
+    )
     from steerlab.experiments.runner import Condition
 
     names = ("baseline", "persona_system_prompt", "persona_steer", "random_steer/s0",

@@ -91,8 +91,7 @@ from steerlab.orthogonalize import OrthogonalizeResult, orthogonalize
 from steerlab.plots import save_scan_plots
 from steerlab.prompts import Prompt, PromptSet, builtin_sets, load_prompts, persona_pairs
 from steerlab.steering import steer
-
-__version__ = "0.1.0"
+from steerlab.version import __version__
 
 __all__ = [
     "ARCHITECTURES",

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from steerlab.chat import ChatBatch, encode, position_weights
+from steerlab.decoding import forward_step
 from steerlab.errors import DataError, SteerlabError
 from steerlab.layer_spec import resolve_layers
 from steerlab.layout_bound import is_layout_bound
@@ -205,8 +206,6 @@ def forward_sharing_prefix(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tenso
     """:func:`run_until_stop_sharing_prefix` on left-padded ``ids``/``mask`` into ``cache``
     (``shared`` may be 0: one plain pass). The cache then holds the prefix followed by
     each row's left-padded rest, up to the deepest layer a ``stop_after`` hook read."""
-    from steerlab.decoding import forward_step
-
     n_rows, width = ids.shape
     if shared:
         start = width - int(mask[0].sum())

@@ -17,7 +17,13 @@ from steerlab.activations import Progress, mean_activations, prompt_texts
 from steerlab.directions import Direction
 from steerlab.errors import DataError
 from steerlab.evaluate.stats import wilson_ci as wilson
-from steerlab.extraction import direction_from_stats, get_method, paired_split, persona_direction
+from steerlab.extraction import (
+    direction_from_stats,
+    get_method,
+    paired_split,
+    persona_direction,
+    set_name,
+)
 from steerlab.layer_spec import resolve_layers
 from steerlab.model import LoadedModel
 from steerlab.selection import (
@@ -124,9 +130,9 @@ def scan(
             pos_train, neg_train = pos_all, neg_all
             pos_test = prompt_texts(positive_test)[:limit]
             neg_test = prompt_texts(negative_test)[:limit]
-        datasets = {"positive": _name(positive), "negative": _name(negative),
-                    "positive_test": _name(positive_test, "held out of positive"),
-                    "negative_test": _name(negative_test, "held out of negative")}
+        datasets = {"positive": set_name(positive), "negative": set_name(negative),
+                    "positive_test": set_name(positive_test, "held out of positive"),
+                    "negative_test": set_name(negative_test, "held out of negative")}
     get_method(method)
     chosen = resolve_layers(layers, lm.n_layers)
     collect: dict[str, Any] = dict(layers=chosen, position=position, batch_size=batch_size,
@@ -162,13 +168,6 @@ def scan(
         cosine_matrix=cosine_matrix(direction).tolist(), best_layer=best,
         refusal_persona_cosine=persona_cos, direction=direction,
     )
-
-
-def _name(prompts: Any, default: str = "") -> str:
-    if prompts is None:
-        return default
-    return str(getattr(prompts, "name", "") or getattr(prompts, "source", "") or
-               f"{len(prompt_texts(prompts))} prompts")
 
 
 __all__ = [

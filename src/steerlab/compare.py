@@ -32,14 +32,18 @@ import numpy as np
 import torch
 
 from steerlab._atomic import atomic_open, write_json, write_text
+from steerlab.chat import render
 from steerlab.errors import EvaluationError
 from steerlab.evaluate.backends import InProcessBackend
-from steerlab.evaluate.capability import capability_eval
-from steerlab.evaluate.kl import step_logprobs
+from steerlab.evaluate.capability import capability_eval, capability_items
+from steerlab.evaluate.kl import kl_from_logprobs, step_logprobs, steps_until_eos
 from steerlab.evaluate.outcome import outcome
 from steerlab.evaluate.perplexity import nll_report
 from steerlab.evaluate.refusal import is_refusal
 from steerlab.evaluate.stats import mcnemar, mean_summary, paired_bootstrap, rate_summary
+from steerlab.export import load_edited
+from steerlab.generate import eos_ids
+from steerlab.prompts import load_prompts
 
 if TYPE_CHECKING:
     from steerlab.model import LoadedModel
@@ -69,9 +73,6 @@ class _Reference:
 
 
 def _prompts(cfg: CompareConfig) -> dict[str, list[Any]]:
-    from steerlab.evaluate.capability import capability_items
-    from steerlab.prompts import load_prompts
-
     return {
         "harmful": list(load_prompts(cfg.harmful, split=cfg.split, limit=cfg.limit)),
         "harmless": list(load_prompts(cfg.harmless, split=cfg.split, limit=cfg.limit)),
@@ -86,8 +87,6 @@ def evaluate_model(
     reference: _Reference | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], _Reference]:
     """All measures for one model. Returns (measures, rows, this model's KL reference)."""
-    from steerlab.chat import render
-
     backend = InProcessBackend(lm, (), max_new_tokens=cfg.max_new_tokens,
                                batch_size=cfg.batch_size)
     rows: list[dict[str, Any]] = []
@@ -111,7 +110,7 @@ def evaluate_model(
     text_nll = [t["nll"] for t in nll["per_text"]]
     harmless = [p.prompt for p in prompts["harmless"]]
     mine = _Reference([], [])
-    eos = _eos_ids(lm)
+    eos = eos_ids(lm)
     kl_first: list[float] = []
     kl_mean: list[float] = []
     for i, start in enumerate(range(0, len(harmless), cfg.batch_size)):
@@ -121,10 +120,10 @@ def evaluate_model(
         mine.logprobs.append(lp)
         mine.tokens.append(toks)
         base = reference.logprobs[i] if reference is not None else lp
-        kl = (base.exp() * (base - lp)).sum(-1).clamp_min(0.0)  # [B, k]
+        kl = kl_from_logprobs(base, lp)  # [B, k]
         fed = forced if forced is not None else toks
         kl_first += kl[:, 0].tolist()
-        kl_mean += [float(row[: _steps_until_eos(t, eos)].mean()) for row, t in zip(kl, fed,
+        kl_mean += [float(row[: steps_until_eos(t, eos)].mean()) for row, t in zip(kl, fed,
                                                                                  strict=True)]
     measures = {
         "refusal_harmful": rate_summary(flags["harmful"]),
@@ -142,25 +141,6 @@ def evaluate_model(
     return measures, rows, mine
 
 
-def _eos_ids(lm: LoadedModel) -> set[int]:
-    ids: set[int] = set()
-    for source in (lm.tokenizer.eos_token_id,
-                   getattr(lm.model.generation_config, "eos_token_id", None)):
-        if isinstance(source, int):
-            ids.add(source)
-        elif isinstance(source, list | tuple):
-            ids.update(int(i) for i in source)
-    return ids
-
-
-def _steps_until_eos(tokens: torch.Tensor, eos: set[int]) -> int:
-    """How many steps count for KL: up to and including the baseline's first EOS."""
-    for step, tok in enumerate(tokens.tolist()):
-        if tok in eos:
-            return step + 1
-    return len(tokens)
-
-
 def _perplexity_interval(per_text: list[dict[str, float]], seed: int,
                          n_boot: int = 10_000) -> list[float]:
     """95% bootstrap interval (texts resampled) of the token-weighted perplexity."""
@@ -174,8 +154,6 @@ def _perplexity_interval(per_text: list[dict[str, float]], seed: int,
 
 def _resolve(source: Any, dtype: str, base: str | None) -> LoadedModel:
     if isinstance(source, str):
-        from steerlab.export import load_edited
-
         return load_edited(source, dtype=dtype, base=base)
     if callable(source):
         return source()  # type: ignore[no-any-return]

@@ -5,7 +5,7 @@ that turns a resolved spec into ops. A new spec type adds a function decorated w
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
@@ -49,18 +49,15 @@ class _Placed:
         return list(self.copies)
 
 
-class _Op:
+class Op:
     """One spec's action at one site: ``x ← x + m·delta(x)`` gated by phase and rows."""
 
-    kind = "op"
-
-    def __init__(self, positions: str, rows: _Placed | None, label: str) -> None:
-        self.positions = positions
-        self.rows = rows
-        self.label = label
+    def __init__(self, positions: str, rows: _Placed | None, label: str,
+                 *placed: _Placed) -> None:
+        self.positions, self.rows, self.label, self.placed = positions, rows, label, placed
 
     def tensors(self) -> list[_Placed]:
-        return []
+        return list(self.placed)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -80,59 +77,34 @@ class _Op:
         return x + change
 
 
-class _AddOp(_Op):
-    kind = "add"
-
-    def __init__(self, vector: _Placed, **kw: Any) -> None:
-        super().__init__(**kw)
-        self.vector = vector
-
-    def tensors(self) -> list[_Placed]:
-        return [self.vector]
-
+class AddOp(Op):
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        return self.vector.on(x).expand_as(x)
+        return self.placed[0].on(x).expand_as(x)
 
 
-class _ProjectOp(_Op):
-    kind = "project"
-
-    def __init__(self, unit: _Placed, **kw: Any) -> None:
-        super().__init__(**kw)
-        self.unit = unit
-
-    def tensors(self) -> list[_Placed]:
-        return [self.unit]
-
+class ProjectOp(Op):
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        v = self.unit.on(x)
+        v = self.placed[0].on(x)
         return -(x @ v).unsqueeze(-1) * v
 
     def __call__(self, x: torch.Tensor, phase: str) -> torch.Tensor:
         if self.rows is None and (self.positions == "all" or self.positions == phase):
-            v = self.unit.on(x)
+            v = self.placed[0].on(x)
             return x - (x @ v).unsqueeze(-1) * v  # the hot path: two small kernels
         return super().__call__(x, phase)
 
 
-class _SubspaceOp(_Op):
-    kind = "subspace"
-
-    def __init__(self, basis: _Placed, basis_t: _Placed, **kw: Any) -> None:
-        super().__init__(**kw)
-        self.basis, self.basis_t = basis, basis_t
-
-    def tensors(self) -> list[_Placed]:
-        return [self.basis, self.basis_t]
-
+class SubspaceOp(Op):
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        return -((x @ self.basis.on(x)) @ self.basis_t.on(x))
+        basis, basis_t = self.placed
+        return -((x @ basis.on(x)) @ basis_t.on(x))
+
 
 # -- compilers ---------------------------------------------------------------------------------
 class Sites(Protocol):
     """Where a compiler puts its ops (the steering plan)."""
 
-    def add_op(self, lm: LoadedModel, kind: str, layer: int, make: Callable[..., _Op],
+    def add_op(self, lm: LoadedModel, kind: str, layer: int, make: Callable[..., Op],
                label: str, positions: str, **tensors: torch.Tensor) -> None: ...
 
 
@@ -189,19 +161,27 @@ def orthonormal_basis(vectors: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
     return q[:, keep].to(torch.float32)
 
 
+def _per_layer(spec: Add | Project, lm: LoadedModel) -> Iterator[tuple[int, torch.Tensor]]:
+    """Each target layer with the vector it gets: its own, or the ``source_layer``'s."""
+    assert isinstance(spec.direction, Direction)
+    op = op_of(spec)
+    for layer in resolve_layers(spec.layers, lm.n_layers):
+        src = layer if spec.source_layer is None else spec.source_layer
+        yield layer, _vector(spec.direction, src, f"{op} at layer {layer} uses layer {src}'s "
+                             "vector (give source_layer, DIR[L] in the compact form, to use "
+                             "one layer's)")
+
+
 @register_compiler(Add)
 def _add(spec: Add, lm: LoadedModel, sites: Sites, label: str) -> None:
     d = spec.direction
     assert isinstance(d, Direction)
-    for layer in resolve_layers(spec.layers, lm.n_layers):
-        src = layer if spec.source_layer is None else spec.source_layer
-        vec = _vector(d, src, f"add at layer {layer} uses layer {src}'s vector (give "
-                      "source_layer, DIR[L] in the compact form, to use one layer's)")
+    for layer, vec in _per_layer(spec, lm):
         if spec.scale == "unit":
             vec = _unit(vec, d.meta.name)
         elif spec.scale == "mean_norm":
             vec = _unit(vec, d.meta.name) * _mean_norm(d, layer)
-        sites.add_op(lm, "output", layer, _AddOp, label, spec.positions, vector=spec.alpha * vec)
+        sites.add_op(lm, "output", layer, AddOp, label, spec.positions, vector=spec.alpha * vec)
 
 
 @register_compiler(Ablate)
@@ -212,7 +192,7 @@ def _ablate(spec: Ablate, lm: LoadedModel, sites: Sites, label: str) -> None:
     unit = _unit(_vector(d, spec.source_layer, "ablate needs one vector"), d.meta.name)
     for layer in targets:
         for kind in spec.sites:
-            sites.add_op(lm, kind, layer, _ProjectOp, label, spec.positions, unit=unit)
+            sites.add_op(lm, kind, layer, ProjectOp, label, spec.positions, unit=unit)
 
 
 @register_compiler(SubspaceAblate)
@@ -227,7 +207,7 @@ def _subspace(spec: SubspaceAblate, lm: LoadedModel, sites: Sites, label: str) -
     basis = orthonormal_basis(torch.stack(rows))
     for layer in targets:
         for kind in spec.sites:
-            sites.add_op(lm, kind, layer, _SubspaceOp, label, spec.positions,
+            sites.add_op(lm, kind, layer, SubspaceOp, label, spec.positions,
                          basis=basis, basis_t=basis.T.contiguous())
 
 
@@ -235,11 +215,8 @@ def _subspace(spec: SubspaceAblate, lm: LoadedModel, sites: Sites, label: str) -
 def _project(spec: Project, lm: LoadedModel, sites: Sites, label: str) -> None:
     d = spec.direction
     assert isinstance(d, Direction)
-    for layer in resolve_layers(spec.layers, lm.n_layers):
-        src = layer if spec.source_layer is None else spec.source_layer
-        vec = _vector(d, src, f"project at layer {layer} uses layer {src}'s vector"
-                      " (give source_layer, DIR[L], to use one layer's)")
-        sites.add_op(lm, "output", layer, _ProjectOp, label, spec.positions,
+    for layer, vec in _per_layer(spec, lm):
+        sites.add_op(lm, "output", layer, ProjectOp, label, spec.positions,
                      unit=_unit(vec, d.meta.name))
 
 

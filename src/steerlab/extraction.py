@@ -187,14 +187,17 @@ def extract_direction(
                            **common)
     neg = mean_activations(lm, negative, system=system_negative, responses=responses_negative,
                            **common)
-    names = datasets or {"positive": _set_name(positive), "negative": _set_name(negative)}
+    names = datasets or {"positive": set_name(positive), "negative": set_name(negative)}
     return direction_from_stats(lm, pos, neg, method=method, name=name, kind=kind,
                                 datasets=names)
 
 
-def _set_name(prompts: Any) -> str:
-    name = getattr(prompts, "name", None)
-    return str(name) if name else f"{len(prompt_texts(prompts))} prompts"
+def set_name(prompts: Any, default: str = "") -> str:
+    """What metadata calls a prompt set: its name or source, else its size."""
+    if prompts is None:
+        return default
+    return str(getattr(prompts, "name", "") or getattr(prompts, "source", "") or
+               f"{len(prompt_texts(prompts))} prompts")
 
 
 # -- built-in contrasts -----------------------------------------------------------------------

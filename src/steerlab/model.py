@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from steerlab.architectures import Architecture, ResolvedLayout, architecture_for
+from steerlab.embedded import DEFAULT_MODEL_NAME, safetensors_dir
 from steerlab.errors import ModelLoadError
 
 DTYPES = {
@@ -90,8 +91,6 @@ class LoadedModel:
     @property
     def name(self) -> str:
         if self.spec == "default":
-            from steerlab.embedded import DEFAULT_MODEL_NAME
-
             return DEFAULT_MODEL_NAME
         return str(getattr(self.model.config, "_name_or_path", "") or self.spec)
 
@@ -252,8 +251,6 @@ def load_model(
 def _resolve_source(spec: str) -> tuple[str, dict[str, Any]]:
     """Map a spec to (path or id, extra from_pretrained kwargs), offline only."""
     if spec == "default":
-        from steerlab.embedded import safetensors_dir
-
         return str(safetensors_dir()), {}
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":

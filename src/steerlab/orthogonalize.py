@@ -37,7 +37,7 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -45,11 +45,8 @@ from torch import nn
 from steerlab.directions import Direction
 from steerlab.errors import DirectionError, InterventionError
 from steerlab.kernel_ablate import KernelAblate
-from steerlab.model import model_fingerprint
+from steerlab.model import LoadedModel, model_fingerprint
 from steerlab.spec_resolution import resolve_specs
-
-if TYPE_CHECKING:
-    from steerlab.model import LoadedModel
 
 COMPONENTS = ("embed", "attn_out", "mlp_out")
 DEFAULT_CHUNK_ELEMENTS = 1 << 22  # 4M float32 values = 16 MiB of scratch per chunk

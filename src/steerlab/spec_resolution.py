@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from steerlab.directions import Direction
-from steerlab.errors import InterventionError
+from steerlab.errors import DirectionError, InterventionError
 from steerlab.spec_types import DirectionRef, Spec, op_of, spec_refs, with_refs
 
 if TYPE_CHECKING:
@@ -172,14 +172,7 @@ def resolve_specs(
 
 
 def _check_shape(direction: Direction, lm: LoadedModel) -> None:
-    if direction.d_model != lm.d_model:
-        raise InterventionError(
-            f"Direction {direction.meta.name!r} has d_model {direction.d_model} but the model has "
-            f"{lm.d_model}: it was made for another model."
-        )
-    if max(direction.layers) >= lm.n_layers:
-        raise InterventionError(
-            f"Direction {direction.meta.name!r} has layers up to {max(direction.layers)} but the "
-            f"model has {lm.n_layers} layers."
-        )
-
+    try:  # width and layer count only (not the fingerprint)
+        direction.check_compatible(lm, allow_mismatch=True)
+    except DirectionError as exc:
+        raise InterventionError(str(exc)) from exc

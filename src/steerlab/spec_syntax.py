@@ -30,7 +30,6 @@ from steerlab.spec_types import (
     SPEC_TYPES,
     Ablate,
     Add,
-    DirectionRef,
     Project,
     Spec,
     SubspaceAblate,
@@ -42,7 +41,7 @@ SPEC_FORMAT_VERSION = 1
 COMPACT_OPS = ("add", "ablate", "subspace", "project")
 
 
-def _ref_to_json(ref: DirectionRef) -> Any:
+def _ref_to_json(ref: Direction | str) -> Any:
     if isinstance(ref, str):
         return ref
     vectors = ref.vectors.detach().to("cpu", torch.float32).contiguous()
@@ -56,7 +55,7 @@ def _ref_to_json(ref: DirectionRef) -> Any:
     }
 
 
-def _ref_from_json(value: Any) -> DirectionRef:
+def _ref_from_json(value: Any) -> Direction | str:
     if isinstance(value, str):
         return value
     if isinstance(value, Mapping) and isinstance(value.get("inline"), Mapping):
@@ -78,7 +77,8 @@ def _ref_from_json(value: Any) -> DirectionRef:
 
 
 def spec_to_dict(spec: Spec) -> dict[str, Any]:
-    """A JSON-ready dict: ``{"op": "add", "direction": ..., ...}``, layers as text."""
+    """A JSON-ready dict: ``{"op": "add", "direction": ..., ...}``, layers as text; any other
+    field value with a ``to_json()`` method is written as what it returns."""
     out: dict[str, Any] = {"op": op_of(spec)}
     for f in dataclasses.fields(spec):
         value = getattr(spec, f.name)
@@ -90,6 +90,8 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
             value = format_layers(parse_layers(value))
         elif f.name == "sites":
             value = list(value)
+        elif callable(getattr(value, "to_json", None)):  # a field type of a registered spec
+            value = value.to_json()
         out[f.name] = value
     return out
 

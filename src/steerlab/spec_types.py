@@ -1,18 +1,8 @@
 """Intervention specs: *what* to do to the residual stream, *where* and *when*, as frozen
-values that can be saved, swept, sent to a server and compared (applying them is
-:func:`steerlab.steering.steer`'s job).
-
-- :class:`Add`: ``x ← x + α·v`` at the output of the given layers;
-- :class:`Ablate`: ``x ← x − (x·v̂)v̂`` at every hooked site (by default each layer's input
-  and its attention and MLP writes: the Arditi et al. recipe, equal to weight
-  orthogonalization);
-- :class:`SubspaceAblate`: the same for an orthonormal basis (QR of the stacked vectors);
-- :class:`Project`: ``x ← x − (x·v̂)v̂`` at the outputs of the layers of a window only.
-
-A direction is a :class:`~steerlab.directions.Direction` or a string resolved later (see
-:mod:`steerlab.spec_resolution`). A new kind is a frozen dataclass decorated with
-:func:`spec_op` plus a compiler registered in :mod:`steerlab.compilers`.
-"""
+values that can be saved, swept, sent to a server and compared; :func:`steerlab.steering.steer`
+applies them. A direction is a :class:`~steerlab.directions.Direction` or a string resolved
+later (:mod:`steerlab.spec_resolution`). A new kind is a frozen dataclass decorated with
+:func:`spec_op` plus a compiler registered in :mod:`steerlab.compilers`."""
 
 from __future__ import annotations
 
@@ -39,9 +29,6 @@ class Spec(Protocol):
     """Any intervention spec: a frozen dataclass registered with :func:`spec_op`."""
 
     __dataclass_fields__: ClassVar[dict[str, Any]]
-
-    @property
-    def layers(self) -> LayersLike: ...
 
     @property
     def positions(self) -> str: ...

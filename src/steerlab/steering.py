@@ -25,15 +25,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from steerlab.activations import layer_output_hooks
 from steerlab.chat import encode
 from steerlab.compilers import (
     MEAN_NORMS_KEY,
-    _Op,
+    Op,
     _Placed,
     compile_specs,
     orthonormal_basis,
@@ -41,11 +42,10 @@ from steerlab.compilers import (
 from steerlab.directions import Direction
 from steerlab.errors import InterventionError
 from steerlab.layout_bound import layout_bound
+from steerlab.model import LoadedModel
 from steerlab.spec_resolution import resolve_specs
 from steerlab.spec_types import Spec
 
-if TYPE_CHECKING:
-    from steerlab.model import LoadedModel
 
 # -- the plan ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class SteeringPlan:
         self.specs = specs
         self.row_mask = row_mask
         self.phase = "prompt"
-        self.ops: dict[tuple[str, int], list[_Op]] = {}
+        self.ops: dict[tuple[str, int], list[Op]] = {}
         self.modules: dict[tuple[str, int], nn.Module] = {}
         self.places: dict[tuple[str, int], tuple[torch.device, torch.dtype]] = {}
         self.n_hooks = 0
@@ -108,7 +108,7 @@ class SteeringPlan:
             placed.base = placed.base[index]
             placed.copies = {k: v[index.to(v.device)] for k, v in placed.copies.items()}
 
-    def add_op(self, lm: LoadedModel, kind: str, layer: int, make: Callable[..., _Op],
+    def add_op(self, lm: LoadedModel, kind: str, layer: int, make: Callable[..., Op],
                label: str, positions: str, **tensors: torch.Tensor) -> None:
         """Add one op at site ``(kind, layer)``, its tensors copied to the site's place."""
         site = (kind, layer)
@@ -122,8 +122,8 @@ class SteeringPlan:
         if self.row_mask is not None:
             rows = _Placed(self.row_mask.to(torch.float32).view(-1, 1, 1), *place)
             self._rows.append(rows)
-        placed = {k: _Placed(v, *place) for k, v in tensors.items()}
-        self.ops[site].append(make(positions=positions, rows=rows, label=label, **placed))
+        placed = [_Placed(v, *place) for v in tensors.values()]
+        self.ops[site].append(make(positions, rows, label, *placed))
 
     def apply(self, site: tuple[str, int], x: torch.Tensor) -> torch.Tensor:
         phase = self.phase
@@ -292,29 +292,18 @@ def with_mean_norms(
     count = 0
     real = torch.zeros(0, dtype=torch.bool)
 
-    def recorder(layer: int) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            hidden = output[0] if isinstance(output, tuple) else output
-            norms = hidden.float().norm(dim=-1)
-            totals[layer] += float(norms[real.to(norms.device)].sum())
+    def record(layer: int, hidden: torch.Tensor) -> None:
+        norms = hidden.float().norm(dim=-1)
+        totals[layer] += float(norms[real.to(norms.device)].sum())
 
-        return hook
-
-    handles: list[torch.utils.hooks.RemovableHandle] = []
-    try:
-        for layer, module in enumerate(lm.layout.layers):
-            handles.append(module.register_forward_hook(recorder(layer)))
-        with torch.inference_mode():
-            for start in range(0, len(prompts), batch_size):
-                batch = encode(lm.tokenizer, list(prompts[start:start + batch_size]), system)
-                batch = batch.to(lm.device)
-                real = batch.attention_mask.bool()
-                count += int(real.sum())
-                lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                         use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with layer_output_hooks(lm, range(lm.n_layers), record), torch.inference_mode():
+        for start in range(0, len(prompts), batch_size):
+            batch = encode(lm.tokenizer, list(prompts[start:start + batch_size]), system)
+            batch = batch.to(lm.device)
+            real = batch.attention_mask.bool()
+            count += int(real.sum())
+            lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                     use_cache=False)
     norms = {str(layer): float(totals[layer] / count) for layer in range(lm.n_layers)}
     meta = replace(direction.meta, extra={**direction.meta.extra, MEAN_NORMS_KEY: norms})
     return Direction(direction.vectors, direction.layers, meta)

@@ -1,8 +1,9 @@
 """``steerlab experiment``: the refusal-structure experiments, one command each.
 
-layer-transfer, subspace, positions and hydra share their options (model,
-``--out``, ``--limit``, ``--judge``, ``--config``) and write results.json,
-responses.jsonl, report.html and report.md into ``--out`` (a rerun resumes).
+Every experiment command (``steerlab reproduce persona-gating`` too) shares its
+options (model, ``--out``, ``--limit``, ``--judge``, ``--config``) and writes
+results.json, responses.jsonl, report.html and report.md into ``--out`` (a rerun
+resumes).
 """
 
 from __future__ import annotations
@@ -46,43 +47,40 @@ def _shared_options(
     """The options every experiment command takes (its signature is all that is used)."""
 
 
-def _run(
-    model: str,
-    out: Path,
-    dtype: str,
-    config_cls: Any,
-    runner: Callable[..., Any],
-    config_file: Path | None,
-    eval_prompts: str | None,
-    **overrides: Any,
-) -> None:
-    """Resolve the config, load the model, run, and print the findings."""
+def _run(model: str, out: Path, dtype: str, module: str, config_file: Path | None,
+         eval_prompts: str | None, **overrides: Any) -> None:
+    """Resolve the config, load the model, run the experiment, and print the findings."""
+    experiment = importlib.import_module(f"steerlab.experiments.{module}").EXPERIMENT
     if eval_prompts is not None:
         overrides["eval_prompts"] = eval_prompts
-    cfg = config_cls.from_file(config_file, **overrides)
+    cfg = experiment.config.from_file(config_file, **overrides)
     if eval_prompts is not None and Path(eval_prompts).exists():
         cfg = cfg.model_copy(update={"eval_split": None})  # a user's file has no splits
-    lm = load(model, dtype)
-    results = runner(lm, out, cfg)
+    results = experiment.run(load(model, dtype), out, cfg)
     for finding in results["findings"]:
         color = {"reproduced": "green", "not reproduced": "red"}.get(finding["verdict"], "yellow")
         console.print(f"[{color}]{finding['verdict']:>15}[/]  {finding['claim']}")
         console.print(f"                 [dim]{finding['evidence']}[/]")
     if "answer" in results:
         console.print(f"[bold]answer:[/] {results['answer']}")
+    if "cost" in results:
+        cost = results["cost"]
+        console.print(f"cost: {cost['ratio_to_baseline_pass']:.1f}x one unhooked generation "
+                      f"pass (budget {cost['budget_ratio']:.1f}x)")
     console.print(f"report: {out / 'report.html'}  results: {out / 'results.json'}")
 
 
-def _experiment_command(
-    group: typer.Typer, name: str, module: str, config_cls: str, runner: str
+def experiment_command(
+    group: typer.Typer, name: str, module: str
 ) -> Callable[[Callable[..., dict[str, Any]]], Callable[..., dict[str, Any]]]:
-    """Register ``steerlab experiment NAME`` from a function of its own options.
+    """Register ``NAME`` in ``group`` from a function of the experiment's own options.
 
-    The decorated function declares only what is particular to the experiment
-    and returns those options as config overrides; the command gets the
-    :func:`_shared_options` around them (``--dtype`` last) and runs
-    ``steerlab.experiments.MODULE.RUNNER`` with ``CONFIG_CLS``, imported only
-    when the command runs so ``--help`` stays fast.
+    The decorated function declares only what is particular to the experiment and
+    returns those options as config overrides; the command gets the
+    :func:`_shared_options` around them (``--dtype`` last) and runs the
+    ``EXPERIMENT`` of ``steerlab.experiments.MODULE``, imported only when the
+    command runs so ``--help`` stays fast. ``steerlab experiment NAME`` and
+    ``steerlab reproduce NAME`` both come through here.
     """
     shared = list(inspect.signature(_shared_options, eval_str=True).parameters.values())
 
@@ -91,22 +89,10 @@ def _experiment_command(
 
         def command(**values: Any) -> None:
             given = {p.name: values.pop(p.name) for p in shared}
-            experiment = importlib.import_module(f"steerlab.experiments.{module}")
-            _run(
-                given["model"],
-                given["out"],
-                given["dtype"],
-                getattr(experiment, config_cls),
-                getattr(experiment, runner),
-                given["config"],
-                given["eval_prompts"],
-                limit=given["limit"],
-                judge_url=given["judge"],
-                judge_model=given["judge_model"],
-                seed=given["seed"],
-                max_new_tokens=given["max_new_tokens"],
-                **own(**values),
-            )
+            _run(given["model"], given["out"], given["dtype"], module, given["config"],
+                 given["eval_prompts"], limit=given["limit"], judge_url=given["judge"],
+                 judge_model=given["judge_model"], seed=given["seed"],
+                 max_new_tokens=given["max_new_tokens"], **own(**values))
 
         command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
             [*shared[:-1], *own_params, shared[-1]]
@@ -127,9 +113,7 @@ def register(app: typer.Typer) -> None:
     )
     app.add_typer(group, name="experiment")
 
-    @_experiment_command(
-        group, "layer-transfer", "layer_transfer", "LayerTransferConfig", "run_layer_transfer"
-    )
+    @experiment_command(group, "layer-transfer", "layer_transfer")
     def layer_transfer(
         source_layers: str | None = typer.Option(
             None, "--source-layers", help="Source layers to test, e.g. '4-20' (default: all)."
@@ -142,7 +126,7 @@ def register(app: typer.Typer) -> None:
         """Each layer's refusal direction ablated everywhere: one direction or a subspace?"""
         return {"source_layers": source_layers, "layer_stride": layer_stride, "mode": mode}
 
-    @_experiment_command(group, "subspace", "subspace", "SubspaceConfig", "run_subspace")
+    @experiment_command(group, "subspace", "subspace")
     def subspace(
         layers: str | None = typer.Option(
             None, "--layers", help="Basis layers, e.g. '7-10' (default: 4 around the best)."
@@ -151,7 +135,7 @@ def register(app: typer.Typer) -> None:
         """Ablate a multi-layer refusal subspace; test the two-tier refusal hypothesis."""
         return {"layers": layers}
 
-    @_experiment_command(group, "positions", "positions", "PositionsConfig", "run_positions")
+    @experiment_command(group, "positions", "positions")
     def positions(
         layer: int | None = typer.Option(
             None, "--layer", help="Layer of the interventions (default: best last-token layer)."
@@ -160,7 +144,7 @@ def register(app: typer.Typer) -> None:
         """Directions read at t_inst vs each post-instruction token: harmfulness vs refusal."""
         return {"layer": layer}
 
-    @_experiment_command(group, "hydra", "hydra", "HydraConfig", "run_hydra")
+    @experiment_command(group, "hydra", "hydra")
     def hydra(
         rounds: int | None = typer.Option(
             None, "--rounds", help="Ablate / re-extract rounds (default 3)."

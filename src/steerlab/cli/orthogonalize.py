@@ -99,7 +99,7 @@ def register(app: typer.Typer) -> None:
     def _export_spec(lm: LoadedModel, steer: str, out: Path, fmt: str,
                      allow_approximate: bool, overwrite: bool) -> Path:
         from steerlab.interventions import KernelAblate, parse_steer
-        from steerlab.kernel_export import export_kernel
+        from steerlab.export.kernel import export_kernel
 
         specs = parse_steer(steer)
         if len(specs) != 1 or not isinstance(specs[0], KernelAblate):

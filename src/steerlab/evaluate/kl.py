@@ -15,13 +15,16 @@ in :func:`steerlab.generate.generate`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from steerlab.chat import encode
+from steerlab.decoding import forward_step
 from steerlab.evaluate.stats import mean_summary
+from steerlab.generate import eos_ids
+from steerlab.steering import steer
 
 if TYPE_CHECKING:
     from steerlab.model import LoadedModel
@@ -32,16 +35,9 @@ def _texts(prompts: Sequence[str] | PromptSet) -> list[str]:
     return [p if isinstance(p, str) else p.prompt for p in prompts]
 
 
-@contextmanager
-def _steered(lm: LoadedModel, specs: Sequence[Any]) -> Iterator[None]:
-    if not specs:
-        with nullcontext():
-            yield
-        return
-    from steerlab.steering import steer
-
-    with steer(lm, list(specs)):
-        yield
+def steps_until_eos(tokens: torch.Tensor, eos: Collection[int]) -> int:
+    """How many response steps count: up to and including the first EOS in ``tokens``."""
+    return next((step + 1 for step, tok in enumerate(tokens.tolist()) if tok in eos), len(tokens))
 
 
 @torch.no_grad()
@@ -53,9 +49,6 @@ def step_logprobs(lm: LoadedModel, prompts: list[str], system: str | None, k: in
     by token with a KV cache, as generation goes; shared by the KL here and
     :mod:`steerlab.compare`.
     """
-    from steerlab.chat import encode
-    from steerlab.decoding import forward_step  # the transformers-version-proof cached forward
-
     batch = encode(lm.tokenizer, prompts, system)
     ids = batch.input_ids.to(lm.device)
     mask = batch.attention_mask.to(lm.device)
@@ -107,8 +100,6 @@ def kl_per_prompt_many(lm: LoadedModel, prompts: Sequence[str] | PromptSet,
     """
     if k < 1:
         raise ValueError("k must be at least 1")
-    from steerlab.generate import eos_ids
-
     texts = _texts(prompts)
     eos = eos_ids(lm)
     result: dict[str, list[list[float]]] = {name: [] for name in specs_by_name}
@@ -116,12 +107,9 @@ def kl_per_prompt_many(lm: LoadedModel, prompts: Sequence[str] | PromptSet,
         chunk = texts[start : start + batch_size]
         base_lp, tokens = step_logprobs(lm, chunk, system, k, None)
         # Where the baseline stopped: steps after its EOS are not part of its response.
-        stops = [
-            next((t + 1 for t in range(k) if int(tokens[b, t]) in eos), k)
-            for b in range(len(chunk))
-        ]
+        stops = [steps_until_eos(tokens[b], eos) for b in range(len(chunk))]
         for name, specs in specs_by_name.items():
-            with _steered(lm, specs):
+            with steer(lm, list(specs)):
                 steer_lp, _ = step_logprobs(lm, chunk, system, k, tokens)
             kl = kl_from_logprobs(base_lp, steer_lp)  # [B, k]
             result[name].extend(

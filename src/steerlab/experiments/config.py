@@ -1,4 +1,4 @@
-"""Typed, documented configuration of the persona-gating reproduction.
+"""Typed, documented experiment settings: one base every experiment's config extends.
 
 Every field has a description; ``--config FILE`` (YAML or JSON) overrides any
 of them, and the resolved config is written into results.json.
@@ -45,8 +45,8 @@ class FileConfig(BaseModel):
             raise SteerlabError(f"Invalid {cls.__name__} settings: {fields}.") from exc
 
 
-class LayerSelectionSettings(FileConfig):
-    """How the Arditi-style ablation layer selection samples the validation split."""
+class ExperimentConfig(FileConfig):
+    """Settings every experiment shares; each experiment's config extends it."""
 
     selection_limit: int = Field(
         16, ge=2, description="Validation prompts per side for the ablation layer selection."
@@ -54,43 +54,55 @@ class LayerSelectionSettings(FileConfig):
     selection_stride: int = Field(
         2, ge=1, description="Ablation selection tries every k-th layer of the middle 20-80%."
     )
-
-
-class PersonaGatingConfig(LayerSelectionSettings):
-    """Settings of ``steerlab reproduce persona-gating``."""
-
     seed: int = Field(0, description="Seed for random controls and any sampling.")
     max_new_tokens: int = Field(32, ge=1, description="Greedy tokens generated per prompt.")
     batch_size: int = Field(
         128,
         ge=1,
-        description="Rows per generation batch; the conditions after the baseline share "
-        "batches, and a decode step's cost grows slowly with its rows, so large batches pay.",
+        description="Rows per generation batch; an experiment's conditions share batches, "
+        "and a decode step's cost grows slowly with its rows, so large batches pay.",
     )
-    eval_prompts: str = Field(
-        "paired:harmful", description="Evaluation prompts: built-in name or file."
-    )
+    eval_prompts: str = Field("paired:harmful", description="Evaluation prompts: built-in or file.")
     eval_split: str | None = Field("test", description="Split of eval_prompts (None for files).")
     limit: int | None = Field(None, ge=1, description="Use only the first N evaluation prompts.")
+    harmless_prompts: str = Field("harmless", description="Harmless prompts for KL (and more).")
+    harmless_split: str = Field("test", description="Split of harmless_prompts.")
+    harmless_limit: int = Field(32, ge=2, description="Harmless prompts used for KL.")
+    position: str = Field("last", description="Token position the directions are read at.")
+    extraction_limit: int | None = Field(
+        None, ge=2, description="Cap on prompt pairs when extracting directions (None: all)."
+    )
+    kl_tokens: int = Field(4, ge=1, description="KL averaged over this many baseline tokens.")
+    judge_url: str | None = Field(None, description="OpenAI-compatible judge endpoint (optional).")
+    judge_model: str = Field("judge", description="Model name sent to the judge endpoint.")
+    n_samples: int = Field(2, ge=0, description="Sample generations per condition in the report.")
+
+
+class RefusalExperimentConfig(ExperimentConfig):
+    """Settings of the refusal-structure experiments (layer transfer, subspace, ...)."""
+
+    layer_selection: Literal["ablation", "cohens_d"] = Field(
+        "ablation",
+        description="How a direction's layer is chosen on the validation split: 'ablation' "
+        "(Arditi et al.: lowest refusal score with it ablated, induce and KL filters) or "
+        "'cohens_d' (largest held-out Cohen's d; cheaper).",
+    )
+
+
+class PersonaGatingConfig(ExperimentConfig):
+    """Settings of ``steerlab reproduce persona-gating``."""
+
     val_prompts: str = Field(
         "paired:harmful", description="Prompts for choosing layer and strength."
     )
     val_split: str = Field("val", description="Split of val_prompts; never the evaluation split.")
     val_limit: int = Field(24, ge=2, description="Validation prompts per grid cell.")
-    harmless_prompts: str = Field(
-        "harmless", description="Harmless prompts for over-refusal and KL."
-    )
-    harmless_split: str = Field("test", description="Split of harmless_prompts.")
     harmless_limit: int = Field(48, ge=2, description="Harmless prompts for over-refusal and KL.")
     harmless_for: Literal["all", "steering"] = Field(
         "all",
         description="Which evaluation conditions also run on the harmless prompts: all (each "
         "re-add layer and projection too: does re-added refusal land on harmless prompts as "
         "well?) or steering (baseline, persona_steer, random_steer, refusal_ablate).",
-    )
-    position: str = Field("last", description="Token position the directions are read at.")
-    extraction_limit: int | None = Field(
-        None, ge=2, description="Cap on prompts per side when extracting directions (None: all)."
     )
     steer_layer_fractions: list[float] = Field(
         [0.33, 0.5, 0.67], description="Candidate persona-steering layers, as fractions of depth."
@@ -161,9 +173,6 @@ class PersonaGatingConfig(LayerSelectionSettings):
         "75). On the embedded model 50 move the reported trait cosines by at most 0.03 at "
         "layers 1-23 (0.08 at layer 0) against all 75, for two thirds of the cost.",
     )
-    judge_url: str | None = Field(None, description="OpenAI-compatible judge endpoint (optional).")
-    judge_model: str = Field("judge", description="Model name sent to the judge endpoint.")
-    n_samples: int = Field(2, ge=0, description="Sample generations per condition in the report.")
 
     def windows(self, n_layers: int) -> tuple[list[int], list[int]]:
         """(early, late) projection windows for a model with ``n_layers`` layers."""
@@ -175,37 +184,3 @@ class PersonaGatingConfig(LayerSelectionSettings):
                     f"{name}={window} is outside the model's layers 0..{n_layers - 1}."
                 )
         return early, late
-
-
-class ExperimentConfig(LayerSelectionSettings):
-    """Settings every ``steerlab experiment`` shares; each experiment's config extends it."""
-
-    seed: int = Field(0, description="Seed for random controls and any sampling.")
-    max_new_tokens: int = Field(32, ge=1, description="Greedy tokens generated per prompt.")
-    batch_size: int = Field(
-        128,
-        ge=1,
-        description="Rows per generation batch; an experiment's conditions share batches, "
-        "and a decode step's cost grows slowly with its rows, so large batches pay.",
-    )
-    eval_prompts: str = Field("paired:harmful", description="Evaluation prompts: built-in or file.")
-    eval_split: str | None = Field("test", description="Split of eval_prompts (None for files).")
-    limit: int | None = Field(None, ge=1, description="Use only the first N evaluation prompts.")
-    harmless_prompts: str = Field("harmless", description="Harmless prompts for KL (and more).")
-    harmless_split: str = Field("test", description="Split of harmless_prompts.")
-    harmless_limit: int = Field(32, ge=2, description="Harmless prompts used for KL.")
-    position: str = Field("last", description="Token position the refusal direction is read at.")
-    extraction_limit: int | None = Field(
-        None, ge=2, description="Cap on prompt pairs when extracting directions (None: all)."
-    )
-    layer_selection: Literal["ablation", "cohens_d"] = Field(
-        "ablation",
-        description="How a direction's layer is chosen on the validation split: 'ablation' "
-        "(Arditi et al.: lowest refusal score with it ablated, induce and KL filters) or "
-        "'cohens_d' (largest held-out Cohen's d; cheaper).",
-    )
-    kl_tokens: int = Field(4, ge=1, description="KL averaged over this many baseline tokens.")
-    judge_url: str | None = Field(None, description="OpenAI-compatible judge endpoint (optional).")
-    judge_model: str = Field("judge", description="Model name sent to the judge endpoint.")
-    n_samples: int = Field(2, ge=0, description="Sample generations per condition in the report.")
-

@@ -23,9 +23,13 @@ import torch
 from pydantic import Field
 
 from steerlab import plots
-from steerlab.experiments import common
-from steerlab.experiments.config import ExperimentConfig
-from steerlab.experiments.runner import Condition, Runner, kl_conditions, paired_p
+from steerlab.experiments import common, measure
+from steerlab.experiments import framework as fw
+from steerlab.experiments import reporting as rp
+from steerlab.experiments import summary as sm
+from steerlab.experiments.config import RefusalExperimentConfig
+from steerlab.experiments.runner import Condition, Runner
+from steerlab.interventions import SubspaceAblate, random_like
 from steerlab.report import Figure, Table
 
 if TYPE_CHECKING:
@@ -34,7 +38,7 @@ if TYPE_CHECKING:
     from steerlab.prompts import PromptSet
 
 
-class HydraConfig(ExperimentConfig):
+class HydraConfig(RefusalExperimentConfig):
     """Settings of ``steerlab experiment hydra``."""
 
     rounds: int = Field(3, ge=1, le=32, description="Ablate / re-extract rounds.")
@@ -49,12 +53,10 @@ class HydraConfig(ExperimentConfig):
 
 
 def reextract(
-    lm: LoadedModel, basis: list[Direction], config: ExperimentConfig, name: str
+    lm: LoadedModel, basis: list[Direction], config: RefusalExperimentConfig, name: str
 ) -> Direction:
     """The refusal direction of ``lm`` with the subspace of ``basis`` ablated at every layer
     (an empty basis: the unhooked model)."""
-    from steerlab.interventions import SubspaceAblate
-
     under = (SubspaceAblate(tuple(basis)),) if basis else ()
     note = (
         f"subspace ablation of {len(basis)} earlier direction(s) (layers "
@@ -69,13 +71,11 @@ def reextract(
 
 def run_hydra(
     lm: LoadedModel, out_dir: str | Path, config: HydraConfig, show_progress: bool = True
-) -> dict[str, Any]:
+) -> fw.Results:
     """Run every round (resuming from ``out_dir``); write results, responses and report."""
-    from steerlab.interventions import SubspaceAblate, random_like
-
     started = time.perf_counter()
-    eval_set, harmless = common.eval_prompts(config), common.harmless_prompts(config)
-    with common.open_runner(lm, out_dir, config, show_progress) as run:
+    eval_set, harmless = fw.eval_prompts(config), fw.harmless_prompts(config)
+    with fw.open_runner(lm, out_dir, config, show_progress) as run:
         run.plan((config.rounds + 1 + int(config.random_control)) * len(eval_set))
         conds = [Condition("baseline", description="no intervention")]
         run.run(conds[0], eval_set, tag="eval")
@@ -110,18 +110,18 @@ def run_hydra(
                 )
             )
             run.run(conds[-1], eval_set, tag="eval")
-        table = common.summarise(run, conds, eval_set, "baseline")
-        kl = kl_conditions(run, harmless, conds, k=config.kl_tokens, seed=config.seed)
-        judged = common.add_judge(run, config, [table])
+        table = measure.summarise(run, conds, eval_set, "baseline")
+        kl = measure.kl_conditions(run, harmless, conds, k=config.kl_tokens, seed=config.seed)
+        judged = measure.add_judge(run, config, [table])
         rounds = _rounds(run, eval_set, found, basis, table, kl)
-        results = common.base_results(lm, "hydra", eval_set, config)
+        results = fw.base_results(lm, "hydra", eval_set, config)
         results.update(
             rounds=rounds, conditions=table, kl=kl, judged=judged, n_rounds=config.rounds
         )
         results["findings"] = _findings(results, config)
         results["answer"] = _answer(results, config)
         results["summary"] = _summary(results, config)
-        common.finish(run, lm, config, results, started)
+        fw.finish(run, lm, config, results, started)
     _report(Path(out_dir), results, run, config)
     return results
 
@@ -166,9 +166,9 @@ def _rounds(
             "max_abs_cos_with_earlier_any_layer": ortho,
             "cos_with_round1_by_layer": {str(k): c for k, c in d.cosine(first).items()},
             "norm_ratio_to_round1": d.norms[layer] / max(first.norms[layer], 1e-12),
-            **{k: table[name][k] for k in common.RATE_KEYS},
-            "vs_previous_round_p": paired_p(
-                common.rows_of(run, name, eval_set), common.rows_of(run, prev, eval_set)
+            **{k: table[name][k] for k in rp.RATE_KEYS},
+            "vs_previous_round_p": sm.paired_p(
+                measure.rows_of(run, name, eval_set), measure.rows_of(run, prev, eval_set)
             ),
             **kl.get(name, {}),
         }
@@ -176,18 +176,18 @@ def _rounds(
     return out
 
 
-def _findings(results: dict[str, Any], config: HydraConfig) -> list[dict[str, str]]:
+def _findings(results: dict[str, Any], config: HydraConfig) -> list[sm.Finding]:
     """Verdicts per claim; a round whose ablation moves harmless prompts (first-token KL
-    ≥ common.KL_THRESHOLD) makes a "lowers refusal" claim at most inconclusive."""
-    rounds, c, sig = results["rounds"], results["conditions"], common.ALPHA_SIG
+    ≥ sm.KL_THRESHOLD) makes a "lowers refusal" claim at most inconclusive."""
+    rounds, c, sig = results["rounds"], results["conditions"], sm.ALPHA_SIG
     base, r1 = c["baseline"], rounds[0]
-    out = []
+    out: list[sm.Finding] = []
     removed = (
         base["refusal_rate"] > 0
         and r1["vs_baseline_p"] < sig
         and r1["refusal_rate"] < base["refusal_rate"]
     )
-    damage1 = common.damage_note("round1", r1) if removed else ""
+    damage1 = sm.damage_note("round1", r1) if removed else ""
     out.append(
         {
             "claim": "Ablating the refusal direction lowers refusal (round 1)",
@@ -196,7 +196,7 @@ def _findings(results: dict[str, Any], config: HydraConfig) -> list[dict[str, st
             else "inconclusive"
             if not base["refusal_rate"] or damage1
             else "not reproduced",
-            "evidence": f"{common.rate(base, 'baseline')} → {common.rate(r1, 'round1')} (layer "
+            "evidence": f"{sm.rate(base, 'baseline')} → {sm.rate(r1, 'round1')} (layer "
             f"{r1['source_layer']}), McNemar p={r1['vs_baseline_p']:.3g}.{damage1}",
         }
     )
@@ -215,7 +215,7 @@ def _findings(results: dict[str, Any], config: HydraConfig) -> list[dict[str, st
         }
     )
     lower = r2["refusal_rate"] < r1["refusal_rate"]
-    damage2 = common.damage_note("round2", r2) if lower else ""
+    damage2 = sm.damage_note("round2", r2) if lower else ""
     verdict = (
         "inconclusive"
         if not r1["refusal_rate"]
@@ -230,16 +230,16 @@ def _findings(results: dict[str, Any], config: HydraConfig) -> list[dict[str, st
         {
             "claim": "Ablating the backup direction lowers refusal further (hydra effect)",
             "verdict": verdict,
-            "evidence": f"{common.rate(r1, 'round1')} → {common.rate(r2, 'round2')}, McNemar "
+            "evidence": f"{sm.rate(r1, 'round1')} → {sm.rate(r2, 'round2')}, McNemar "
             f"p={r2['vs_previous_round_p']:.3g}; after {last['round']} rounds "
-            f"{common.rate(last)}"
+            f"{sm.rate(last)}"
             + ("" if r1["refusal_rate"] else "; nothing was left to remove after round 1")
             + "."
             + damage2,
         }
     )
     if "random_subspace" in c:
-        out.append(common.random_control_finding(c["random_subspace"], base))
+        out.append(sm.random_control_finding(c["random_subspace"], base))
     return out
 
 
@@ -278,7 +278,7 @@ def _answer(results: dict[str, Any], config: HydraConfig) -> str:
 
 def _summary(results: dict[str, Any], config: HydraConfig) -> str:
     per = "; ".join(
-        f"round {r['round']} (layer {r['source_layer']}, d={r['cohens_d']:.2f}): {common.rate(r)}"
+        f"round {r['round']} (layer {r['source_layer']}, d={r['cohens_d']:.2f}): {sm.rate(r)}"
         for r in results["rounds"]
     )
     ortho = [r["max_abs_cos_with_earlier_any_layer"] for r in results["rounds"][1:]]
@@ -289,8 +289,8 @@ def _summary(results: dict[str, Any], config: HydraConfig) -> str:
         else ""
     )
     return (
-        f"{common.setup_sentence(results, config)}. Baseline "
-        f"{common.rate(results['conditions']['baseline'])}; {per}.{check} Do backup refusal "
+        f"{rp.setup_sentence(results, config)}. Baseline "
+        f"{sm.rate(results['conditions']['baseline'])}; {per}.{check} Do backup refusal "
         f"directions take over on this model? {results['answer']}."
     )
 
@@ -301,7 +301,7 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: HydraConfig
     names = list(c)
     fig_list = [
         Figure(
-            common.refusal_bars(
+            rp.refusal_bars(
                 figs / "refusal_by_round.png",
                 c,
                 names,
@@ -361,16 +361,15 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: HydraConfig
             note="Cohen's d: held-out paired prompts, measured with the earlier rounds' "
             "subspace ablated. p: exact McNemar on the same prompts.",
         ),
-        common.condition_table("Conditions", c, judged=bool(results["judged"])),
-        common.kl_table("Harmless prompts: KL per round", results["kl"], config.kl_tokens),
+        rp.condition_table("Conditions", c, judged=bool(results["judged"])),
+        rp.kl_table("Harmless prompts: KL per round", results["kl"], config.kl_tokens),
     ]
-    return common.write_report(
-        out,
-        results,
-        run,
-        config,
+    return rp.write_report(
+        out, results,
         title="steerlab: backup refusal directions (hydra) — ablate, re-extract, repeat",
-        tables=tables,
-        figures=fig_list,
-        sample_names=names,
+        tables=tables, figures=fig_list,
+        samples=rp.samples(run.store, names, config.n_samples),
     )
+
+
+EXPERIMENT = fw.Experiment("hydra", HydraConfig, run_hydra)

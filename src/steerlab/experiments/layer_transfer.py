@@ -17,24 +17,32 @@ each remove part, it spans a low-rank subspace (test that directly with
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
+import torch
 from pydantic import Field
 
 from steerlab import plots
+from steerlab.analysis import cosine_matrix
 from steerlab.errors import SteerlabError
-from steerlab.experiments import common
-from steerlab.experiments.config import ExperimentConfig
-from steerlab.experiments.runner import Condition, Job, Runner, kl_conditions
-from steerlab.report import Figure
+from steerlab.evaluate.stats import holm
+from steerlab.experiments import common, measure
+from steerlab.experiments import framework as fw
+from steerlab.experiments import reporting as rp
+from steerlab.experiments import summary as sm
+from steerlab.experiments.config import RefusalExperimentConfig
+from steerlab.experiments.runner import Condition, Job, Runner
+from steerlab.interventions import Ablate, Add, parse_layers
+from steerlab.report import Figure, Table
 
 if TYPE_CHECKING:
     from steerlab.directions import Direction
     from steerlab.model import LoadedModel
 
 
-class LayerTransferConfig(ExperimentConfig):
+class LayerTransferConfig(RefusalExperimentConfig):
     """Settings of ``steerlab experiment layer-transfer``."""
 
     source_layers: str | None = Field(
@@ -66,70 +74,57 @@ class LayerTransferConfig(ExperimentConfig):
 
 
 def source_layers(config: LayerTransferConfig, n_layers: int) -> list[int]:
-    from steerlab.interventions import parse_layers
-
     if config.source_layers is None:
         return list(range(0, n_layers, config.layer_stride))
-    layers = list(parse_layers(config.source_layers, n_layers))
-    return layers
+    return list(parse_layers(config.source_layers, n_layers))
 
 
 def run_layer_transfer(
     lm: LoadedModel, out_dir: str | Path, config: LayerTransferConfig, show_progress: bool = True
-) -> dict[str, Any]:
+) -> fw.Results:
     """Run every step (resuming from ``out_dir``); write results, responses and report."""
     started = time.perf_counter()
-    eval_set, harmless = common.eval_prompts(config), common.harmless_prompts(config)
+    eval_set, harmless = fw.eval_prompts(config), fw.harmless_prompts(config)
     layers = source_layers(config, lm.n_layers)
-    with common.open_runner(lm, out_dir, config, show_progress) as run:
+    with fw.open_runner(lm, out_dir, config, show_progress) as run:
         run.plan((len(layers) + 1) * len(eval_set))
-        refusal = run.direction(
-            "refusal",
-            lambda: common.configured_refusal_direction(lm, config),
-        )
+        refusal = run.direction("refusal", lambda: common.configured_refusal_direction(lm, config))
         analysis = run.step("analysis", lambda: _analysis(refusal, layers))
         conditions = [Condition("baseline", description="no intervention")]
         conditions += [_condition(refusal, s, config) for s in layers]
         run.run_many([Job(cond, eval_set, "eval") for cond in conditions])
-        table = common.summarise(run, conditions, eval_set, "baseline")
-        kl = kl_conditions(run, harmless, conditions, k=config.kl_tokens, seed=config.seed)
-        judged = common.add_judge(run, config, [table])
-        results = common.base_results(lm, "layer-transfer", eval_set, config)
+        table = measure.summarise(run, conditions, eval_set, "baseline")
+        kl = measure.kl_conditions(run, harmless, conditions, k=config.kl_tokens, seed=config.seed)
+        judged = measure.add_judge(run, config, [table])
+        results = fw.base_results(lm, "layer-transfer", eval_set, config)
         per_layer = [
-            {
-                "source_layer": s,
-                **table[f"source/L{s}"],
-                "cohens_d": analysis["cohens_d"].get(str(s)),
-                **kl.get(f"source/L{s}", {}),
-            }
+            {"source_layer": s, **table[f"source/L{s}"],
+             "cohens_d": analysis["cohens_d"].get(str(s)), **kl.get(f"source/L{s}", {})}
             for s in layers
         ]
         verdict = _verdict(table, per_layer, analysis, config)
-        for entry in per_layer:  # the table shows the corrected p beside the raw one
-            table[f"source/L{entry['source_layer']}"]["vs_baseline_holm_p"] = entry[
-                "vs_baseline_holm_p"
-            ]
+        for entry in per_layer:  # the tables show the corrected p beside the raw one
+            held = verdict["holm_p"][entry["source_layer"]]
+            entry["vs_baseline_holm_p"] = table[f"source/L{entry['source_layer']}"][
+                "vs_baseline_holm_p"] = held
         results.update(
-            conditions=table,
-            per_layer=per_layer,
-            analysis=analysis,
-            mode=config.mode,
-            judged=judged,
-            answer=verdict["answer"],
+            conditions=table, per_layer=per_layer, analysis=analysis, mode=config.mode,
+            judged=judged, answer=verdict["answer"],
             best_source_layer=verdict["best_source_layer"],
             working_layers=verdict["working_layers"],
-            rank_of_working=verdict["rank_of_working"],
-            findings=verdict["findings"],
+            rank_of_working=verdict["rank_of_working"], findings=verdict["findings"],
         )
-        results["summary"] = _summary(results, verdict, config)
-        common.finish(run, lm, config, results, started)
+        results["summary"] = (
+            f"{rp.setup_sentence(results, config)} with a degeneracy check. Baseline refusal "
+            f"{sm.rate(table['baseline'])}. Mode: {config.mode}. Answer on this model: "
+            f"{verdict['answer']}."
+        )
+        fw.finish(run, lm, config, results, started)
     _report(Path(out_dir), results, run, config)
     return results
 
 
 def _condition(refusal: Direction, source: int, config: LayerTransferConfig) -> Condition:
-    from steerlab.interventions import Ablate, Add
-
     if config.mode == "ablate":
         return Condition(
             f"source/L{source}",
@@ -146,8 +141,6 @@ def _condition(refusal: Direction, source: int, config: LayerTransferConfig) -> 
 
 def _analysis(refusal: Direction, layers: list[int]) -> dict[str, Any]:
     """Held-out Cohen's d per layer and the cross-layer cosine matrix of the directions."""
-    from steerlab.analysis import cosine_matrix
-
     cos = cosine_matrix(refusal.select(layers))
     d = common.cohens_d_of(refusal)
     return {
@@ -162,12 +155,43 @@ def _analysis(refusal: Direction, layers: list[int]) -> dict[str, Any]:
     }
 
 
+class TransferVerdict(TypedDict):
+    """The answer to "one direction or a low-rank subspace?" and what it rests on."""
+
+    answer: str
+    findings: list[sm.Finding]
+    working_layers: list[int]
+    disruptive_layers: list[int]
+    best_source_layer: int
+    removed_share: float | None
+    rank_of_working: dict[str, float]
+    min_cosine_working: float | None
+    holm_p: dict[int, float]
+
+
+@dataclass(frozen=True)
+class _Scan:
+    """What the verdict reads off the source-layer scan."""
+
+    base: sm.Entry
+    best: sm.Entry
+    holm_p: dict[int, float]
+    n_layers: int
+    clean: bool
+    works: list[int]
+    disruptive: list[int]
+    removed: float | None
+    rank: dict[str, float]
+    min_cos: float | None
+    same_as_best: bool
+
+
 def _verdict(
-    table: dict[str, Any],
-    per_layer: list[dict[str, Any]],
+    table: dict[str, sm.Entry],
+    per_layer: list[sm.Entry],
     analysis: dict[str, Any],
     config: LayerTransferConfig,
-) -> dict[str, Any]:
+) -> TransferVerdict:
     """Answer "one direction or a low-rank subspace?" from the measured numbers.
 
     Every tested source layer is one test against baseline; a layer counts as lowering
@@ -175,52 +199,64 @@ def _verdict(
     and keeping the best cannot manufacture a finding. (Its rate is still the best of
     several and so optimistic; the evidence says so.)
     """
-    import torch
+    scan = _scan(table["baseline"], per_layer, analysis, config)
+    findings = [
+        sm.Finding(
+            claim="Ablating one refusal direction removes refusal (Arditi et al.)",
+            verdict=_answer(scan, config)[1],
+            evidence=_evidence(scan, per_layer, analysis, config),
+        ),
+        _same_direction_finding(scan, config),
+    ]
+    return TransferVerdict(
+        answer=_answer(scan, config)[0], findings=findings, working_layers=scan.works,
+        disruptive_layers=scan.disruptive, best_source_layer=scan.best["source_layer"],
+        removed_share=scan.removed, rank_of_working=scan.rank, min_cosine_working=scan.min_cos,
+        holm_p=scan.holm_p,
+    )
 
-    from steerlab.evaluate.stats import holm
 
-    base = table["baseline"]
+def _scan(base: sm.Entry, per_layer: list[sm.Entry], analysis: dict[str, Any],
+          config: LayerTransferConfig) -> _Scan:
     if not per_layer:
         raise SteerlabError("No source layers were tested; give --source-layers.")
-    for entry, adjusted in zip(per_layer, holm([e["vs_baseline_p"] for e in per_layer]),
-                               strict=True):
-        entry["vs_baseline_holm_p"] = adjusted
+    layers = [e["source_layer"] for e in per_layer]
+    holm_p = dict(zip(layers, holm([e["vs_baseline_p"] for e in per_layer]), strict=True))
     # A direction whose removal also rewrites harmless answers (first-token KL >= 0.1, the
     # Arditi et al. filter) is not a refusal direction, however much refusal it removes.
-    clean = [e for e in per_layer if e.get("kl_first_token", 0.0) < common.KL_THRESHOLD]
-    disruptive = [
-        e["source_layer"]
-        for e in per_layer
-        if e not in clean
-        and e["vs_baseline_holm_p"] < common.ALPHA_SIG
-        and e["refusal_rate"] < base["refusal_rate"]
-    ]
+    clean = [e for e in per_layer if e.get("kl_first_token", 0.0) < sm.KL_THRESHOLD]
+
+    def lowers(e: sm.Entry) -> bool:
+        return bool(holm_p[e["source_layer"]] < sm.ALPHA_SIG
+                    and e["refusal_rate"] < base["refusal_rate"])
+
+    disruptive = [e["source_layer"] for e in per_layer if e not in clean and lowers(e)]
     best = min(clean or per_layer, key=lambda e: (e["refusal_rate"], -(e["cohens_d"] or 0.0)))
-    layers = analysis["layers"]
+    works = [e["source_layer"] for e in clean if lowers(e)]
     cos = torch.tensor(analysis["cosine_matrix"])
-    works = [
-        e["source_layer"]
-        for e in clean
-        if e["vs_baseline_holm_p"] < common.ALPHA_SIG
-        and e["refusal_rate"] < base["refusal_rate"]
-    ]
-    idx = [layers.index(s) for s in works]
+    idx = [analysis["layers"].index(s) for s in works]
     units_cos = cos[idx][:, idx] if idx else torch.zeros(0, 0)
-    rank = (
-        common.effective_rank(units_cos)
-        if len(idx) > 1
-        else {"participation_ratio": float(len(idx)), "k90": len(idx)}
+    best_i = analysis["layers"].index(best["source_layer"])
+    return _Scan(
+        base=base, best=best, holm_p=holm_p, n_layers=len(per_layer), clean=bool(clean),
+        works=works, disruptive=disruptive,
+        removed=(1 - best["refusal_rate"] / base["refusal_rate"]) if base["refusal_rate"]
+        else None,
+        rank=common.effective_rank(units_cos) if len(idx) > 1
+        else {"participation_ratio": float(len(idx)), "k90": len(idx)},
+        min_cos=float(units_cos.min()) if len(idx) > 1 else None,
+        same_as_best=all(float(cos[best_i, i]) >= config.similar_cosine for i in idx),
     )
-    min_cos = float(units_cos.min()) if len(idx) > 1 else None
-    best_i = layers.index(best["source_layer"])
-    cos_best = {s: float(cos[best_i, layers.index(s)]) for s in works}
-    removed = (1 - best["refusal_rate"] / base["refusal_rate"]) if base["refusal_rate"] else None
-    b_lo, b_hi = base["refusal_rate_ci95"]
+
+
+def _evidence(scan: _Scan, per_layer: list[sm.Entry], analysis: dict[str, Any],
+              config: LayerTransferConfig) -> str:
+    best, removed, kl = scan.best, scan.removed, f"{sm.KL_THRESHOLD:g}"
     evidence = (
-        f"baseline {common.rate(base)}; best single source layer {best['source_layer']}: "
-        f"{common.rate(best)}, McNemar p={best['vs_baseline_p']:.3g} "
-        f"(Holm-corrected over the {len(per_layer)} source layers: "
-        f"{best['vs_baseline_holm_p']:.3g})"
+        f"baseline {sm.rate(scan.base)}; best single source layer {best['source_layer']}: "
+        f"{sm.rate(best)}, McNemar p={best['vs_baseline_p']:.3g} "
+        f"(Holm-corrected over the {scan.n_layers} source layers: "
+        f"{scan.holm_p[best['source_layer']]:.3g})"
         + (f", removes {removed:.0%} of baseline refusal" if removed is not None else "")
         + ". The best layer is picked on the evaluation prompts, so its rate is "
         "optimistic; its significance is corrected for the pick"
@@ -231,116 +267,88 @@ def _verdict(
     if selected is not None:
         evidence += (
             f"; the layer chosen on the validation split beforehand ({selected['source_layer']})"
-            f" gives {common.rate(selected)}, McNemar p={selected['vs_baseline_p']:.3g}."
+            f" gives {sm.rate(selected)}, McNemar p={selected['vs_baseline_p']:.3g}."
         )
     else:
         evidence += "."
-    if disruptive:
+    if scan.disruptive:
         evidence += (
-            f" Not counted: source layer(s) {common.span(disruptive)} lower refusal only while "
-            f"disturbing harmless prompts (first-token KL >= {common.KL_THRESHOLD:g})."
+            f" Not counted: source layer(s) {fw.span(scan.disruptive)} lower refusal only while "
+            f"disturbing harmless prompts (first-token KL >= {kl})."
         )
-    if not clean:
-        evidence += f" No source layer keeps first-token KL < {common.KL_THRESHOLD:g}."
-    if not base["refusal_rate"]:
-        answer = "undetermined: the model does not refuse these prompts at baseline"
-        verdict1 = "inconclusive"
-    elif best["vs_baseline_holm_p"] >= common.ALPHA_SIG or not clean:
-        answer = (
+    if not scan.clean:
+        evidence += f" No source layer keeps first-token KL < {kl}."
+    lo, hi = scan.base["refusal_rate_ci95"]
+    return (f"{evidence} Removal criterion: at least {config.removal_share:.0%} of the "
+            f"baseline rate (baseline CI [{lo:.0%}, {hi:.0%}]).")
+
+
+def _answer(scan: _Scan, config: LayerTransferConfig) -> tuple[str, str]:
+    """The answer sentence and the verdict of the one-direction claim."""
+    best, removed, works, rank = scan.best, scan.removed, scan.works, scan.rank
+    if not scan.base["refusal_rate"]:
+        return "undetermined: the model does not refuse these prompts at baseline", "inconclusive"
+    if scan.holm_p[best["source_layer"]] >= sm.ALPHA_SIG or not scan.clean:
+        return (
             "no single direction measurably lowers refusal here without disturbing harmless "
             "prompts; the direction is not the mechanism on this model, or n is too small"
-            + (
-                f" (layer(s) {common.span(disruptive)} lower it only with first-token KL >= "
-                f"{common.KL_THRESHOLD:g})"
-                if disruptive
-                else ""
-            )
+            + (f" (layer(s) {fw.span(scan.disruptive)} lower it only with first-token KL >= "
+               f"{sm.KL_THRESHOLD:g})" if scan.disruptive else ""),
+            "not reproduced",
         )
-        verdict1 = "not reproduced"
-    elif removed is not None and removed >= config.removal_share:
-        same = all(c >= config.similar_cosine for c in cos_best.values())
-        answer = (
+    if removed is not None and removed >= config.removal_share:
+        return (
             f"one direction: ablating layer {best['source_layer']}'s direction removes "
             f"{removed:.0%} of refusal"
-            + (
-                f", and the {len(works)} source layers whose direction works point the same "
-                f"way (cosine with the best ≥ {config.similar_cosine:g})"
-                if same
-                else f"; the {len(works)} working source layers include dissimilar directions "
-                f"(effective rank {rank['k90']} by 90% energy), so several near-equivalent "
-                "readouts exist"
-            )
+            + (f", and the {len(works)} source layers whose direction works point the same "
+               f"way (cosine with the best ≥ {config.similar_cosine:g})"
+               if scan.same_as_best
+               else f"; the {len(works)} working source layers include dissimilar directions "
+               f"(effective rank {rank['k90']} by 90% energy), so several near-equivalent "
+               "readouts exist"),
+            "reproduced",
         )
-        verdict1 = "reproduced"
-    else:
-        answer = (
-            f"low-rank subspace (or partial mediation): the best single direction removes "
-            f"only {removed:.0%} of refusal; {len(works)} source layers help, effective "
-            f"rank {rank['k90']} by 90% energy. Test the subspace with "
-            "`steerlab experiment subspace`"
-        )
-        verdict1 = "not reproduced"
-    findings = [
-        {
-            "claim": "Ablating one refusal direction removes refusal (Arditi et al.)",
-            "verdict": verdict1,
-            "evidence": f"{evidence} Removal criterion: at least {config.removal_share:.0%} of the "
-            f"baseline rate (baseline CI [{b_lo:.0%}, {b_hi:.0%}]).",
-        },
-    ]
-    if len(works) > 1:
-        verdict2 = (
-            "reproduced"
-            if min_cos is not None and min_cos >= config.similar_cosine
-            else "not reproduced"
-        )
-        findings.append(
-            {
-                "claim": "The directions that remove refusal at different source layers are one "
-                "direction (high cross-layer cosine)",
-                "verdict": verdict2,
-                "evidence": f"{len(works)} source layers ({common.span(works)}) lower refusal at "
-                f"Holm-corrected p<0.05 with first-token KL < {common.KL_THRESHOLD:g}; "
-                "smallest pairwise "
-                f"cosine among them {min_cos:.2f}; "
-                f"participation ratio {rank['participation_ratio']:.2f}, "
-                f"{rank['k90']} component(s) hold 90% of their energy.",
-            }
-        )
-    else:
-        findings.append(
-            {
-                "claim": "The directions that remove refusal at different source layers are one "
-                "direction (high cross-layer cosine)",
-                "verdict": "inconclusive",
-                "evidence": f"only {len(works)} source layer(s) lower refusal at Holm-corrected "
-                "p<0.05 with "
-                f"first-token KL < {common.KL_THRESHOLD:g}, too few to compare.",
-            }
-        )
-    return {
-        "answer": answer,
-        "findings": findings,
-        "working_layers": works,
-        "disruptive_layers": disruptive,
-        "best_source_layer": best["source_layer"],
-        "removed_share": removed,
-        "rank_of_working": rank,
-        "min_cosine_working": min_cos,
-    }
-
-
-def _summary(results: dict[str, Any], verdict: dict[str, Any], config: LayerTransferConfig) -> str:
-    c = results["conditions"]
     return (
-        f"{common.setup_sentence(results, config)} with a degeneracy check. Baseline refusal "
-        f"{common.rate(c['baseline'])}. Mode: {config.mode}. Answer on this model: "
-        f"{verdict['answer']}."
+        f"low-rank subspace (or partial mediation): the best single direction removes "
+        f"only {removed:.0%} of refusal; {len(works)} source layers help, effective "
+        f"rank {rank['k90']} by 90% energy. Test the subspace with "
+        "`steerlab experiment subspace`",
+        "not reproduced",
     )
 
 
-def _report(out: Path, results: dict[str, Any], run: Runner, config: LayerTransferConfig) -> Path:
-    figs = out / "figures"
+def _same_direction_finding(scan: _Scan, config: LayerTransferConfig) -> sm.Finding:
+    claim = ("The directions that remove refusal at different source layers are one "
+             "direction (high cross-layer cosine)")
+    kl = f"first-token KL < {sm.KL_THRESHOLD:g}"
+    if len(scan.works) <= 1:
+        return sm.Finding(
+            claim=claim, verdict="inconclusive",
+            evidence=f"only {len(scan.works)} source layer(s) lower refusal at Holm-corrected "
+            f"p<0.05 with {kl}, too few to compare.",
+        )
+    return sm.Finding(
+        claim=claim,
+        verdict="reproduced" if scan.min_cos is not None and scan.min_cos >= config.similar_cosine
+        else "not reproduced",
+        evidence=f"{len(scan.works)} source layers ({fw.span(scan.works)}) lower refusal at "
+        f"Holm-corrected p<0.05 with {kl}; smallest pairwise cosine among them "
+        f"{scan.min_cos:.2f}; participation ratio {scan.rank['participation_ratio']:.2f}, "
+        f"{scan.rank['k90']} component(s) hold 90% of their energy.",
+    )
+
+
+def _report(out: Path, results: fw.Results, run: Runner, config: LayerTransferConfig) -> Path:
+    names = ["baseline", f"source/L{results['best_source_layer']}",
+             f"source/L{results['analysis']['selected_layer']}"]
+    return rp.write_report(
+        out, results, title="steerlab: refusal direction transfer across layers",
+        tables=_tables(results, config), figures=_figures(out / "figures", results, config),
+        samples=rp.samples(run.store, list(dict.fromkeys(names)), config.n_samples),
+    )
+
+
+def _figures(figs: Path, results: fw.Results, config: LayerTransferConfig) -> list[Figure]:
     per = results["per_layer"]
     base = results["conditions"]["baseline"]
     analysis = results["analysis"]
@@ -405,18 +413,22 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: LayerTransf
                 "distributions.",
             )
         )
-    judged = bool(results["judged"])
-    tables = [
-        common.condition_table(
+    return fig_list
+
+
+def _tables(results: fw.Results, config: LayerTransferConfig) -> list[Table]:
+    per = results["per_layer"]
+    return [
+        rp.condition_table(
             "Refusal by source layer",
             results["conditions"],
-            judged=judged,
+            judged=bool(results["judged"]),
             extra=["vs_baseline_holm_p"],
             note="p: exact McNemar test against the baseline on the same prompts; Holm p: "
             "corrected over all source layers tested (what the verdicts use); intervals: "
             "Wilson 95%.",
         ),
-        common.kl_table(
+        rp.kl_table(
             "Harmless prompts: KL by source layer",
             {
                 f"source/L{e['source_layer']}": {k: v for k, v in e.items() if k.startswith("kl_")}
@@ -426,18 +438,6 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: LayerTransf
             config.kl_tokens,
         ),
     ]
-    names = [
-        "baseline",
-        f"source/L{results['best_source_layer']}",
-        f"source/L{analysis['selected_layer']}",
-    ]
-    return common.write_report(
-        out,
-        results,
-        run,
-        config,
-        title="steerlab: refusal direction transfer across layers",
-        tables=tables,
-        figures=fig_list,
-        sample_names=list(dict.fromkeys(names)),
-    )
+
+
+EXPERIMENT = fw.Experiment("layer-transfer", LayerTransferConfig, run_layer_transfer)

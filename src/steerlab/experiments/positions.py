@@ -20,9 +20,14 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 
 from steerlab import plots
-from steerlab.experiments import common
-from steerlab.experiments.config import ExperimentConfig
-from steerlab.experiments.runner import Condition, Job, Runner, paired_p
+from steerlab.chat import post_instruction_ids
+from steerlab.experiments import common, measure
+from steerlab.experiments import framework as fw
+from steerlab.experiments import reporting as rp
+from steerlab.experiments import summary as sm
+from steerlab.experiments.config import RefusalExperimentConfig
+from steerlab.experiments.runner import Condition, Job, Runner
+from steerlab.interventions import Ablate, Add
 from steerlab.report import Figure, Table
 
 if TYPE_CHECKING:
@@ -31,7 +36,7 @@ if TYPE_CHECKING:
     from steerlab.prompts import PromptSet
 
 
-class PositionsConfig(ExperimentConfig):
+class PositionsConfig(RefusalExperimentConfig):
     """Settings of ``steerlab experiment positions``."""
 
     positions: list[str] | None = Field(
@@ -60,8 +65,6 @@ class PositionsConfig(ExperimentConfig):
 
 def positions_of(lm: LoadedModel, config: PositionsConfig) -> list[str]:
     """t_inst and each post-instruction token position, or the configured list."""
-    from steerlab.chat import post_instruction_ids
-
     if config.positions:
         return list(config.positions)
     n_post = len(post_instruction_ids(lm.tokenizer))
@@ -70,8 +73,6 @@ def positions_of(lm: LoadedModel, config: PositionsConfig) -> list[str]:
 
 def position_labels(lm: LoadedModel, positions: list[str]) -> dict[str, str]:
     """``post_inst[2]`` → ``post_inst[2] '<|im_start|>'`` for tables and plots."""
-    from steerlab.chat import post_instruction_ids
-
     tokens = lm.tokenizer.convert_ids_to_tokens(list(post_instruction_ids(lm.tokenizer)))
     out = {}
     for pos in positions:
@@ -85,13 +86,13 @@ def position_labels(lm: LoadedModel, positions: list[str]) -> dict[str, str]:
 
 def run_positions(
     lm: LoadedModel, out_dir: str | Path, config: PositionsConfig, show_progress: bool = True
-) -> dict[str, Any]:
+) -> fw.Results:
     """Run every step (resuming from ``out_dir``); write results, responses and report."""
     started = time.perf_counter()
-    eval_set, harmless = common.eval_prompts(config), common.harmless_prompts(config)
+    eval_set, harmless = fw.eval_prompts(config), fw.harmless_prompts(config)
     positions = positions_of(lm, config)
     labels = position_labels(lm, positions)
-    with common.open_runner(lm, out_dir, config, show_progress) as run:
+    with fw.open_runner(lm, out_dir, config, show_progress) as run:
         run.plan((len(positions) + 1) * (len(eval_set) + len(harmless)))
         reference = positions[-1]
         # Only the reference position's layer is used (all interventions act there), so
@@ -116,10 +117,10 @@ def run_positions(
             [Job(c, eval_set, "harmful") for c in ablate]
             + [Job(c, harmless, "harmless") for c in add]
         )
-        t_ablate = common.summarise(run, ablate, eval_set, "harmful:baseline")
-        t_add = common.summarise(run, add, harmless, "harmless:baseline")
-        judged = common.add_judge(run, config, [t_ablate, t_add])
-        results = common.base_results(lm, "positions", eval_set, config)
+        t_ablate = measure.summarise(run, ablate, eval_set, "harmful:baseline")
+        t_add = measure.summarise(run, add, harmless, "harmless:baseline")
+        judged = measure.add_judge(run, config, [t_ablate, t_add])
+        results = fw.base_results(lm, "positions", eval_set, config)
         results.update(
             positions=positions,
             labels=labels,
@@ -135,7 +136,7 @@ def run_positions(
         )
         results["findings"] = _findings(run, eval_set, harmless, results, config)
         results["summary"] = _summary(results, config)
-        common.finish(run, lm, config, results, started)
+        fw.finish(run, lm, config, results, started)
     _report(Path(out_dir), results, run, config)
     return results
 
@@ -151,8 +152,6 @@ def _conditions(
     layer: int,
     config: PositionsConfig,
 ) -> tuple[list[Condition], list[Condition]]:
-    from steerlab.interventions import Ablate, Add
-
     ablate = [Condition("harmful:baseline", description="harmful prompts, no intervention")]
     add = [Condition("harmless:baseline", description="harmless prompts, no intervention")]
     for pos in positions:
@@ -206,10 +205,10 @@ def _findings(
     harmless: PromptSet,
     results: dict[str, Any],
     config: PositionsConfig,
-) -> list[dict[str, str]]:
+) -> list[sm.Finding]:
     a, t_ab, t_add = results["analysis"], results["ablate"], results["add"]
-    ref, layer, sig = results["reference"], results["layer"], common.ALPHA_SIG
-    out = []
+    ref, layer, sig = results["reference"], results["layer"], sm.ALPHA_SIG
+    out: list[sm.Finding] = []
     if "t_inst" in results["positions"]:
         d_t = a["max_cohens_d"]["t_inst"]
         out.append(
@@ -227,9 +226,9 @@ def _findings(
             ("ablate", t_ab, eval_set, "removes refusal on harmful prompts", False),
         ):
             post, tin = table[f"{kind}/{ref}"], table[f"{kind}/t_inst"]
-            p = paired_p(
-                common.rows_of(run, f"{kind}/{ref}", prompts),
-                common.rows_of(run, f"{kind}/t_inst", prompts),
+            p = sm.paired_p(
+                measure.rows_of(run, f"{kind}/{ref}", prompts),
+                measure.rows_of(run, f"{kind}/t_inst", prompts),
             )
             more = (
                 post["refusal_rate"] > tin["refusal_rate"]
@@ -252,9 +251,9 @@ def _findings(
                     else "not reproduced"
                     if not more and powered
                     else "inconclusive",
-                    "evidence": f"{kind} at layer {layer}: {common.rate(post, ref)} vs "
-                    f"{common.rate(tin, 't_inst')}, McNemar p={p:.3g}; baseline "
-                    f"{common.rate(base)}. {ref} is the "
+                    "evidence": f"{kind} at layer {layer}: {sm.rate(post, ref)} vs "
+                    f"{sm.rate(tin, 't_inst')}, McNemar p={p:.3g}; baseline "
+                    f"{sm.rate(base)}. {ref} is the "
                     "pre-registered comparison (Arditi et al.'s position).",
                 }
             )
@@ -285,17 +284,16 @@ def _summary(results: dict[str, Any], config: PositionsConfig) -> str:
         f"harmful prompts n={results['n_eval']} ({results['eval_prompts']}), harmless prompts "
         f"n={results['n_harmless']} ({results['harmless_prompts']}); greedy "
         f"{config.max_new_tokens} new tokens, substring refusal scoring. Baseline refusal: "
-        f"harmful {common.rate(ab['harmful:baseline'])}, harmless "
-        f"{common.rate(ad['harmless:baseline'])}. Per position (refusal on harmful prompts "
+        f"harmful {sm.rate(ab['harmful:baseline'])}, harmless "
+        f"{sm.rate(ad['harmless:baseline'])}. Per position (refusal on harmful prompts "
         f"with it ablated / on harmless prompts with it added): {per}."
     )
 
 
-def _report(out: Path, results: dict[str, Any], run: Runner, config: PositionsConfig) -> Path:
-    figs = out / "figures"
+def _figures(figs: Path, results: fw.Results) -> list[Figure]:
     a, labels, positions = results["analysis"], results["labels"], results["positions"]
     ab, ad = results["ablate"], results["add"]
-    fig_list = [
+    return [
         Figure(
             plots.lines_by_layer(
                 figs / "cohens_d_by_layer.png",
@@ -334,7 +332,7 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: PositionsCo
             "intervention layer.",
         ),
         Figure(
-            common.refusal_bars(
+            rp.refusal_bars(
                 figs / "ablate.png",
                 ab,
                 list(ab),
@@ -343,7 +341,7 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: PositionsCo
             "Refusal on harmful prompts (95% Wilson CI).",
         ),
         Figure(
-            common.refusal_bars(
+            rp.refusal_bars(
                 figs / "add.png",
                 ad,
                 list(ad),
@@ -352,6 +350,12 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: PositionsCo
             "Refusal on harmless prompts (95% Wilson CI).",
         ),
     ]
+
+
+def _report(out: Path, results: fw.Results, run: Runner, config: PositionsConfig) -> Path:
+    a, labels, positions = results["analysis"], results["labels"], results["positions"]
+    ab, ad = results["ablate"], results["add"]
+    fig_list = _figures(out / "figures", results)
     judged = bool(results["judged"])
     per_pos = [
         {
@@ -377,8 +381,8 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: PositionsCo
             note=f"Cohen's d on held-out paired prompts; layer {results['layer']} is where "
             "the interventions act.",
         ),
-        common.condition_table("Harmful prompts: each direction ablated", ab, judged=judged),
-        common.condition_table("Harmless prompts: each direction added", ad, judged=judged),
+        rp.condition_table("Harmful prompts: each direction ablated", ab, judged=judged),
+        rp.condition_table("Harmless prompts: each direction added", ad, judged=judged),
     ]
     names = [
         "harmful:baseline",
@@ -387,13 +391,11 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: PositionsCo
         f"add/{results['reference']}",
         "add/t_inst",
     ]
-    return common.write_report(
-        out,
-        results,
-        run,
-        config,
-        title="steerlab: where refusal is read — t_inst vs post-instruction tokens",
-        tables=tables,
-        figures=fig_list,
-        sample_names=names,
+    return rp.write_report(
+        out, results, title="steerlab: where refusal is read — t_inst vs post-instruction tokens",
+        tables=tables, figures=fig_list,
+        samples=rp.samples(run.store, names, config.n_samples),
     )
+
+
+EXPERIMENT = fw.Experiment("positions", PositionsConfig, run_positions)

@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import torch
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -27,7 +28,10 @@ from rich.progress import (
 from steerlab._atomic import write_json
 from steerlab.directions import Direction
 from steerlab.errors import SteerlabError
+from steerlab.evaluate import outcome
 from steerlab.experiments.store import ResponseStore
+from steerlab.experiments.timings import Timings
+from steerlab.generate import Generation, GenerationGroup, generate_groups
 
 if TYPE_CHECKING:
     from steerlab.model import LoadedModel
@@ -70,22 +74,6 @@ class Job:
     keep_first_token: bool = False
 
 
-@dataclass
-class Timings:
-    """Wall time per step and per generation condition (prompt-weighted passes)."""
-
-    steps: dict[str, float] = field(default_factory=dict)
-    generation: dict[str, float] = field(default_factory=dict)
-    generated_prompts: dict[str, int] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "steps": self.steps,
-            "generation": self.generation,
-            "generated_prompts": self.generated_prompts,
-        }
-
-
 class Runner:
     """Runs the steps of one experiment in ``out_dir`` against one model."""
 
@@ -108,7 +96,7 @@ class Runner:
         self.store = ResponseStore(self.out / "responses.jsonl")
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
-        self.timings = self._load_timings()
+        self.timings = Timings.load(self.out / "timings.json")
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -126,19 +114,6 @@ class Runner:
         self.first_token_logprobs: dict[str, dict[str, Any]] = {}
 
     # -- timings, kept across interruptions ---------------------------------------------------
-    def _load_timings(self) -> Timings:
-        """Timings of earlier, interrupted runs in this folder: a resumed run's cost still
-        counts the work done before the interruption."""
-        path = self.out / "timings.json"
-        if not path.exists():
-            return Timings()
-        data = json.loads(path.read_text())
-        return Timings(
-            steps=dict(data.get("steps", {})),
-            generation=dict(data.get("generation", {})),
-            generated_prompts=dict(data.get("generated_prompts", {})),
-        )
-
     def _save_timings(self) -> None:
         path = self.out / "timings.json"
         data = json.loads(path.read_text()) if path.exists() else {}
@@ -264,11 +239,6 @@ class Runner:
         A shared batch's wall time is split between its conditions by their rows
         in it.
         """
-        import torch
-
-        from steerlab.evaluate import outcome
-        from steerlab.generate import Generation, GenerationGroup, generate_groups
-
         names = [job.condition.name for job in jobs]
         if len(set(names)) != len(names):
             raise SteerlabError(f"run_many got a condition twice: {names}.")
@@ -359,133 +329,3 @@ def _bar_label(jobs: Sequence[Job]) -> str:
         return jobs[0].condition.name
     sets = dict.fromkeys(job.tag or job.prompts.name for job in jobs)
     return f"{len(jobs)} conditions ({', '.join(sets)})"
-
-
-def condition_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """n, refusal/bypass/degenerate rates, each with a Wilson 95% interval."""
-    from steerlab.evaluate import rate_summary
-
-    out: dict[str, Any] = {"n": len(rows)}
-    for label in ("refusal", "bypass", "degenerate"):
-        summary = rate_summary([r["outcome"] == label for r in rows])
-        out[f"{label}_rate"] = summary["rate"]
-        out[f"{label}_rate_ci95"] = summary["ci95"]
-    return out
-
-
-def paired_flags(
-    a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], label: str = "refusal"
-) -> tuple[list[bool], list[bool]]:
-    """Align two conditions' rows on prompt id (only ids both have) as boolean outcome flags."""
-    by_id = {r["prompt_id"]: r for r in b}
-    common = [r for r in a if r["prompt_id"] in by_id]
-    return (
-        [r["outcome"] == label for r in common],
-        [by_id[r["prompt_id"]]["outcome"] == label for r in common],
-    )
-
-
-def paired_p(
-    a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], label: str = "refusal"
-) -> float:
-    """Exact McNemar p of two conditions' ``label`` outcomes on the prompts both have."""
-    from steerlab.evaluate import mcnemar
-
-    return mcnemar(*paired_flags(a, b, label))
-
-
-def kl_conditions(
-    run: Runner, harmless: PromptSet, conditions: Sequence[Condition], *, k: int, seed: int = 0
-) -> dict[str, dict[str, Any]]:
-    """KL(base ‖ steered) on harmless prompts per steered condition, each cached as a step.
-
-    Per condition: first-token KL and KL averaged over the first ``k`` baseline
-    tokens, each with n and a bootstrap 95% interval. The conditions not cached
-    yet are measured together, one unsteered baseline pass per system prompt
-    shared by all of them (n + 1 passes, not 2n); that time is split evenly
-    between their steps in ``timings.json``.
-    """
-    from steerlab.evaluate.kl import kl_per_prompt_many, kl_summary
-
-    def step_name(cond: Condition) -> str:
-        return "kl/" + cond.name.replace("/", "__").replace(":", "_")
-
-    out: dict[str, dict[str, Any]] = {}
-    todo = []
-    for cond in conditions:
-        if cond.specs and run.has_step(step_name(cond)):
-            out[cond.name] = run.step(step_name(cond), dict)  # cached: read back
-        elif cond.specs:
-            todo.append(cond)
-    for system in dict.fromkeys(c.system for c in todo):  # each system prompt, in order
-        group = [c for c in todo if c.system == system]
-        start = time.perf_counter()
-        per = kl_per_prompt_many(
-            run.lm, harmless.texts(), {c.name: list(c.specs) for c in group}, k=k,
-            system=system, batch_size=run.batch_size,
-        )
-        share = (time.perf_counter() - start) / len(group)
-        for cond in group:
-            rep = kl_summary(per[cond.name], k=k, seed=seed)
-            first, mean = rep["first_token"], rep[f"mean_first_{k}"]
-            out[cond.name] = {
-                "kl_n": first["n"],
-                "kl_first_token": first["mean"],
-                "kl_first_token_ci95": first["ci95"],
-                f"kl_first_{k}": mean["mean"],
-                f"kl_first_{k}_ci95": mean["ci95"],
-            }
-            run.save_step(step_name(cond), out[cond.name], share)
-    return {c.name: out[c.name] for c in conditions if c.specs}
-
-
-def check_judge(url: str, model: str) -> None:
-    """Fail at the start of an experiment, not after its generations, when ``--judge``
-    names an endpoint that does not answer (see :meth:`Judge.check`)."""
-    from steerlab.evaluate import Judge
-
-    with Judge(url, model) as judge:
-        judge.check()
-
-
-def judge_conditions(
-    run: Runner,
-    names: Sequence[str],
-    url: str,
-    model: str,
-    *,
-    seed: int = 0,
-    pools: Mapping[str, Sequence[str]] | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Judged compliance and coherence (mean, bootstrap 95% CI, n, missing) per condition.
-
-    ``pools`` adds entries summarised over several conditions' rows (random seeds
-    pooled as one control). Scores are cached in ``judge_cache.jsonl`` in the run
-    folder, so a rerun sends only the pairs not judged yet.
-    """
-    from steerlab.evaluate import Judge, mean_summary
-
-    rows = [r for name in names for r in run.rows(name)]
-    with Judge(url, model, cache=run.out / "judge_cache.jsonl") as judge:
-        scores = judge.score_many([(r["prompt"], r["response"]) for r in rows])
-    values: dict[str, dict[str, list[float | None]]] = {
-        n: {"compliance": [], "coherence": []} for n in names
-    }
-    for row, score in zip(rows, scores, strict=True):
-        bucket = values[row["condition"]]
-        bucket["compliance"].append(None if score.missing else score.compliance)
-        bucket["coherence"].append(None if score.missing else score.coherence)
-    for pool, members in (pools or {}).items():
-        values[pool] = {m: [v for n in members for v in values[n][m]]
-                        for m in ("compliance", "coherence")}
-    out: dict[str, dict[str, Any]] = {}
-    for name, bucket in values.items():
-        entry: dict[str, Any] = {}
-        for metric, vals in bucket.items():
-            summary = mean_summary(vals, seed=seed)
-            entry[f"judge_{metric}"] = summary["mean"]
-            entry[f"judge_{metric}_ci95"] = summary["ci95"]
-            entry["judge_n"] = summary["n"]
-            entry["judge_missing"] = summary.get("missing", 0)
-        out[name] = entry
-    return out

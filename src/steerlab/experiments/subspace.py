@@ -24,9 +24,15 @@ from pydantic import Field
 
 from steerlab import plots
 from steerlab.errors import SteerlabError
-from steerlab.experiments import common
-from steerlab.experiments.config import ExperimentConfig
-from steerlab.experiments.runner import Condition, Job, Runner, kl_conditions, paired_p
+from steerlab.experiments import common, measure
+from steerlab.experiments import framework as fw
+from steerlab.experiments import reporting as rp
+from steerlab.experiments import summary as sm
+from steerlab.experiments.config import RefusalExperimentConfig
+from steerlab.experiments.runner import Condition, Job, Runner
+from steerlab.experiments.summary import newcombe_diff, rate
+from steerlab.interventions import Ablate, SubspaceAblate, parse_layers, random_like
+from steerlab.prompts import load_prompts
 from steerlab.report import Figure, Table
 
 if TYPE_CHECKING:
@@ -37,7 +43,7 @@ if TYPE_CHECKING:
 SOURCES = ("paired", "tier2")
 
 
-class SubspaceConfig(ExperimentConfig):
+class SubspaceConfig(RefusalExperimentConfig):
     """Settings of ``steerlab experiment subspace``."""
 
     layers: str | None = Field(
@@ -73,8 +79,6 @@ class SubspaceConfig(ExperimentConfig):
 
 def basis_layers(config: SubspaceConfig, best: int, n_layers: int) -> list[int]:
     """The basis window: ``--layers`` or ``window`` layers from one before ``best``."""
-    from steerlab.interventions import parse_layers
-
     if config.layers is not None:
         return list(parse_layers(config.layers, n_layers))
     start = min(max(0, best - 1), max(0, n_layers - config.window))
@@ -87,17 +91,15 @@ def grown(window: list[int], extra: int, n_layers: int) -> list[int]:
 
 def run_subspace(
     lm: LoadedModel, out_dir: str | Path, config: SubspaceConfig, show_progress: bool = True
-) -> dict[str, Any]:
+) -> fw.Results:
     """Run every step (resuming from ``out_dir``); write results, responses and report."""
-    from steerlab.prompts import load_prompts
-
     started = time.perf_counter()
     evals = {
-        "paired": common.eval_prompts(config),
+        "paired": fw.eval_prompts(config),
         "tier2": load_prompts("tier2:harmful", split=config.tier2_eval_split, limit=config.limit),
     }
-    harmless = common.harmless_prompts(config)
-    with common.open_runner(lm, out_dir, config, show_progress) as run:
+    harmless = fw.harmless_prompts(config)
+    with fw.open_runner(lm, out_dir, config, show_progress) as run:
         dirs = {
             "paired": run.direction(
                 "refusal_paired",
@@ -125,19 +127,19 @@ def run_subspace(
         }
         run.run_many([Job(c, evals[ev], ev) for ev, conds in by_eval.items() for c in conds])
         tables: dict[str, dict[str, Any]] = {
-            ev: common.summarise(run, conds, evals[ev], f"{ev}:baseline")
+            ev: measure.summarise(run, conds, evals[ev], f"{ev}:baseline")
             for ev, conds in by_eval.items()
         }
-        kl = kl_conditions(
+        kl = measure.kl_conditions(
             run,
             harmless,
             [Condition(n, s, d) for n, (s, d) in specs.items()],
             k=config.kl_tokens,
             seed=config.seed,
         )
-        judged = common.add_judge(run, config, list(tables.values()))
+        judged = measure.add_judge(run, config, list(tables.values()))
         analysis = run.step("analysis", lambda: _analysis(dirs, window))
-        results = common.base_results(lm, "subspace", evals["paired"], config)
+        results = fw.base_results(lm, "subspace", evals["paired"], config)
         results.update(
             window=window,
             wider=[list(w) for w in wider],
@@ -153,7 +155,7 @@ def run_subspace(
         )
         results["findings"] = _findings(run, evals, tables, wider, config, kl)
         results["summary"] = _summary(results, config)
-        common.finish(run, lm, config, results, started)
+        fw.finish(run, lm, config, results, started)
     _report(Path(out_dir), results, run, config)
     return results
 
@@ -162,8 +164,6 @@ def _specs(
     dirs: dict[str, Direction], window: list[int], wider: list[list[int]], config: SubspaceConfig
 ) -> dict[str, tuple[tuple[Any, ...], str]]:
     """Condition name → (specs, description); the same interventions on both eval sets."""
-    from steerlab.interventions import Ablate, SubspaceAblate, random_like
-
     out: dict[str, tuple[tuple[Any, ...], str]] = {}
     for src in SOURCES:
         d = dirs[src]
@@ -174,13 +174,13 @@ def _specs(
         )
         out[f"subspace_{src}"] = (
             (SubspaceAblate((d,), source_layers=window),),
-            f"{src} directions of layers {common.span(window)} "
+            f"{src} directions of layers {fw.span(window)} "
             f"(rank {len(window)}, QR) ablated at every layer",
         )
         for w in wider:
             out[f"subspace{len(w)}_{src}"] = (
                 (SubspaceAblate((d,), source_layers=w),),
-                f"{src} directions of layers {common.span(w)} (rank {len(w)}) ablated",
+                f"{src} directions of layers {fw.span(w)} (rank {len(w)}) ablated",
             )
     if config.random_control:
         rand = random_like(dirs["paired"], seed=config.random_seed)
@@ -224,131 +224,106 @@ def _findings(
     wider: list[tuple[int, ...]],
     config: SubspaceConfig,
     kl: dict[str, dict[str, Any]] | None = None,
-) -> list[dict[str, str]]:
+) -> list[sm.Finding]:
     """Verdicts per claim. An ablation that lowers refusal while moving harmless prompts
-    (first-token KL ≥ common.KL_THRESHOLD) is not counted as removing refusal: on a
+    (first-token KL ≥ sm.KL_THRESHOLD) is not counted as removing refusal: on a
     small model that drop may be damage, so such a claim is at most inconclusive."""
-    from steerlab.experiments.common import newcombe_diff, rate
-
-    def disruptive(cond: str) -> str:
-        return common.damage_note(cond, (kl or {}).get(cond))
-
     if "paired" not in tables or "tier2" not in tables:
         raise SteerlabError("The subspace experiment needs both evaluation sets.")
     p, t = tables["paired"], tables["tier2"]
     sub_p, base_p = p["paired:subspace_paired"], p["paired:baseline"]
-    sig = common.ALPHA_SIG
-    out = []
     no_refusal = not base_p["refusal_rate"]  # nothing to remove: removal claims are untestable
-    removed = 0.0 if no_refusal else 1 - sub_p["refusal_rate"] / base_p["refusal_rate"]
-    ok = sub_p["vs_baseline_p"] < sig and removed >= config.removal_share
     lowered = sub_p["refusal_rate"] < base_p["refusal_rate"]
-    damage = disruptive("subspace_paired") if lowered else ""
-    out.append(
-        {
-            "claim": "Ablating the ordinary refusal subspace removes ordinary (surface) refusal",
-            "verdict": "inconclusive"
-            if no_refusal
-            else "reproduced"
-            if ok and not damage
-            else ("inconclusive" if sub_p["vs_baseline_p"] < sig else "not reproduced"),
-            "evidence": f"{rate(base_p, 'paired baseline')} → {rate(sub_p, 'subspace_paired')}, "
-            f"McNemar p={sub_p['vs_baseline_p']:.3g}; removes {removed or 0:.0%} "
-            f"(criterion ≥ {config.removal_share:.0%}).{damage}",
-        }
+    damage = sm.damage_note("subspace_paired", (kl or {}).get("subspace_paired")) if lowered \
+        else ""
+
+    def paired(a: str, b: str) -> float:
+        return sm.paired_p(measure.rows_of(run, a, evals["paired"]),
+                           measure.rows_of(run, b, evals["paired"]))
+
+    out = [_removal(base_p, sub_p, damage, config), *_tier2(t, sub_p)]
+    single = p["paired:single_paired"]
+    p_single = paired("paired:subspace_paired", "paired:single_paired")
+    better = sub_p["refusal_rate"] < single["refusal_rate"] and p_single < sm.ALPHA_SIG
+    out.append(sm.Finding(
+        claim="The subspace removes more refusal than the best single direction",
+        verdict=_removes_more(better, damage, no_refusal),
+        evidence=f"{rate(single, 'single_paired')} vs {rate(sub_p, 'subspace_paired')}, "
+        f"McNemar p={p_single:.3g}.{damage if better else ''}",
+    ))
+    if wider:
+        name = f"subspace{len(wider[-1])}_paired"
+        big, p_big = p[f"paired:{name}"], paired(f"paired:{name}", "paired:subspace_paired")
+        more = big["refusal_rate"] < sub_p["refusal_rate"] and p_big < sm.ALPHA_SIG
+        big_damage = sm.damage_note(name, (kl or {}).get(name)) if more else ""
+        out.append(sm.Finding(
+            claim="Adding more layers' directions to the basis removes more refusal",
+            verdict=_removes_more(more, big_damage, no_refusal),
+            evidence=f"{rate(sub_p, 'subspace_paired')} vs {rate(big, name)} "
+            f"(rank {len(wider[-1])}), McNemar p={p_big:.3g}."
+            + (big_damage or " Wider ablations also move harmless behaviour more (see KL)."),
+        ))
+    if "paired:random_subspace" in p:
+        out.append(sm.random_control_finding(p["paired:random_subspace"], base_p))
+    return out
+
+
+def _removes_more(better: bool, damage: str, no_refusal: bool) -> str:
+    """A drop that comes with damage (or nothing to remove) is at most inconclusive."""
+    if no_refusal or (better and damage):
+        return "inconclusive"
+    return "reproduced" if better else "not reproduced"
+
+
+def _removal(base_p: sm.Entry, sub_p: sm.Entry, damage: str,
+             config: SubspaceConfig) -> sm.Finding:
+    no_refusal = not base_p["refusal_rate"]
+    removed = 0.0 if no_refusal else 1 - sub_p["refusal_rate"] / base_p["refusal_rate"]
+    significant = sub_p["vs_baseline_p"] < sm.ALPHA_SIG
+    ok = significant and removed >= config.removal_share
+    return sm.Finding(
+        claim="Ablating the ordinary refusal subspace removes ordinary (surface) refusal",
+        verdict="inconclusive" if no_refusal
+        else sm.verdict(ok and not damage, not significant),
+        evidence=f"{rate(base_p, 'paired baseline')} → {rate(sub_p, 'subspace_paired')}, "
+        f"McNemar p={sub_p['vs_baseline_p']:.3g}; removes {removed or 0:.0%} "
+        f"(criterion ≥ {config.removal_share:.0%}).{damage}",
     )
-    sub_t = t["tier2:subspace_paired"]
-    diff = newcombe_diff(sub_t, sub_p)
+
+
+def _tier2(t: dict[str, sm.Entry], sub_p: sm.Entry) -> list[sm.Finding]:
+    """The two-tier claims: tier-2 refusal persists (Newcombe interval above 0) under the
+    ordinary subspace, and under the tier-2 prompts' own subspace."""
+    sub_t, own = t["tier2:subspace_paired"], t["tier2:subspace_tier2"]
+    diff, diff2 = newcombe_diff(sub_t, sub_p), newcombe_diff(own, sub_p)
     no_tier2 = not t["tier2:baseline"]["refusal_rate"]
-    verdict = (
-        "inconclusive"
-        if no_tier2
-        else "reproduced"
-        if diff["ci95"][0] > 0
-        else "not reproduced"
-        if diff["diff"] <= 0
-        else "inconclusive"
-    )
-    out.append(
-        {
-            "claim": "Refusal of the gravest harms (tier 2) persists under the same ablation "
+
+    def persists(d: dict[str, Any]) -> str:
+        return "inconclusive" if no_tier2 else sm.verdict(d["ci95"][0] > 0, d["diff"] <= 0)
+
+    return [
+        sm.Finding(
+            claim="Refusal of the gravest harms (tier 2) persists under the same ablation "
             "(two-tier hypothesis)",
-            "verdict": verdict,
-            "evidence": f"under subspace_paired: {rate(sub_t, 'tier-2')} vs "
+            verdict=persists(diff),
+            evidence=f"under subspace_paired: {rate(sub_t, 'tier-2')} vs "
             f"{rate(sub_p, 'ordinary')}; "
             f"difference {diff['diff']:+.0%} (Newcombe 95% CI [{diff['ci95'][0]:+.0%}, "
             f"{diff['ci95'][1]:+.0%}]); tier-2 baseline "
             f"{rate(t['tier2:baseline'])}, McNemar p vs it "
             f"{sub_t['vs_baseline_p']:.3g}.",
-        }
-    )
-    own = t["tier2:subspace_tier2"]
-    diff2 = newcombe_diff(own, sub_p)
-    verdict = (
-        "inconclusive"
-        if no_tier2
-        else "reproduced"
-        if diff2["ci95"][0] > 0
-        else "not reproduced"
-        if diff2["diff"] <= 0
-        else "inconclusive"
-    )
-    out.append(
-        {
-            "claim": "Tier-2 refusal persists even when the subspace is extracted from "
+        ),
+        sm.Finding(
+            claim="Tier-2 refusal persists even when the subspace is extracted from "
             "tier-2 prompts",
-            "verdict": verdict,
-            "evidence": f"{rate(own, 'tier2:subspace_tier2')} "
+            verdict=persists(diff2),
+            evidence=f"{rate(own, 'tier2:subspace_tier2')} "
             f"(McNemar p={own['vs_baseline_p']:.3g} "
             f"vs tier-2 baseline) vs ordinary prompts under their own subspace "
             f"{rate(sub_p)}: difference {diff2['diff']:+.0%} [{diff2['ci95'][0]:+.0%}, "
             f"{diff2['ci95'][1]:+.0%}].",
-        }
-    )
-    single = p["paired:single_paired"]
-    p_single = paired_p(
-        common.rows_of(run, "paired:subspace_paired", evals["paired"]),
-        common.rows_of(run, "paired:single_paired", evals["paired"]),
-    )
-    better = sub_p["refusal_rate"] < single["refusal_rate"] and p_single < sig
-    out.append(
-        {
-            "claim": "The subspace removes more refusal than the best single direction",
-            "verdict": "inconclusive"
-            if no_refusal or (better and damage)
-            else "reproduced"
-            if better
-            else "not reproduced",
-            "evidence": f"{rate(single, 'single_paired')} vs {rate(sub_p, 'subspace_paired')}, "
-            f"McNemar p={p_single:.3g}.{damage if better else ''}",
-        }
-    )
-    if wider:
-        name = f"paired:subspace{len(wider[-1])}_paired"
-        big = p[name]
-        p_big = paired_p(
-            common.rows_of(run, name, evals["paired"]),
-            common.rows_of(run, "paired:subspace_paired", evals["paired"]),
-        )
-        more = big["refusal_rate"] < sub_p["refusal_rate"] and p_big < sig
-        big_damage = disruptive(name.split(":")[1]) if more else ""
-        out.append(
-            {
-                "claim": "Adding more layers' directions to the basis removes more refusal",
-                "verdict": "inconclusive"
-                if no_refusal or (more and big_damage)
-                else "reproduced"
-                if more
-                else "not reproduced",
-                "evidence": f"{rate(sub_p, 'subspace_paired')} vs {rate(big, name.split(':')[1])} "
-                f"(rank {len(wider[-1])}), McNemar p={p_big:.3g}."
-                + (big_damage or " Wider ablations also move harmless behaviour more (see KL)."),
-            }
-        )
-    if "paired:random_subspace" not in p:
-        return out
-    out.append(common.random_control_finding(p["paired:random_subspace"], base_p))
-    return out
+        ),
+    ]
 
 
 def _summary(results: dict[str, Any], config: SubspaceConfig) -> str:
@@ -366,7 +341,7 @@ def _summary(results: dict[str, Any], config: SubspaceConfig) -> str:
     two_tier = next(v for k, v in verdicts.items() if k.startswith("Refusal of the gravest"))
     return (
         f"Model {results['model']} (fingerprint {results['fingerprint']}); basis layers "
-        f"{common.span(results['window'])}; ordinary harmful prompts n={sets['paired']['n']} "
+        f"{fw.span(results['window'])}; ordinary harmful prompts n={sets['paired']['n']} "
         f"({sets['paired']['name']}, {sets['paired']['split']}), tier-2 harmful prompts "
         f"n={sets['tier2']['n']} ({sets['tier2']['split']} split); greedy "
         f"{config.max_new_tokens} new tokens, substring refusal scoring. Baseline refusal: "
@@ -378,16 +353,15 @@ def _summary(results: dict[str, Any], config: SubspaceConfig) -> str:
     )
 
 
-def _report(out: Path, results: dict[str, Any], run: Runner, config: SubspaceConfig) -> Path:
-    figs = out / "figures"
+def _figures(figs: Path, results: fw.Results) -> list[Figure]:
     c = results["conditions"]
     names = [n for n in c if not n.endswith(":baseline")]
     order = [f"{ev}:baseline" for ev in ("paired", "tier2")] + sorted(names)
     a = results["analysis"]
     m = results["matrix"]
-    fig_list = [
+    return [
         Figure(
-            common.refusal_bars(
+            rp.refusal_bars(
                 figs / "conditions.png",
                 c,
                 order,
@@ -444,13 +418,18 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: SubspaceCon
             "Per-layer cosine between the two sources' refusal directions.",
         ),
     ]
+
+
+def _report(out: Path, results: fw.Results, run: Runner, config: SubspaceConfig) -> Path:
+    m = results["matrix"]
+    fig_list = _figures(out / "figures", results)
     judged = bool(results["judged"])
     tables = [
-        common.condition_table(f"Evaluation set: {ev}", results["by_eval_set"][ev], judged=judged)
+        rp.condition_table(f"Evaluation set: {ev}", results["by_eval_set"][ev], judged=judged)
         for ev in ("paired", "tier2")
     ]
     tables.append(
-        common.kl_table("Harmless prompts: KL per intervention", results["kl"], config.kl_tokens)
+        rp.kl_table("Harmless prompts: KL per intervention", results["kl"], config.kl_tokens)
     )
     tables.append(
         Table(
@@ -460,7 +439,7 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: SubspaceCon
                 {
                     "source": src,
                     **{
-                        lab: common.rate(m[src][ev])
+                        lab: rate(m[src][ev])
                         for lab, ev in (("ordinary prompts", "paired"), ("tier-2 prompts", "tier2"))
                     },
                 }
@@ -475,13 +454,11 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: SubspaceCon
         "tier2:subspace_paired",
         "tier2:subspace_tier2",
     ]
-    return common.write_report(
-        out,
-        results,
-        run,
-        config,
-        title="steerlab: refusal subspace ablation and the two-tier hypothesis",
-        tables=tables,
-        figures=fig_list,
-        sample_names=sample_names,
+    return rp.write_report(
+        out, results, title="steerlab: refusal subspace ablation and the two-tier hypothesis",
+        tables=tables, figures=fig_list,
+        samples=rp.samples(run.store, sample_names, config.n_samples),
     )
+
+
+EXPERIMENT = fw.Experiment("subspace", SubspaceConfig, run_subspace)

@@ -14,15 +14,14 @@ from typing import TYPE_CHECKING, Any
 from steerlab import plots
 from steerlab._atomic import write_json
 from steerlab.errors import InterventionError
-from steerlab.experiments.runner import (
-    Condition,
-    Job,
-    Runner,
-    condition_summary,
-    kl_conditions,
-    paired_flags,
-)
-from steerlab.report import Figure, Report, Table
+from steerlab.experiments.measure import kl_conditions
+from steerlab.experiments.reporting import grid_values, write_report
+from steerlab.experiments.runner import Condition, Job, Runner
+from steerlab.experiments.summary import condition_summary, paired_p
+from steerlab.interventions import parse_steer
+from steerlab.provenance import provenance
+from steerlab.report import Figure, Table
+from steerlab.steering import check_specs
 
 if TYPE_CHECKING:
     from steerlab.model import LoadedModel
@@ -44,11 +43,6 @@ def run_sweep(
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Run the grid (resumable in ``out_dir``) and write results.json and the report."""
-    from steerlab.evaluate import mcnemar
-    from steerlab.interventions import parse_steer
-    from steerlab.provenance import provenance
-    from steerlab.steering import check_specs
-
     if "{layer}" not in template or "{alpha}" not in template:
         raise InterventionError(
             f"Sweep template {template!r} needs both {{layer}} and {{alpha}} placeholders, e.g. "
@@ -80,9 +74,8 @@ def run_sweep(
         # KL of every cell not cached yet, against one shared baseline pass.
         kl = kl_conditions(run, harmless, conds, k=kl_tokens) if harmless is not None else {}
         for (layer, alpha), cond, rows in zip(grid, conds, grid_rows, strict=True):
-            cell = {"layer": layer, "alpha": alpha, **condition_summary(rows)}
-            a, b = paired_flags(rows, base)
-            cell["vs_baseline_p"] = mcnemar(a, b)
+            cell = {"layer": layer, "alpha": alpha, **condition_summary(rows),
+                    "vs_baseline_p": paired_p(rows, base)}
             if harmless is not None:
                 cell[f"kl_first_{kl_tokens}"] = kl[cond.name][f"kl_first_{kl_tokens}"]
             cells.append(cell)
@@ -117,20 +110,13 @@ def _report(
     kl_tokens: int | None,
 ) -> None:
     cells = results["cells"]
-
-    def grid(key: str) -> list[list[float]]:
-        return [
-            [next(c[key] for c in cells if c["layer"] == la and c["alpha"] == al) for al in alphas]
-            for la in layers
-        ]
-
     figs = [
         Figure(
             plots.grid_heatmap(
                 out / "figures" / f"{key}.png",
                 list(layers),
                 list(alphas),
-                grid(key),
+                grid_values(cells, layers, alphas, key),
                 title=title,
                 row_label="layer",
                 col_label="alpha",
@@ -155,11 +141,12 @@ def _report(
     if kl_tokens is not None:
         columns.append(f"kl_first_{kl_tokens}")
     b = results["baseline"]
-    Report(
+    write_report(
+        out,
+        results,
         title=f"steerlab sweep: {results['template']}",
         summary=f"Model {results['model']}, {results['n']} prompts from {results['prompts']}; "
         f"baseline refusal {b['refusal_rate']:.0%} {b['refusal_rate_ci95']}.",
         tables=[Table("Grid", columns, cells, note="p: exact McNemar vs baseline.")],
         figures=figs,
-        provenance=results["provenance"],
-    ).write(out)
+    )

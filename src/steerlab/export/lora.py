@@ -1,163 +1,48 @@
-"""Export an edit so other tools can use it without steerlab.
-
-- ``hf``: a merged Hugging Face checkpoint (safetensors, config, tokenizer with
-  its chat template, generation config) of an orthogonalized model; plain
-  ``AutoModelForCausalLM.from_pretrained`` (and vLLM) load it.
-- ``lora``: the same edit as a PEFT LoRA adapter. ``W − α·QQᵀW`` differs from
-  W by a rank-k matrix, so each edited Linear gets ``B = −α·Q`` (out×k) and
-  ``A = QᵀW`` (k×in), and the embedding gets PEFT's embedding LoRA with
-  ``lora_embedding_A = (E Q)ᵀ`` and ``lora_embedding_B = −α·Q`` (PEFT adds
-  ``(B A)ᵀ`` to the embedding matrix). Merged, it equals the ``hf`` export.
-  :func:`read_lora_directions` reads any LoRA adapter's update directions
-  back as steerlab directions.
-- ``gguf-cvec``: an activation-addition direction as a llama.cpp control
-  vector (see :func:`export_gguf_cvec` for the layer numbering).
-"""
+"""An orthogonalization as a PEFT LoRA adapter, and any LoRA adapter's update directions
+read back. ``W − α·QQᵀW`` differs from W by a rank-k matrix, so each edited Linear gets
+``B = −α·Q`` and ``A = QᵀW``, and the embedding PEFT's embedding LoRA with
+``lora_embedding_A = (E Q)ᵀ`` and ``lora_embedding_B = −α·Q``; merged, it equals the ``hf``
+export."""
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
-import os
 import re
 import shutil
-import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from steerlab._atomic import disk_full, free_space_shortfall, write_json
+from steerlab._atomic import write_json
 from steerlab.directions import Direction, DirectionMeta
-from steerlab.errors import DirectionError, SteerlabError
+from steerlab.embedded import DEFAULT_MODEL_NAME
+from steerlab.errors import DirectionError
+from steerlab.export.common import (
+    EDIT_FILE,
+    ExportError,
+    commit_dir,
+    edit_provenance,
+    edit_record,
+    fresh_dir,
+)
+from steerlab.model import LoadedModel, load_model
 from steerlab.orthogonalize import (
     COMPONENTS,
     DirectionLike,
-    OrthogonalizeResult,
     direction_basis,
     embeddings_tied,
     module_weight,
     plan_edits,
 )
 
-if TYPE_CHECKING:
-    from steerlab.model import LoadedModel
-
-FORMATS = ("hf", "lora", "gguf-cvec")
-EDIT_FILE = "steerlab_edit.json"
 LORA_WEIGHTS = "adapter_model.safetensors"
 LORA_CONFIG = "adapter_config.json"
-CVEC_ARCH = "controlvector"
-# HF model_type -> llama.cpp architecture name (controlvector.model_hint is informational).
-LLAMA_CPP_ARCH = {"mistral": "llama", "gemma3_text": "gemma3"}
 
 
-class ExportError(SteerlabError):
-    """An export target exists, or the edit cannot be written in the requested format."""
-
-
-# -- shared ------------------------------------------------------------------------------------
-def _provenance(lm: LoadedModel | None) -> dict[str, Any]:
-    from steerlab import __version__
-
-    info: dict[str, Any] = {
-        "created_by": f"steerlab {__version__}",
-        "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-    }
-    if lm is not None:
-        info.update(model_name=lm.name, model_spec=lm.spec, model_type=lm.model.config.model_type)
-    return info
-
-
-def _fresh_dir(out: Path, overwrite: bool) -> Path:
-    """A temp folder beside ``out`` to fill before renaming it into place."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ExportError(
-            f"{out} already exists and is not empty; choose another --out or pass overwrite=True "
-            "(--overwrite)."
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-
-
-def _commit_dir(tmp: Path, out: Path) -> None:
-    """Rename the filled temp folder to ``out`` (replacing an old export only now)."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
-# -- hf ----------------------------------------------------------------------------------------
-def export_hf(
-    lm: LoadedModel,
-    out: str | Path,
-    *,
-    edit: OrthogonalizeResult | None = None,
-    extra: dict[str, Any] | None = None,
-    dtype: torch.dtype | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Save ``lm`` (already edited) as a self-contained Hugging Face model folder.
-
-    Writes safetensors weights, config, generation config, tokenizer and chat
-    template, plus ``steerlab_edit.json`` describing the edit. ``dtype``
-    casts the saved weights (default: as loaded). Written to a temp folder
-    and renamed, so ``out`` is never half-written.
-
-    Example:
-        >>> result = orthogonalize(lm, direction)           # doctest: +SKIP
-        >>> export_hf(lm, "qwen-ablated", edit=result)      # doctest: +SKIP
-    """
-    target = Path(out)
-    need = checkpoint_bytes(lm.model, dtype)
-    if (short := free_space_shortfall(target.parent, need)) is not None:
-        raise ExportError(
-            f"Cannot export to {target}: {short}. Free some space, choose an --out on a larger "
-            "disk, or load the model with --dtype bfloat16 to halve the checkpoint."
-        )
-    tmp = _fresh_dir(target, overwrite)
-    try:
-        model = lm.model
-        if dtype is not None and dtype != lm.dtype:
-            model = model.to(dtype)  # in place for nn.Module; the caller's lm now has this dtype
-            lm.dtype = dtype
-        model.save_pretrained(tmp)
-        lm.tokenizer.save_pretrained(tmp)
-        record = {"format": "hf", **_provenance(lm),
-                  "fingerprint": lm.fingerprint, "edit": edit.to_json() if edit else None,
-                  **(extra or {})}
-        write_json(tmp / EDIT_FILE, record)
-        _commit_dir(tmp, target)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if disk_full(exc):  # something else filled the disk after the check above
-            raise ExportError(
-                f"The disk filled up while writing {target}; the partial export was removed. "
-                "Free some space or choose an --out on a larger disk, and export again."
-            ) from exc
-        raise
-    return target
-
-
-def checkpoint_bytes(model: torch.nn.Module, dtype: torch.dtype | None = None) -> int:
-    """Bytes of the weights ``save_pretrained`` writes (tied tensors once), cast to ``dtype``."""
-    # Keyed by storage address; tensors with none (meta) are counted each on their own.
-    unique = {t.data_ptr() or id(t): t for t in model.state_dict().values()}
-    return sum(t.numel() * (dtype.itemsize if dtype is not None and t.is_floating_point()
-                            else t.element_size())
-               for t in unique.values())
-
-
-# -- lora --------------------------------------------------------------------------------------
 @torch.no_grad()
 def lora_tensors(
     lm: LoadedModel,
@@ -219,8 +104,6 @@ def lora_tensors(
 def _hub_name(lm: LoadedModel) -> str:
     """What PEFT records as the base model: the hub id for the embedded model, else the spec."""
     if lm.spec == "default":
-        from steerlab.embedded import DEFAULT_MODEL_NAME
-
         return f"Qwen/{DEFAULT_MODEL_NAME}"
     return lm.spec
 
@@ -282,15 +165,15 @@ def write_lora(lm: LoadedModel, tensors: dict[str, torch.Tensor], info: dict[str
         inference_mode=True,
     )
     target = Path(out)
-    tmp = _fresh_dir(target, overwrite)
+    tmp = fresh_dir(target, overwrite)
     try:
         config_dict = config.to_dict()
         config_dict["target_modules"] = sorted(info["target_modules"])
         write_json(tmp / LORA_CONFIG, config_dict)
         save_file(tensors, str(tmp / LORA_WEIGHTS), metadata={"format": "pt"})
-        write_json(tmp / EDIT_FILE, {"format": "lora", **_provenance(lm),
+        write_json(tmp / EDIT_FILE, {"format": "lora", **edit_provenance(lm),
                                      "base_fingerprint": lm.fingerprint, "edit": info})
-        _commit_dir(tmp, target)
+        commit_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -304,8 +187,6 @@ def load_edited(spec: str, *, dtype: str = "auto", base: str | None = None) -> L
     steerlab recorded when exporting it, else the adapter config's
     ``base_model_name_or_path``.
     """
-    from steerlab.model import LoadedModel, load_model
-
     folder = Path(spec)
     if not (folder / LORA_CONFIG).is_file():
         return load_model(spec, dtype=dtype)
@@ -442,153 +323,3 @@ def adapter_cosines(
             out[key] = direction.cosine(reference)
     return out
 
-
-# -- gguf control vector -----------------------------------------------------------------------
-def cvec_tensor_index(layer: int) -> int:
-    """llama.cpp ``direction.{k}`` index for a steerlab ``Add`` at layer ``layer``.
-
-    steerlab's ``Add`` at layer L adds to the output of decoder layer L
-    (steerlab.steering, site ``output``). llama.cpp adds ``direction.k`` to
-    the output of block k (0-based; ``build_cvec(cur, il)`` right after the
-    FFN residual add in src/models/*.cpp; ``common_control_vector_load_one``
-    puts direction.k at data offset ``n_embd·(k−1)`` and
-    ``llama_adapter_cvec::apply`` hands that slice to block k). So k = L, and
-    layer 0 cannot be steered: llama.cpp rejects ``direction.0``.
-    """
-    if layer < 1:
-        raise ExportError(
-            "llama.cpp control vectors cannot add to the output of layer 0 (direction.0 is "
-            "rejected by llama.cpp). Use layers 1 and above."
-        )
-    return layer
-
-
-def export_gguf_cvec(
-    direction: Direction,
-    out: str | Path,
-    *,
-    alpha: float = 1.0,
-    layers: Iterable[int] | None = None,
-    source_layer: int | None = None,
-    scale: Literal["raw", "unit"] = "raw",
-    lm: LoadedModel | None = None,
-    model_hint: str | None = None,
-) -> Path:
-    """Write the activation addition ``Add(direction, alpha, layers, source_layer)`` as a
-    llama.cpp control vector (``--control-vector FILE`` with strength 1 reproduces it).
-
-    Tensors ``direction.{k}`` (float32, d_model) with k from
-    :func:`cvec_tensor_index`; metadata ``general.architecture =
-    "controlvector"``, ``controlvector.model_hint``, ``controlvector.layer_count``
-    (as llama.cpp's cvector-generator writes them) plus ``steerlab.*`` keys
-    that record alpha, source layer and the layer convention. With
-    ``source_layer`` the one vector is added at every layer in ``layers``
-    (default: all model layers ≥ 1, which needs ``lm``); otherwise each layer
-    gets its own vector (default: the direction's layers ≥ 1).
-    """
-    import gguf
-    import numpy as np
-
-    if lm is not None:
-        direction.check_compatible(lm, allow_mismatch=True)
-    if layers is None:
-        if source_layer is not None:
-            if lm is None:
-                raise ExportError("Give layers=... (or lm=...) to know where to add the vector.")
-            layers = range(1, lm.n_layers)
-        else:
-            layers = [i for i in direction.layers if i >= 1]
-    chosen = sorted(set(layers))
-    if not chosen:
-        raise ExportError("No layers to write: the control vector would be empty.")
-    if lm is not None and chosen[-1] >= lm.n_layers:
-        raise ExportError(f"Layer {chosen[-1]} is out of range for a {lm.n_layers}-layer model.")
-    hint = model_hint or (lm.model.config.model_type if lm is not None else "") or "unknown"
-    hint = LLAMA_CPP_ARCH.get(hint, hint)
-    target = Path(out)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp_name, CVEC_ARCH)
-        writer.add_string(f"{CVEC_ARCH}.model_hint", hint)
-        writer.add_uint32(f"{CVEC_ARCH}.layer_count", len(chosen))
-        writer.add_string("steerlab.direction", direction.meta.name)
-        writer.add_float32("steerlab.alpha", float(alpha))
-        writer.add_int32("steerlab.source_layer", -1 if source_layer is None else source_layer)
-        writer.add_string("steerlab.layer_convention",
-                          "direction.k is added to the output of block k (0-based) = steerlab "
-                          "Add at layer k")
-        for layer in chosen:
-            vec = direction.vector(source_layer if source_layer is not None else layer,
-                                   unit=scale == "unit")
-            data = (float(alpha) * vec.detach().float().cpu()).numpy().astype(np.float32)
-            writer.add_tensor(f"direction.{cvec_tensor_index(layer)}", data)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp_name, target)
-    finally:
-        Path(tmp_name).unlink(missing_ok=True)
-    return target
-
-
-def read_gguf_cvec(path: str | Path) -> Direction:
-    """Read a llama.cpp control vector back as a steerlab Direction (layers in steerlab numbering).
-
-    The vectors are exactly what llama.cpp adds (alpha already applied).
-    """
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
-    vectors: dict[int, torch.Tensor] = {}
-    for tensor in reader.tensors:
-        match = re.fullmatch(r"direction\.(\d+)", tensor.name)
-        if not match or int(match.group(1)) == 0:
-            raise DirectionError(
-                f"{path} has tensor {tensor.name!r}; a control vector has only direction.k, k ≥ 1."
-            )
-        vectors[int(match.group(1))] = torch.tensor(tensor.data.copy()).float().reshape(-1)
-    if not vectors:
-        raise DirectionError(f"{path} has no direction tensors.")
-    fields = {}
-    for key in ("general.architecture", f"{CVEC_ARCH}.model_hint", "steerlab.direction"):
-        field = reader.get_field(key)
-        if field is not None:
-            fields[key] = bytes(field.parts[field.data[0]]).decode()
-    layers = tuple(sorted(vectors))
-    meta = DirectionMeta(name=fields.get("steerlab.direction", Path(path).stem), kind="cvec",
-                         method="gguf-cvec", d_model=int(vectors[layers[0]].numel()),
-                         extra=fields)
-    return Direction(torch.stack([vectors[i] for i in layers]), layers, meta)
-
-
-def check_format(fmt: str) -> str:
-    if fmt not in FORMATS:
-        raise ExportError(f"Unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}.")
-    return fmt
-
-
-def edit_record(path: str | Path) -> dict[str, Any] | None:
-    """The ``steerlab_edit.json`` of an exported folder, if any."""
-    file = Path(path) / EDIT_FILE
-    return json.loads(file.read_text()) if file.is_file() else None
-
-
-__all__ = [
-    "FORMATS",
-    "ExportError",
-    "adapter_cosines",
-    "check_format",
-    "cvec_tensor_index",
-    "edit_record",
-    "export_gguf_cvec",
-    "export_hf",
-    "export_lora",
-    "load_edited",
-    "lora_tensors",
-    "read_gguf_cvec",
-    "read_lora_directions",
-    "write_lora",
-]

@@ -11,7 +11,9 @@ from typing import Any
 
 import torch
 
-from steerlab.export import ExportError, _linear_coeffs, export_hf, write_lora
+from steerlab.export.common import ExportError
+from steerlab.export.hf import export_hf
+from steerlab.export.lora import _linear_coeffs, write_lora
 from steerlab.kernel_ablate import KernelAblate
 from steerlab.model import LoadedModel
 from steerlab.orthogonalize import kernel_edits, module_weight, orthogonalize_spec

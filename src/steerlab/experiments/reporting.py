@@ -1,0 +1,109 @@
+"""The one report builder: every experiment's report.html and report.md are a summary,
+its findings, tables, figures, sample responses and provenance, built here."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from steerlab import plots
+from steerlab.experiments.config import ExperimentConfig
+from steerlab.experiments.store import ResponseStore
+from steerlab.experiments.summary import Entry, Finding
+from steerlab.report import Figure, Report, Sample, Table
+from steerlab.report import Finding as ReportFinding
+
+RATE_KEYS = ("n", "refusal_rate", "refusal_rate_ci95", "bypass_rate", "degenerate_rate",
+             "vs_baseline_p")
+JUDGE_COLUMNS = ["judge_compliance", "judge_compliance_ci95", "judge_coherence",
+                 "judge_coherence_ci95"]
+
+
+def write_report(
+    out: Path,
+    results: Mapping[str, Any],
+    *,
+    title: str,
+    tables: Sequence[Table],
+    figures: Sequence[Figure],
+    samples: Sequence[Sample] = (),
+    summary: str | None = None,
+) -> Path:
+    """Write ``report.html`` and ``report.md``: the summary (``results["summary"]`` unless
+    given), findings and provenance from ``results``, then tables, figures and samples."""
+    findings: Sequence[Finding] = results.get("findings", [])
+    report = Report(
+        title=title,
+        summary=results["summary"] if summary is None else summary,
+        findings=[ReportFinding(**f) for f in findings],
+        tables=list(tables),
+        figures=list(figures),
+        samples=list(samples),
+        provenance=results["provenance"],
+    )
+    html, _ = report.write(out)
+    return html
+
+
+def samples(store: ResponseStore, names: Sequence[str], n: int) -> list[Sample]:
+    """The first ``n`` rows of each condition by prompt id: the same prompts across
+    conditions, whatever order the rows finished in."""
+    return [Sample(name, row["prompt"], row["response"], row["outcome"])
+            for name in names
+            for row in sorted(store.rows(name), key=lambda r: str(r["prompt_id"]))[:n]]
+
+
+def setup_sentence(results: Mapping[str, Any], config: ExperimentConfig) -> str:
+    """The opening of a summary: model, evaluation prompts, decoding and scoring."""
+    return (
+        f"Model {results['model']} (fingerprint {results['fingerprint']}), "
+        f"{results['n_eval']} harmful evaluation prompts from {results['eval_prompts']}, "
+        f"greedy {config.max_new_tokens} new tokens, substring refusal scoring"
+    )
+
+
+def condition_table(title: str, entries: Mapping[str, Entry], *, judged: bool = False,
+                    extra: Sequence[str] = (), note: str = "") -> Table:
+    columns = ["condition", *RATE_KEYS, *extra, *(JUDGE_COLUMNS if judged else []),
+               "description"]
+    return Table(
+        title,
+        columns,
+        [{"condition": n, **e} for n, e in entries.items()],
+        note=note
+        or "p: exact McNemar test against the baseline on the same prompts; intervals: Wilson 95%.",
+    )
+
+
+def kl_table(title: str, kl: Mapping[str, Entry], k: int) -> Table:
+    columns = ["condition", "kl_n", "kl_first_token", "kl_first_token_ci95", f"kl_first_{k}",
+               f"kl_first_{k}_ci95"]
+    return Table(
+        title,
+        columns,
+        [{"condition": n, **v} for n, v in kl.items()],
+        note=f"KL(base ‖ steered) in nats on harmless prompts: at the first "
+        f"response token and averaged over the first {k} baseline tokens "
+        "(teacher-forced); bootstrap 95% intervals.",
+    )
+
+
+def refusal_bars(path: Path, entries: Mapping[str, Mapping[str, Any]], names: Sequence[str], *,
+                 title: str) -> Path:
+    """Bar chart of the refusal rate (95% Wilson CI) of the conditions ``names``."""
+    return plots.bars_with_ci(
+        path,
+        list(names),
+        [entries[n]["refusal_rate"] for n in names],
+        [entries[n]["refusal_rate_ci95"] for n in names],
+        title=title,
+        ylabel="refusal rate",
+    )
+
+
+def grid_values(cells: Sequence[Mapping[str, Any]], layers: Sequence[int],
+                alphas: Sequence[float], key: str) -> list[list[float]]:
+    """``key`` of the (layer, alpha) cells as rows of layers, columns of alphas."""
+    return [[next(c[key] for c in cells if c["layer"] == la and c["alpha"] == al)
+             for al in alphas] for la in layers]
