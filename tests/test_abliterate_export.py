@@ -12,10 +12,10 @@ from peft import PeftModel
 from steerlab.cli import main
 from steerlab.directions import Direction
 from steerlab.export import ExportError, edit_record, export_hf, load_edited
+from steerlab.export.kernel import export_kernel
 from steerlab.generate import generate
 from steerlab.interventions import specs_to_json
 from steerlab.kernel_ablate import KernelAblate
-from steerlab.export.kernel import export_kernel
 from steerlab.orthogonalize import orthogonalize_spec
 from steerlab.steering import steer
 from tests.tiny import save_tiny, tiny_model

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from steerlab.compilers import Sites, _SubspaceOp, register_compiler
+from steerlab.compilers import Sites, SubspaceOp, register_compiler
 from steerlab.directions import Direction
 from steerlab.errors import InterventionError
 from steerlab.spec_types import spec_op
@@ -191,7 +191,7 @@ def _compile(spec: KernelAblate, lm: LoadedModel, sites: Sites, label: str) -> N
     for kind, weights in spec.site_weights(lm.n_layers).items():
         for layer, weight in enumerate(weights):
             if weight != 0.0:
-                sites.add_op(lm, kind, layer, _SubspaceOp, label, spec.positions,
+                sites.add_op(lm, kind, layer, SubspaceOp, label, spec.positions,
                              basis=basis, basis_t=weight * basis.T.contiguous())
 
 

@@ -98,8 +98,8 @@ def register(app: typer.Typer) -> None:
 
     def _export_spec(lm: LoadedModel, steer: str, out: Path, fmt: str,
                      allow_approximate: bool, overwrite: bool) -> Path:
-        from steerlab.interventions import KernelAblate, parse_steer
         from steerlab.export.kernel import export_kernel
+        from steerlab.interventions import KernelAblate, parse_steer
 
         specs = parse_steer(steer)
         if len(specs) != 1 or not isinstance(specs[0], KernelAblate):
