@@ -281,3 +281,33 @@ def test_real_search_lowers_validation_refusal(real_lm, tmp_path):
                key=lambda t: t["score"]["refusals"])
     assert best["score"]["refusals"] < result.baseline.refusals
     assert count_hooks(real_lm.model) == 0
+
+
+def test_heldout_evaluation_has_intervals_and_paired_tests(tmp_path):
+    lm = tiny_model("qwen2")
+    config = AbliterateConfig(**{**TINY, "trials": 2, "evaluate": True, "heldout_limit": 4,
+                                 "capability_limit": 3})
+    result = abliterate(lm, tmp_path / "run", config, scorer=tiny_scorer(lm, config))
+    assert result.heldout is not None
+    heldout = json.loads((tmp_path / "run" / "heldout.json").read_text())
+    assert set(heldout["results"]) == {"unedited", "abliterate", "plain selection"}
+    assert heldout["chosen_trial"] == result.choice.trial.number
+    assert heldout["plain_selection"]["layer"] in heldout["plain_selection"]["layers_tried"]
+    for name, measures in heldout["results"].items():
+        refusal = measures["refusal_harmful"]
+        assert refusal["n"] == 4 and len(refusal["ci95"]) == 2
+        assert measures["capability_accuracy"]["n"] == 3
+        assert "ci95" in measures["perplexity"] and "ci95" in measures["kl_first_token"]
+        if name != "unedited":
+            assert 0.0 <= measures["vs_baseline"]["refusal_harmful_p"] <= 1.0
+    assert heldout["results"]["unedited"]["kl_first_token"]["mean"] == pytest.approx(0.0,
+                                                                                     abs=1e-6)
+    rows = (tmp_path / "run" / "heldout_rows.jsonl").read_text().splitlines()
+    assert {json.loads(r)["condition"] for r in rows} == set(heldout["results"])
+    again = abliterate(lm, tmp_path / "run", config, scorer=tiny_scorer(lm, config))
+    assert again.heldout == heldout  # reused, not recomputed
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "## Held-out evaluation" in report and "plain selection" in report
+    assert "figures/pareto.png" in report and "figures/kernels.png" in report
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2

@@ -128,17 +128,25 @@ class AbliterateConfig(FileConfig):
             "substrings."
         ),
     )
-    heldout_harmful_split: str | None = Field(
+    heldout_harmful: str = Field(
+        default="paired:harmful",
+        description="Held-out harmful prompts (refusal), never seen by the search.",
+    )
+    heldout_harmless: str = Field(
+        default="harmless",
+        description="Held-out harmless prompts (over-refusal and KL).",
+    )
+    heldout_split: str | None = Field(
         default="test",
-        description="Split of built-in harmful prompts used for the held-out evaluation.",
+        description="Split of the held-out sets (built-in sets; None for whole files).",
     )
     heldout_limit: int | None = Field(
         default=48, ge=1,
         description="Held-out prompts per set.",
     )
-    capability_limit: int | None = Field(
-        default=40, ge=0,
-        description="Built-in capability items in the held-out evaluation (0: skip).",
+    capability_limit: int = Field(
+        default=40, ge=1,
+        description="Built-in capability items in the held-out evaluation.",
     )
     evaluate: bool = Field(
         default=True,
@@ -169,8 +177,8 @@ class AbliterateConfig(FileConfig):
     def identity(self) -> dict[str, Any]:
         """The settings a finished trial depends on (the budget, the rule and the held-out
         evaluation may change between resumes)."""
-        loose = {"trials", "kl_cap", "evaluate", "heldout_harmful_split", "heldout_limit",
-                 "capability_limit"}
+        loose = {"trials", "kl_cap", "evaluate", "heldout_harmful", "heldout_harmless",
+                 "heldout_split", "heldout_limit", "capability_limit"}
         return {k: v for k, v in self.model_dump().items() if k not in loose}
 
 

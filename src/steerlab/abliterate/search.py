@@ -29,8 +29,10 @@ from steerlab._atomic import write_json, write_text
 from steerlab.abliterate.candidates import extract_candidates
 from steerlab.abliterate.choice import Choice, choose, pareto_numbers
 from steerlab.abliterate.config import AbliterateConfig
+from steerlab.abliterate.heldout import run_heldout
 from steerlab.abliterate.objective import Objective, TrialScore
 from steerlab.abliterate.progress import SearchDisplay, search_progress
+from steerlab.abliterate.report import write_report
 from steerlab.abliterate.scoring import RefusalScorer, make_scorer
 from steerlab.abliterate.space import to_spec
 from steerlab.abliterate.study import (
@@ -67,6 +69,7 @@ class AbliterateResult:
     choice: Choice
     spec: KernelAblate
     n_trials: int
+    heldout: dict[str, Any] | None = None
 
 
 def load_texts(source: str, split: str | None, limit: int | None) -> list[str]:
@@ -167,7 +170,13 @@ def abliterate(lm: LoadedModel, out: str | Path, config: AbliterateConfig | None
     trials = finished(study)
     choice = choose(trials, config.kl_cap)
     spec = write_result(lm, run_dir, config, choice, candidates, trials)
-    return AbliterateResult(run_dir, base, choice, spec, len(trials))
+    heldout = None
+    if config.evaluate:
+        position = choice.trial.params["position"]
+        heldout = run_heldout(lm, run_dir, config, spec, choice.trial.number,
+                              candidates[position], prompts)
+    write_report(run_dir)
+    return AbliterateResult(run_dir, base, choice, spec, len(trials), heldout)
 
 
 def chosen_spec(choice: Choice, candidates: dict[str, Direction]) -> tuple[KernelAblate,
