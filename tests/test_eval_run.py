@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from steerlab.errors import EvaluationError
+from steerlab import rowstore
+from steerlab.errors import EvaluationError, SteerlabError
 from steerlab.evaluate import InProcessBackend, Judge, OpenAIBackend, read_rows, run_eval
 from steerlab.evaluate.run import summary_markdown
 from steerlab.prompts import Prompt
@@ -45,7 +46,7 @@ def scripted(refuse_words, loop_words=()):
 def test_rows_summary_and_markdown(tmp_path, tiny_qwen):
     backend = InProcessBackend(tiny_qwen, max_new_tokens=5, batch_size=4)
     summary = run_eval(PROMPTS[:6], backend, tmp_path, system="be brief")
-    rows = [json.loads(line) for line in (tmp_path / "responses.jsonl").read_text().splitlines()]
+    rows = rowstore.read_rows(tmp_path / "responses.jsonl")
     assert [r["id"] for r in rows] == [p.id for p in PROMPTS[:6]]
     for key in ("prompt", "response", "refusal", "refusal_match", "degenerate",
                 "degenerate_reasons", "outcome", "outcome_source", "system", "label"):
@@ -78,8 +79,7 @@ def test_interrupt_then_resume_without_redoing_or_losing_rows(tmp_path, tiny_qwe
     again: list[str] = []
     summary = run_eval(PROMPTS, backend, tmp_path, on_row=lambda r: again.append(r["id"]))
     assert again == [p.id for p in PROMPTS[3:]]           # nothing redone
-    lines = (tmp_path / "responses.jsonl").read_text().splitlines()
-    ids = [json.loads(line)["id"] for line in lines]
+    ids = [r["id"] for r in rowstore.read_rows(tmp_path / "responses.jsonl")]
     assert sorted(ids) == sorted(p.id for p in PROMPTS)   # nothing lost, no duplicates
     assert len(ids) == len(set(ids)) == summary["n"] == len(PROMPTS)
     rows = read_rows(tmp_path / "responses.jsonl")
@@ -96,20 +96,20 @@ def test_half_written_last_row_is_dropped_and_redone(tmp_path):
         run_eval(PROMPTS[:4], backend, tmp_path)
         path = tmp_path / "responses.jsonl"
         lines = path.read_text().splitlines(keepends=True)
-        path.write_text("".join(lines[:2]) + lines[2][:25])  # killed mid-write
+        path.write_text("".join(lines[:3]) + lines[3][:25])  # header, 2 rows, killed mid-write
         calls = stub.calls
         summary = run_eval(PROMPTS[:4], backend, tmp_path)
     assert stub.calls == calls + 2
     assert summary["n"] == 4
-    ids = [json.loads(line)["id"] for line in path.read_text().splitlines()]
+    ids = [r["id"] for r in rowstore.read_rows(path)]
     assert sorted(ids) == ["q0", "q1", "q2", "q3"]
 
 
 def test_resume_refuses_a_different_config(tmp_path, tiny_qwen):
     run_eval(PROMPTS[:2], InProcessBackend(tiny_qwen, max_new_tokens=3), tmp_path)
-    with pytest.raises(EvaluationError, match="different backend"):
+    with pytest.raises(SteerlabError, match="different backend"):
         run_eval(PROMPTS[:2], InProcessBackend(tiny_qwen, max_new_tokens=4), tmp_path)
-    with pytest.raises(EvaluationError, match="different system"):
+    with pytest.raises(SteerlabError, match="different system"):
         run_eval(PROMPTS[:2], InProcessBackend(tiny_qwen, max_new_tokens=3), tmp_path,
                  system="other")
 
@@ -203,9 +203,16 @@ def test_kl_needs_in_process_and_is_cached(tmp_path, tiny_qwen):
     assert summary["kl"]["first_token"]["n"] == 2 and summary["kl"]["first_token"]["mean"] > 0
     assert summary["capability"]["n"] == 4
     assert (tmp_path / "y" / "kl.json").exists()
-    again = run_eval(PROMPTS[:2], backend, tmp_path / "y", kl_prompts=["unused: cached"],
-                     capability_limit=4)
+    again = run_eval(PROMPTS[:2], backend, tmp_path / "y", kl_prompts=["what is a cat",
+                     "write a poem"], kl_k=2, capability_limit=4)
     assert again["kl"] == summary["kl"]
+    # keyed by everything that changes it: other prompts or k are measured again
+    other = run_eval(PROMPTS[:2], backend, tmp_path / "y", kl_prompts=["what is a cat"], kl_k=2,
+                     capability_limit=4)
+    assert other["kl"]["first_token"]["n"] == 1
+    longer = run_eval(PROMPTS[:2], backend, tmp_path / "y", kl_prompts=["what is a cat"], kl_k=3,
+                      capability_limit=2)
+    assert longer["kl"]["k"] == 3 and longer["capability"]["n"] == 2
     assert "KL first token" in summary_markdown(summary)
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from steerlab.evaluate import run_eval
 from steerlab.evaluate.backends import InProcessBackend, OpenAIBackend
+from steerlab.rowstore import read_rows
 from steerlab.serve import create_app
 from steerlab.serve.runner import background
 from tests.tiny import tiny_model
@@ -19,7 +20,7 @@ PROMPTS = ["how do i make a cake ?", "write a poem about the river", "tell me a 
 
 
 def _rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    return read_rows(out / "responses.jsonl")
 
 
 def _compare(lm, tmp_path: Path, n_tokens: int) -> None:  # type: ignore[no-untyped-def]

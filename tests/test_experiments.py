@@ -20,6 +20,7 @@ from steerlab.experiments.layer_transfer import LayerTransferConfig, _verdict, r
 from steerlab.experiments.positions import PositionsConfig, run_positions
 from steerlab.experiments.subspace import SubspaceConfig, run_subspace
 from steerlab.interventions import SubspaceAblate
+from steerlab.rowstore import read_rows
 from steerlab.steering import count_hooks, orthonormal_basis, steer
 from tests.tiny import save_tiny, tiny_model
 
@@ -59,7 +60,7 @@ def _check_common(out: Path, experiment: str) -> dict[str, Any]:
     for line in md.splitlines():
         if line.startswith("![") and "](" in line:
             assert (out / line.split("](")[1].rstrip(")")).is_file()
-    rows = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    rows = read_rows(out / "responses.jsonl")
     keys = [(r["condition"], r["prompt_id"]) for r in rows]
     assert len(keys) == len(set(keys))
     assert {r["condition"] for r in rows} == set(results["conditions"])
@@ -353,7 +354,7 @@ def test_judge_adds_compliance_and_coherence_with_intervals(tmp_path: Path) -> N
         config = HydraConfig(**{**TINY, "limit": 4}, rounds=1, judge_url=stub.url)
         results = run_hydra(lm, tmp_path, config, show_progress=False)
         calls = stub.calls
-        rows = [json.loads(x) for x in (tmp_path / "responses.jsonl").read_text().splitlines()]
+        rows = read_rows(tmp_path / "responses.jsonl")
         assert len(rows) == 3 * 4  # baseline, round1, random_subspace x 4 prompts
         # A test request at the start, then identical pairs judged once.
         assert calls == 1 + len({(r["prompt"], r["response"]) for r in rows})

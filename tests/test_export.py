@@ -346,7 +346,7 @@ def test_compare_side_by_side(tmp_path: Path) -> None:
     table = (tmp_path / "comparison.md").read_text()
     assert "| measure | original | edited |" in table and "capability accuracy" in table
     rows = (tmp_path / "rows.jsonl").read_text().splitlines()
-    assert len(rows) == 2 * (3 + 3 + 4)
+    assert len(rows) == 1 + 2 * (3 + 3 + 4)  # the header, then the rows
 
 
 # -- real model ------------------------------------------------------------------------------

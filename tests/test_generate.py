@@ -23,6 +23,7 @@ from steerlab.generate import (
     generate_groups,
 )
 from steerlab.interventions import Add, Project
+from steerlab.rowstore import read_rows
 from steerlab.steering import count_hooks
 from tests.tiny import save_tiny, tiny_model
 
@@ -150,11 +151,12 @@ def test_jsonl_streams_and_resumes_skipping_done_rows(tmp_path):
     lm = tiny_model("qwen2")
     out = tmp_path / "gen.jsonl"
     full = generate(lm, PROMPTS, max_new_tokens=6, out_jsonl=out, batch_size=2)
-    lines = out.read_text().splitlines()
+    head, *lines = out.read_text().splitlines()
+    assert json.loads(head)["kind"] == "generate"  # the versioned layout's header
     assert len(lines) == len(PROMPTS)
     assert sorted(json.loads(x)["index"] for x in lines) == list(range(len(PROMPTS)))
     # keep two rows and a line cut by a crash
-    out.write_text("\n".join(lines[:2]) + "\n" + lines[2][: len(lines[2]) // 2])
+    out.write_text("\n".join([head, *lines[:2]]) + "\n" + lines[2][: len(lines[2]) // 2])
     counter, handle = _counting_prefills(lm)
     try:
         resumed = generate(lm, PROMPTS, max_new_tokens=6, out_jsonl=out, batch_size=2)
@@ -162,7 +164,7 @@ def test_jsonl_streams_and_resumes_skipping_done_rows(tmp_path):
         handle.remove()
     assert counter["rows"] == len(PROMPTS) - 2
     assert resumed == full
-    assert len(out.read_text().splitlines()) == len(PROMPTS)
+    assert len(out.read_text().splitlines()) == len(PROMPTS) + 1
     assert all(json.loads(x) for x in out.read_text().splitlines())
     counter, handle = _counting_prefills(lm)
     try:
@@ -277,8 +279,7 @@ def test_cli_generate_writes_jsonl_with_steering(tmp_path, capsys):
     main(["generate", model, "--prompts", str(prompts), "-n", "4", "--out", str(steered),
           "--dtype", "float32", "--steer", f"add:{tmp_path / 'dir'}@1:1.0",
           "--steer", f"ablate:{tmp_path / 'dir'}[2]@0"])
-    rows = [json.loads(x) for x in out.read_text().splitlines()]
-    steered_rows = [json.loads(x) for x in steered.read_text().splitlines()]
+    rows, steered_rows = read_rows(out), read_rows(steered)
     assert [r["prompt"] for r in sorted(rows, key=lambda r: r["index"])] == PROMPTS[:3]
     assert all(r["n_new_tokens"] == 4 for r in rows)
     assert [r["response"] for r in rows] != [r["response"] for r in steered_rows]

@@ -15,6 +15,7 @@ import pytest
 
 from steerlab.experiments.config import PersonaGatingConfig
 from steerlab.experiments.persona_gating import run_persona_gating
+from steerlab.rowstore import read_rows
 from tests.tiny import save_tiny, tiny_model
 
 TINY = dict(
@@ -89,7 +90,7 @@ def _check_outputs(out: Path, n_readd: int, n_eval: int) -> dict:
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "Findings" in html
     assert "| claim | verdict | evidence |" in (out / "report.md").read_text()
-    rows = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    rows = read_rows(out / "responses.jsonl")
     keys = [(r["condition"], r["prompt_id"]) for r in rows]
     assert len(keys) == len(set(keys))
     return results
@@ -217,7 +218,7 @@ def test_judge_adds_compliance_and_coherence_to_every_condition(tmp_path: Path) 
         config = PersonaGatingConfig(**TINY, judge_url=stub.url)
         results = run_persona_gating(lm, tmp_path, config, show_progress=False)
         calls = stub.calls
-        rows = [json.loads(x) for x in (tmp_path / "responses.jsonl").read_text().splitlines()]
+        rows = read_rows(tmp_path / "responses.jsonl")
         pairs = {(r["prompt"], r["response"]) for r in rows if r["condition"][:4] != "val/"}
         # One test request at the start, then each distinct pair once; validation cells
         # are not judged.

@@ -12,6 +12,8 @@ from steerlab.errors import SteerlabError
 from steerlab.experiments.store import ResponseStore
 from steerlab.report import Figure, Finding, Report, Sample, Table
 
+IDENTITY = {"model_fingerprint": "0123", "dtype": "float32"}
+
 
 def _row(cond: str, pid: str) -> dict[str, object]:
     return {
@@ -24,24 +26,27 @@ def _row(cond: str, pid: str) -> dict[str, object]:
 
 def test_store_resumes_and_drops_torn_last_line(tmp_path: Path) -> None:
     path = tmp_path / "responses.jsonl"
-    store = ResponseStore(path)
+    store = ResponseStore(path, IDENTITY)
     store.append([_row("a", "1"), _row("a", "2")])
     with path.open("a") as handle:  # an interrupted write leaves half a line
         handle.write('{"condition": "a", "prompt_id": "3", "resp')
-    again = ResponseStore(path)
+    again = ResponseStore(path, IDENTITY)
     assert again.has("a", "1") and again.has("a", "2") and not again.has("a", "3")
     again.append([_row("a", "3")])
-    lines = path.read_text().splitlines()
+    lines = path.read_text().splitlines()[1:]  # after the header
     assert [json.loads(line)["prompt_id"] for line in lines] == ["1", "2", "3"]
 
 
 def test_store_refuses_corruption_in_the_middle(tmp_path: Path) -> None:
     path = tmp_path / "responses.jsonl"
-    path.write_text(
-        '{"condition": "a", "prompt_id": "1"}\nnot json\n{"condition": "a", "prompt_id": "2"}\n'
-    )
-    with pytest.raises(SteerlabError, match="line 2"):
-        ResponseStore(path)
+    ResponseStore(path, IDENTITY)
+    with path.open("a") as handle:
+        handle.write('{"condition": "a", "prompt_id": "1"}\nnot json\n'
+                     '{"condition": "a", "prompt_id": "2"}\n')
+    before = path.read_bytes()
+    with pytest.raises(SteerlabError, match="line 3"):
+        ResponseStore(path, IDENTITY)
+    assert path.read_bytes() == before
 
 
 def test_report_renders_self_contained_html_and_markdown(tmp_path: Path) -> None:
@@ -100,7 +105,9 @@ def test_runner_refuses_to_resume_a_run_of_other_settings(tmp_path: Path) -> Non
     lm.fingerprint = "0" * 16  # another model in the same folder
     with pytest.raises(SteerlabError, match="model fingerprint"):
         Runner(lm, tmp_path / "run", show_progress=False, settings=settings)
-    assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["alphas"] == [4, 8]
+    head = json.loads((tmp_path / "run" / "responses.jsonl").read_text().splitlines()[0])
+    assert head["identity"]["settings"]["alphas"] == [4, 8]
+    assert head["identity"]["dtype"] == "float32"
 
 
 def test_runner_keeps_generation_timings_across_interruptions(tmp_path: Path) -> None:

@@ -82,7 +82,7 @@ DEFAULT_STEER_ALPHA = 3.0
 def server(tiny: Any, dirs: dict[str, Direction]) -> Iterator[str]:
     default = [Add(dirs["other"], DEFAULT_STEER_ALPHA, layers=[2])]
     app = create_app(tiny, dirs, default, api_key=KEY, max_batch_size=16, max_wait_ms=30,
-                     max_new_tokens_limit=64, max_body_bytes=2**20)
+                     max_new_tokens_limit=64, max_body_bytes=2**20, model_aliases=["tiny"])
     with background(app) as url:
         yield url
 
@@ -449,7 +449,8 @@ def test_full_queue_answers_503_with_retry_after(tiny: Any) -> None:
 def test_access_log_is_one_json_line_per_request(tiny: Any,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level("INFO", logger="steerlab.serve.access")
-    with background(create_app(tiny, {"p": _direction(3, 64, "p", 3, 2.0)})) as url:
+    with background(create_app(tiny, {"p": _direction(3, 64, "p", 3, 2.0)},
+                               model_aliases=["tiny"])) as url:
         steer = [{"op": "add", "direction": "p", "alpha": 1.0, "layers": [0]}]
         httpx.post(f"{url}/v1/chat/completions", json={
             "messages": [{"role": "user", "content": "hello world"}], "max_tokens": 3,
@@ -545,7 +546,7 @@ def test_cli_serve_with_directions_and_default_steer(tmp_path: Path, tiny: Any,
     proc = subprocess.Popen(
         [sys.executable, "-m", "steerlab", "serve", str(model_dir), "--dtype", "float32",
          "--direction", f"persona={tmp_path / 'persona'}", "--steer", "add:persona@1:4.0",
-         "--port", str(port), "--max-tokens-limit", "32"],
+         "--port", str(port), "--max-tokens-limit", "32", "--model-alias", "tiny"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -578,7 +579,8 @@ def test_cli_serve_with_directions_and_default_steer(tmp_path: Path, tiny: Any,
 @pytest.fixture(scope="module")
 def real_server(real_lm: Any) -> Iterator[tuple[str, Direction]]:
     persona = _direction(real_lm.n_layers, real_lm.d_model, "persona", 0, 12.0)
-    app = create_app(real_lm, {"persona": persona}, api_key=KEY, max_new_tokens_limit=64)
+    app = create_app(real_lm, {"persona": persona}, api_key=KEY, max_new_tokens_limit=64,
+                     model_aliases=["tiny", "x"])
     with background(app) as url:
         yield url, persona
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from steerlab.directions import Direction, DirectionMeta
+from steerlab.rowstore import read_rows
 from tests.tiny import save_tiny, tiny_model
 
 
@@ -44,7 +45,7 @@ def test_cli_sweep_grid_cells_equal_single_runs_and_resume(tmp_path: Path, capsy
     prompts = load_prompts("paired:harmful", split="val", limit=3)
     alone = generate(lm, prompts.texts(), steer=parse_steer(template.format(layer=2, alpha=4.0)),
                      max_new_tokens=3)
-    rows = [json.loads(x) for x in (out / "responses.jsonl").read_text().splitlines()]
+    rows = read_rows(out / "responses.jsonl")
     cell = {r["prompt_id"]: r["response"] for r in rows if r["condition"] == "L2_a4"}
     assert [cell[p.id] for p in prompts] == [g.response for g in alone]
     # Rerunning resumes: nothing is generated again.

@@ -15,4 +15,4 @@ done
 steerlab compare default "$work/lora-a0.5" "$work/lora-a1.0" "$work/lora-a1.5" \
   --name original --name "alpha=0.5" --name "alpha=1.0" --name "alpha=1.5" \
   --limit 16 --capability-limit 24 --max-new-tokens 32 --kl-tokens 4 \
-  --out examples/compare-alpha
+  --out examples/compare-alpha --overwrite

@@ -1,7 +1,9 @@
 """Atomic file writes: a temp file in the same folder, then ``os.replace``.
 
 Readers never see a half-written artifact, and an interrupted write leaves
-only a temp file that the next write replaces.
+only a temp file that the next write replaces. The result gets the mode an
+ordinary new file (or folder) gets under the user's umask, not ``mkstemp``'s
+private 0600, so a report copied to a shared folder stays readable.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import errno
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,13 +24,43 @@ FREE_SPACE_MARGIN = 1.05
 FREE_SPACE_SLACK_BYTES = 64 << 20
 
 
+def umask() -> int:
+    """The process's umask, read without changing it where Linux allows (``os.umask`` sets it,
+    briefly, for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def temp_dir(beside: str | os.PathLike[str]) -> Path:
+    """A new temp folder beside ``beside`` with an ordinary folder's mode (0777 & ~umask)."""
+    target = Path(beside)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp.chmod(0o777 & ~umask())
+    return tmp
+
+
 @contextmanager
 def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[Any]]:
-    """Open a temp file beside ``path``; rename it over ``path`` only on success."""
+    """Open a temp file beside ``path``; rename it over ``path`` only on success.
+
+    The file gets ``path``'s mode when it replaces one, else 0666 & ~umask.
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        file_mode = stat.S_IMODE(target.stat().st_mode)
+    except OSError:
+        file_mode = 0o666 & ~umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        os.fchmod(fd, file_mode)
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as handle:
             yield handle
             handle.flush()

@@ -303,7 +303,8 @@ def iter_batches(
     """
     if batch_size < 1:
         raise DataError(f"batch_size must be at least 1; got {batch_size}.")
-    full = encode(lm.tokenizer, prompts, system, responses=responses, chat_template=chat_template)
+    full = encode(lm.tokenizer, prompts, system, responses=responses, chat_template=chat_template,
+                  max_length=lm.context_length)
     lengths = full.attention_mask.sum(dim=1)
     order = (torch.argsort(lengths, descending=True, stable=True) if sort
              else torch.arange(len(prompts)))

@@ -131,8 +131,13 @@ def encode(
     *,
     responses: Sequence[str] | None = None,
     chat_template: str | None = None,
+    max_length: int | None = None,
 ) -> ChatBatch:
-    """Render and tokenize prompts (and optional responses) into one left-padded batch."""
+    """Render and tokenize prompts (and optional responses) into one left-padded batch.
+
+    With ``max_length`` (the model's context, ``LoadedModel.context_length``) a row longer
+    than it is refused before any forward pass sees it.
+    """
     if not prompts:
         raise DataError("No prompts to encode: the prompt list is empty.")
     systems = [system] * len(prompts) if system is None or isinstance(system, str) else list(system)
@@ -152,6 +157,8 @@ def encode(
         if responses is not None and responses[i]:
             text += responses[i]
             ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        check_context(len(ids), max_length, f"Prompt {i}" + (" with its response"
+                                                             if len(ids) > end else ""))
         rows.append(ids)
         ends.append(end)
         texts.append(text)
@@ -166,6 +173,17 @@ def encode(
         mask[b, offset:] = 1
         prompt_end[b] = offset + end
     return ChatBatch(input_ids, mask, prompt_end, n_post, texts)
+
+
+def check_context(n_tokens: int, max_length: int | None, what: str) -> None:
+    """Refuse a rendered chat longer than the model's context: positions past it are out of
+    the range the model was trained on (or out of its position table)."""
+    if max_length is not None and n_tokens > max_length:
+        raise DataError(
+            f"{what} is {n_tokens} tokens long once rendered with the chat template, more than "
+            f"the model's context of {max_length} tokens (max_position_embeddings); shorten it "
+            "or leave it out."
+        )
 
 
 def position_weights(batch: ChatBatch, position: str) -> torch.Tensor:

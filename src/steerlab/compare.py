@@ -22,7 +22,6 @@ go to ``rows.jsonl``; ``comparison.json`` and ``comparison.md`` hold the table.
 from __future__ import annotations
 
 import gc
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from steerlab._atomic import atomic_open, write_json, write_text
+from steerlab._atomic import write_json, write_text
 from steerlab.chat import render
 from steerlab.errors import EvaluationError
 from steerlab.evaluate.backends import InProcessBackend
@@ -43,10 +42,15 @@ from steerlab.evaluate.refusal import is_refusal
 from steerlab.evaluate.stats import mcnemar, mean_summary, paired_bootstrap, rate_summary
 from steerlab.export import load_edited
 from steerlab.generate import eos_ids
+from steerlab.outputs import output_dir
 from steerlab.prompts import load_prompts
+from steerlab.rowstore import RowStore, dict_codec
 
 if TYPE_CHECKING:
     from steerlab.model import LoadedModel
+
+
+ROW_CODEC = dict_codec("model", "set", "id")
 
 
 @dataclass(frozen=True)
@@ -162,12 +166,14 @@ def _resolve(source: Any, dtype: str, base: str | None) -> LoadedModel:
 
 def compare_models(models: Mapping[str, Any], cfg: CompareConfig | None = None, *,
                    out_dir: str | Path | None = None, dtype: str = "auto",
-                   on_model: Callable[[str], None] | None = None) -> dict[str, Any]:
+                   on_model: Callable[[str], None] | None = None,
+                   overwrite: bool = False) -> dict[str, Any]:
     """Evaluate each model (a LoadedModel, a spec, or a zero-argument loader) side by side.
 
     The first model is the baseline for KL and the paired tests. Models given
     as specs or loaders are loaded one at a time and freed after use; a spec
-    that is a LoRA adapter folder is merged into the first model's spec.
+    that is a LoRA adapter folder is merged into the first model's spec. A non-empty
+    ``out_dir`` is written over only with ``overwrite``.
 
     Example:
         >>> compare_models({"original": "default", "α=1": "out/lora-a1"})   # doctest: +SKIP
@@ -175,6 +181,7 @@ def compare_models(models: Mapping[str, Any], cfg: CompareConfig | None = None, 
     cfg = cfg or CompareConfig()
     if len(models) < 2:
         raise EvaluationError("compare needs the original model and at least one edited model.")
+    out = None if out_dir is None else output_dir(out_dir, overwrite=overwrite)
     prompts = _prompts(cfg)
     results: dict[str, Any] = {}
     reference: _Reference | None = None
@@ -206,8 +213,8 @@ def compare_models(models: Mapping[str, Any], cfg: CompareConfig | None = None, 
         measures.pop("_paired")
     comparison = {"config": asdict(cfg), "baseline": baseline, "models": info,
                   "results": results}
-    if out_dir is not None:
-        write_outputs(Path(out_dir), comparison, all_rows)
+    if out is not None:
+        write_outputs(out, comparison, all_rows)
     return comparison
 
 
@@ -221,13 +228,13 @@ def _paired(base: dict[str, Any], this: dict[str, Any], seed: int) -> dict[str, 
 
 
 def write_outputs(out: Path, comparison: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-    """``comparison.json``, ``comparison.md`` and ``rows.jsonl``, each written atomically."""
+    """``comparison.json``, ``comparison.md`` and ``rows.jsonl`` (the row store's layout,
+    its identity the config and the models), each written atomically."""
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "comparison.json", comparison)
     write_text(out / "comparison.md", comparison_markdown(comparison))
-    with atomic_open(out / "rows.jsonl", "w") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    identity = {"config": comparison["config"], "models": comparison["models"]}
+    RowStore(out / "rows.jsonl", "compare", identity, ROW_CODEC, overwrite=True).replace(rows)
 
 
 def _cell(s: dict[str, Any], key: str = "rate", digits: int = 3) -> str:

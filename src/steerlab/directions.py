@@ -8,16 +8,23 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import json
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from steerlab._atomic import write_json
+from steerlab.direction_files import (
+    check_finite,
+    commit_folder,
+    fsync_file,
+    read_manifest,
+    read_vectors,
+)
 from steerlab.errors import DirectionError
 
 if TYPE_CHECKING:
@@ -26,6 +33,10 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 TENSOR_FILE = "direction.safetensors"
 META_FILE = "direction.json"
+
+
+class ModelMismatchWarning(UserWarning):
+    """A direction made on another model is used anyway (``allow_mismatch=True``)."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,7 @@ class Direction:
             )
         if len(set(self.layers)) != len(self.layers):
             raise DirectionError(f"Direction layers repeat: {self.layers}.")
+        check_finite(self.vectors, f"Direction {self.meta.name!r}")
 
     # -- access -------------------------------------------------------------------------------
     @property
@@ -168,24 +180,30 @@ class Direction:
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write ``path/direction.safetensors`` and ``path/direction.json`` atomically."""
+        """Write ``path/direction.safetensors`` and ``path/direction.json`` as one unit.
+
+        Both files go into a sibling folder that replaces ``path`` in one rename, so an
+        interrupted save leaves the previous direction whole (other files in ``path`` stay).
+        """
         folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{TENSOR_FILE}.tmp"
-        save_file(
-            {"vectors": self.vectors.detach().float().cpu().contiguous()},
-            str(tmp),
-            metadata={"format_version": str(FORMAT_VERSION)},
-        )
-        tmp.replace(folder / TENSOR_FILE)
-        write_json(
-            folder / META_FILE,
-            {
-                "format_version": FORMAT_VERSION,
-                "layers": list(self.layers),
-                "meta": dataclasses.asdict(self.meta),
-            },
-        )
+
+        def write(stage: Path) -> None:
+            save_file(
+                {"vectors": self.vectors.detach().float().cpu().contiguous()},
+                str(stage / TENSOR_FILE),
+                metadata={"format_version": str(FORMAT_VERSION)},
+            )
+            fsync_file(stage / TENSOR_FILE)
+            write_json(
+                stage / META_FILE,
+                {
+                    "format_version": FORMAT_VERSION,
+                    "layers": list(self.layers),
+                    "meta": dataclasses.asdict(self.meta),
+                },
+            )
+
+        commit_folder(folder, write, own=(TENSOR_FILE, META_FILE))
         return folder
 
     @classmethod
@@ -202,22 +220,18 @@ class Direction:
                 f"{folder} is not a direction folder: expected {META_FILE} and {TENSOR_FILE} in it "
                 "(make one with `steerlab extract ... --out DIR`)."
             )
-        try:
-            info = json.loads(meta_path.read_text())
-            version = int(info["format_version"])
-            layers = tuple(int(x) for x in info["layers"])
-            known = {f.name for f in dataclasses.fields(DirectionMeta)}
-            meta = DirectionMeta(**{k: v for k, v in info.get("meta", {}).items() if k in known})
-        except (ValueError, KeyError, TypeError) as exc:
-            raise DirectionError(
-                f"{meta_path} is malformed ({exc}); re-extract the direction."
-            ) from exc
+        version, layers, meta = read_manifest(meta_path, DirectionMeta)
         if version > FORMAT_VERSION:
             raise DirectionError(
                 f"{meta_path} has format version {version}, newer than this steerlab supports "
                 f"({FORMAT_VERSION}); upgrade steerlab."
             )
-        vectors = load_file(str(tensor_path))["vectors"]
+        vectors = read_vectors(tensor_path)
+        if vectors.shape[0] != len(layers):
+            raise DirectionError(
+                f"{folder}: {TENSOR_FILE} holds {vectors.shape[0]} vectors but {META_FILE} lists "
+                f"{len(layers)} layers; the two files do not belong together, re-extract it."
+            )
         direction = cls(vectors, layers, meta)
         if lm is not None:
             direction.check_compatible(lm, allow_mismatch=allow_mismatch)
@@ -237,7 +251,15 @@ class Direction:
                 f"{lm.n_layers} layers."
             )
         fp = self.meta.model_fingerprint
-        if fp and fp != lm.fingerprint and not allow_mismatch:
+        if fp and fp != lm.fingerprint and allow_mismatch:
+            warnings.warn(
+                f"Direction {self.meta.name!r} was extracted from model fingerprint {fp} "
+                f"({self.meta.model_name or 'unknown'}), not from this model ({lm.name}, "
+                f"fingerprint {lm.fingerprint}); using it anyway because of --allow-mismatch.",
+                ModelMismatchWarning,
+                stacklevel=2,
+            )
+        elif fp and fp != lm.fingerprint:
             raise DirectionError(
                 f"Direction {self.meta.name!r} was extracted from model fingerprint {fp} "
                 f"({self.meta.model_name or 'unknown'}) but this model's fingerprint is "

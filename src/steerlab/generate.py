@@ -36,17 +36,19 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from steerlab import steering
-from steerlab._atomic import atomic_open
-from steerlab.chat import render
+from steerlab.chat import check_context, render
 from steerlab.decoding import decode_loop, prompt_generator, sampling_probs
 from steerlab.errors import DataError, SteerlabError
 from steerlab.interventions import Spec, resolve_specs, specs_to_json
+from steerlab.progress import generation_progress
+from steerlab.rowstore import Codec, RowStore, model_identity
 from steerlab.shared_prefill import BatchPlan, SharedPrefill
 
 FirstLogitsFn = Callable[[list[int], torch.Tensor], None]
@@ -55,8 +57,6 @@ GroupFirstLogitsFn = Callable[[list[tuple[int, int]], torch.Tensor], None]
 """``on_first_logits([(group, index within the group)], first-token logits [B, V])``."""
 
 if TYPE_CHECKING:
-    from rich.progress import Progress, Task
-
     from steerlab.model import LoadedModel
 
 CPU_AUTO_BATCH = 64
@@ -85,6 +85,7 @@ class Generation:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Generation:
+        """Fields this version knows (a missing one is a TypeError)."""
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -214,80 +215,23 @@ def auto_batch_size(lm: LoadedModel, n_prompts: int, max_tokens: int) -> int:
 
 
 # -- output file -------------------------------------------------------------------------------
-def _settings_id(lm: LoadedModel, specs: list[Spec], settings: _Settings,
-                 template: str | None) -> str:
-    blob = json.dumps({
-        "model": lm.fingerprint,
-        "steer": json.loads(specs_to_json(specs, indent=None)),
-        "max_new_tokens": settings.max_new_tokens,
-        "sampling": [settings.temperature, settings.top_p, settings.seed]
-        if settings.do_sample else None,
-        "chat_template": hashlib.sha256((template or "").encode()).hexdigest()[:16],
-    }, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+CODEC: Codec[Generation] = Codec(attrgetter("index"), Generation.to_dict, Generation.from_dict)
 
 
-def _read_done(path: Path, rows: dict[int, _Row], settings_id: str) -> dict[int, Generation]:
-    """Rows already in ``path`` (malformed trailing lines from a crash are dropped)."""
-    if not path.exists():
-        return {}
-    done: dict[int, Generation] = {}
-    good_lines: list[str] = []
-    dropped = False
-    for line in path.read_text().splitlines():
-        try:
-            data = json.loads(line)
-            gen = Generation.from_dict(data)
-        except (json.JSONDecodeError, TypeError):
-            dropped = True
-            continue
-        if data.get("settings") != settings_id:
-            raise DataError(
-                f"{path} holds generations made with other settings (model, steering, sampling "
-                "or max_new_tokens); write to another --out file or delete it to start over."
-            )
+def _store(lm: LoadedModel, path: Path, specs: list[Spec], settings: _Settings,
+           template: str | None, rows: dict[int, _Row], overwrite: bool) -> RowStore[Generation]:
+    """The output file, resumed only under the same identity and for the same prompts."""
+    sampling = [settings.temperature, settings.top_p, settings.seed] if settings.do_sample else None
+    identity = {**model_identity(lm), "steer": json.loads(specs_to_json(specs, indent=None)),
+                "max_new_tokens": settings.max_new_tokens, "sampling": sampling,
+                "chat_template": hashlib.sha256((template or "").encode()).hexdigest()[:16]}
+
+    def check(gen: Generation) -> str | None:
         row = rows.get(gen.index)
-        if row is None or row.prompt != gen.prompt or row.system != gen.system:
-            raise DataError(
-                f"{path} row {gen.index} is for another prompt than this run's; write to another "
-                "--out file or delete it to start over."
-            )
-        done[gen.index] = gen
-        good_lines.append(line)
-    if dropped:
-        with atomic_open(path) as handle:
-            handle.write("".join(f"{line}\n" for line in good_lines))
-    return done
+        same = row is not None and (row.prompt, row.system) == (gen.prompt, gen.system)
+        return None if same else f"row {gen.index} is for another prompt than this run's"
 
-
-# -- progress ----------------------------------------------------------------------------------
-def _progress(enabled: bool) -> Progress | None:
-    if not enabled:
-        return None
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-    from rich.text import Text
-
-    class Rates(ProgressColumn):
-        def render(self, task: Task) -> Text:
-            elapsed = task.elapsed or 0.0
-            if elapsed <= 0:
-                return Text("– prompts/s  – tok/s", style="cyan")
-            tokens = task.fields.get("tokens", 0)
-            return Text(f"{task.completed / elapsed:.2f} prompts/s  {tokens / elapsed:.1f} tok/s",
-                        style="cyan")
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    Rates(), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=Console(stderr=True), transient=False)
+    return RowStore(path, "generate", identity, CODEC, overwrite=overwrite, check=check)
 
 
 # -- the public entry point --------------------------------------------------------------------
@@ -304,6 +248,7 @@ def _as_rows(lm: LoadedModel, prompts: Iterable[Any], system: str | Sequence[str
             raise DataError(f"Prompt {index} is a {type(item).__name__}, not text or a Prompt.")
         rendered = render(lm.tokenizer, text, sys_prompt, chat_template=chat_template)
         ids = list(lm.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+        check_context(len(ids), lm.context_length, f"Prompt {index}")
         rows.append(_Row(index, text, sys_prompt, str(getattr(item, "id", "") or ""), ids, group))
     return rows
 
@@ -338,6 +283,7 @@ def generate(
     progress: bool = False,
     chat_template: str | None = None,
     on_first_logits: FirstLogitsFn | None = None,
+    overwrite: bool = False,
 ) -> list[Generation]:
     """Chat-generate a response to each prompt, steered by ``steer`` (specs, in order).
 
@@ -348,20 +294,23 @@ def generate(
     ``on_first_logits(indices, logits)`` is called once per batch with the
     first response token's logits ``[B, V]`` (rows given by their input-order
     indices): first-token statistics such as KL then cost no extra pass.
+
+    ``out_jsonl`` is resumed only when steerlab wrote it under the same model, dtype,
+    steering and settings for the same prompts; ``overwrite`` starts it over instead.
     """
     settings = _settings(lm, max_new_tokens, do_sample, temperature, top_p, seed)
     rows = _as_rows(lm, prompts, system, chat_template)
     specs = resolve_specs(steer, lm=lm)
     steering.check_specs(lm, specs)  # a bad spec fails before out_jsonl is created
-    settings_id = _settings_id(lm, specs, settings,
-                               chat_template or getattr(lm.tokenizer, "chat_template", None))
-    by_index = {r.index: r for r in rows}
-    path = Path(out_jsonl) if out_jsonl is not None else None
-    done = _read_done(path, by_index, settings_id) if path is not None else {}
+    store = None if out_jsonl is None else _store(
+        lm, Path(out_jsonl), specs, settings,
+        chat_template or getattr(lm.tokenizer, "chat_template", None),
+        {r.index: r for r in rows}, overwrite)
+    done = {} if store is None else {g.index: g for g in store.rows()}
     pending = sorted((r for r in rows if r.index not in done), key=lambda r: -len(r.ids))
     if pending:
-        _generate_to_file(lm, pending, specs, settings, settings_id, batch_size, path, progress,
-                          done, len(rows), on_first_logits)
+        _generate_to_file(lm, pending, specs, settings, batch_size, store, progress, done,
+                          len(rows), on_first_logits)
     return [done[r.index] for r in rows]
 
 
@@ -517,42 +466,33 @@ def _generate_batches(lm: LoadedModel, pending: list[_Row], group_specs: Sequenc
 
 
 def _generate_to_file(lm: LoadedModel, pending: list[_Row], specs: list[Spec],
-                      settings: _Settings, settings_id: str, batch_size: int | str,
-                      path: Path | None, progress: bool, done: dict[int, Generation], total: int,
+                      settings: _Settings, batch_size: int | str,
+                      store: RowStore[Generation] | None, progress: bool,
+                      done: dict[int, Generation], total: int,
                       on_first_logits: FirstLogitsFn | None = None) -> None:
-    bar = _progress(progress)
+    bar = generation_progress(progress)
     task = bar.add_task("generating", total=total, completed=len(done), tokens=0) if bar else None
-    sink = path.open("a", encoding="utf-8") if path is not None else None
     n_tokens = 0
-
-    def emit(row: _Row, tokens: list[int], reason: str) -> None:
-        gen = _generation(lm, row, tokens, reason)
-        done[row.index] = gen
-        if sink is not None:
-            sink.write(json.dumps({**gen.to_dict(), "settings": settings_id},
-                                  ensure_ascii=False) + "\n")
-            sink.flush()
-        if bar is not None and task is not None:
-            bar.advance(task)
-
-    def on_tokens(count: int) -> None:
-        nonlocal n_tokens
-        n_tokens += count
-        if bar is not None and task is not None:
-            bar.update(task, tokens=n_tokens)
-
-    try:
+    with ExitStack() as stack:
+        put = stack.enter_context(store.appending()) if store is not None else None
         if bar is not None:
-            bar.start()
+            stack.enter_context(bar)
+
+        def emit(row: _Row, tokens: list[int], reason: str) -> None:
+            gen = _generation(lm, row, tokens, reason)
+            done[row.index] = gen if put is None else put(gen)
+            if bar is not None and task is not None:
+                bar.advance(task)
+
+        def on_tokens(count: int) -> None:
+            nonlocal n_tokens
+            n_tokens += count
+            if bar is not None and task is not None:
+                bar.update(task, tokens=n_tokens)
+
         _generate_batches(lm, pending, [specs], settings, batch_size, emit, on_tokens,
                           None if on_first_logits is None else
                           lambda batch, logits: on_first_logits([r.index for r in batch], logits))
-    finally:
-        if sink is not None:
-            sink.close()
-        if bar is not None:
-            bar.stop()
-
 
 __all__ = ["Generation", "GenerationError", "GenerationGroup", "auto_batch_size", "eos_ids",
            "generate", "generate_groups"]

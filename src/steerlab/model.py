@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,12 @@ class LoadedModel:
         if self.spec == "default":
             return DEFAULT_MODEL_NAME
         return str(getattr(self.model.config, "_name_or_path", "") or self.spec)
+
+    @property
+    def context_length(self) -> int | None:
+        """Most tokens one sequence may hold (``max_position_embeddings``; None if unknown)."""
+        value = getattr(self.model.config, "max_position_embeddings", None)
+        return int(value) if isinstance(value, int) and value > 0 else None
 
     @property
     def has_chat_template(self) -> bool:
@@ -229,6 +236,13 @@ def load_model(
         raise ModelLoadError(
             f"Could not load model {spec!r}: {exc}. Give a local model directory, a .gguf file, "
             "'default', or a hub id that is already in your Hugging Face cache."
+        ) from exc
+    except (ValueError, KeyError, IndexError, struct.error) as exc:
+        if "gguf_file" not in tok_kwargs:
+            raise
+        raise ModelLoadError(
+            f"Could not read GGUF file {spec!r}: {exc}. It is truncated or corrupt, or holds an "
+            "architecture transformers cannot load; check the file or give a model directory."
         ) from exc
     if device is not None and device_map is None:
         model = model.to(device)  # type: ignore[arg-type]

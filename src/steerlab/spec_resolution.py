@@ -13,6 +13,7 @@ import torch
 
 from steerlab.directions import Direction
 from steerlab.errors import DirectionError, InterventionError
+from steerlab.limits import check_seed
 from steerlab.spec_types import DirectionRef, Spec, op_of, spec_refs, with_refs
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ def random_like(direction: Direction, seed: int, orthogonal: bool = False) -> Di
         >>> abs(float(r.vector(3) @ d.vector(3))) < 1e-4
         True
     """
+    seed = check_seed(seed)
     vectors = []
     for layer, vec in zip(direction.layers, direction.vectors, strict=True):
         gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(layer) + 17)
@@ -118,7 +120,7 @@ def resolve_direction(
     if match:
         base = resolve_direction(match.group(1).strip(), names=names, allow_paths=allow_paths,
                                  lm=lm, allow_mismatch=allow_mismatch)
-        return random_like(base, int(match.group(2)), orthogonal=match.group(3) is not None)
+        return random_like(base, check_seed(match.group(2)), orthogonal=match.group(3) is not None)
     if names is not None and text in names:
         if isinstance(names, DirectionRegistry):
             return names.get(text, lm, allow_mismatch=allow_mismatch)

@@ -7,8 +7,6 @@ later (:mod:`steerlab.spec_resolution`). A new kind is a frozen dataclass decora
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, TypeAlias, TypeVar
@@ -16,6 +14,7 @@ from typing import Any, ClassVar, Protocol, TypeAlias, TypeVar
 from steerlab.directions import Direction
 from steerlab.errors import InterventionError
 from steerlab.layer_spec import LayersLike, parse_layers
+from steerlab.limits import check_alpha
 
 DirectionRef: TypeAlias = "Direction | str"
 
@@ -118,11 +117,7 @@ class Add:
 
     def __post_init__(self) -> None:
         _check_ref(self.direction)
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real):
-            raise InterventionError(f"Add alpha must be a number; got {self.alpha!r}.")
-        if not math.isfinite(float(self.alpha)):
-            raise InterventionError(f"Add alpha must be finite; got {self.alpha!r}.")
-        object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "alpha", check_alpha(self.alpha))
         _check_common(self)
         _check_choice(self.scale, SCALES, "scale")
 

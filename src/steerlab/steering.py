@@ -298,7 +298,8 @@ def with_mean_norms(
 
     with layer_output_hooks(lm, range(lm.n_layers), record), torch.inference_mode():
         for start in range(0, len(prompts), batch_size):
-            batch = encode(lm.tokenizer, list(prompts[start:start + batch_size]), system)
+            batch = encode(lm.tokenizer, list(prompts[start:start + batch_size]), system,
+                           max_length=lm.context_length)
             batch = batch.to(lm.device)
             real = batch.attention_mask.bool()
             count += int(real.sum())

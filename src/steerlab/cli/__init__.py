@@ -7,10 +7,13 @@ add a module name to ``COMMAND_MODULES`` to add commands.
 from __future__ import annotations
 
 import importlib
+import json
 import sys
-from typing import Protocol, cast
+import warnings
+from typing import Any, NoReturn, Protocol, cast
 
 import typer
+from rich.text import Text
 
 from steerlab.cli.common import console, error_console
 from steerlab.errors import SteerlabError
@@ -47,12 +50,22 @@ def _root() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user mistakes become one red line and exit code 2."""
+    """Entry point: user mistakes and unreadable inputs become one red line and exit code 2."""
+    run_app(app, argv)
+
+
+def run_app(typer_app: typer.Typer, argv: list[str] | None) -> None:
+    """Run ``typer_app`` inside the one error boundary of the ``steerlab`` command."""
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        _run(typer_app, argv)
+
+
+def _run(typer_app: typer.Typer, argv: list[str] | None) -> None:
     try:
-        app(args=argv, standalone_mode=False)
+        typer_app(args=argv, standalone_mode=False)
     except SteerlabError as exc:
-        error_console.print(f"[bold red]error:[/] {exc}")
-        sys.exit(2)
+        _fail(str(exc))
     except KeyboardInterrupt:
         error_console.print("[yellow]interrupted[/]; rerun the same command to resume.")
         sys.exit(130)
@@ -61,11 +74,51 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:
         sys.exit(1)
     except Exception as exc:
+        if isinstance(exc, _input_errors()):
+            _fail(describe_input_error(exc))
         if not isinstance(exc, _usage_errors()):
             raise
         usage = cast("_UsageError", exc)  # a mistyped option, a missing argument
         usage.show()
         sys.exit(usage.exit_code)
+
+
+def _fail(message: str) -> NoReturn:
+    """Print ``error: MESSAGE`` as one line, the message taken literally (no rich markup)."""
+    line = " ".join(message.split())
+    error_console.print(Text.assemble(("error:", "bold red"), " ", line), soft_wrap=True)
+    sys.exit(2)
+
+
+_shown: set[str] = set()
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+    """Library warnings (e.g. a direction used on another model) as one yellow line each."""
+    text = " ".join(str(message).split())
+    if text in _shown:
+        return
+    _shown.add(text)
+    error_console.print(Text.assemble(("warning:", "bold yellow"), " ", text), soft_wrap=True)
+
+
+def _input_errors() -> tuple[type[Exception], ...]:
+    """Errors that mean an unreadable or malformed input, not a bug in steerlab."""
+    import yaml
+    from safetensors import SafetensorError
+
+    return (OSError, json.JSONDecodeError, UnicodeError, yaml.YAMLError, SafetensorError)
+
+
+def describe_input_error(exc: BaseException) -> str:
+    """One sentence for an OS or parse error: what failed, on which file, and the fix."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        reason = exc.strerror or type(exc).__name__
+        return f"cannot use {exc.filename}: {reason}; check the path and its permissions."
+    if isinstance(exc, UnicodeError):
+        return f"an input is not UTF-8 text ({exc}); give a text file."
+    kind = "JSON" if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
+    return f"cannot read an input ({kind}: {exc}); check the file."
 
 
 class _UsageError(Protocol):

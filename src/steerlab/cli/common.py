@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
@@ -33,3 +34,46 @@ def load(spec: str, dtype: str = "auto", device: str | None = None) -> LoadedMod
         f"dtype {dt} ({lm.dtype_reason}), fingerprint {lm.fingerprint}[/]"
     )
     return lm
+
+
+SYSTEM_HELP = (
+    "System prompt: the text itself, or @FILE to read it from a UTF-8 text file. A value with "
+    "no spaces that contains a slash or ends in .txt/.md/.json/.jsonl/.yaml/.yml/.prompt is "
+    "taken as a file path, and must exist."
+)
+TEXT_SUFFIXES = (".txt", ".md", ".json", ".jsonl", ".yaml", ".yml", ".prompt")
+MAX_SYSTEM_BYTES = 1 << 20
+
+
+def read_system(value: str | None, option: str = "--system") -> str | None:
+    """The system prompt an option names: its text, or a file's text (the rule in SYSTEM_HELP).
+
+    A mistyped path is refused rather than sent to the model as the system prompt.
+    """
+    from steerlab.errors import DataError
+
+    if value is None:
+        return None
+    explicit = value.startswith("@")
+    text = value[1:] if explicit else value
+    path = Path(text).expanduser()
+    looks_like_path = not any(c.isspace() for c in text) and (
+        "/" in text or "\\" in text or text.lower().endswith(TEXT_SUFFIXES))
+    if not explicit and not looks_like_path and (len(text) > 4096 or not path.is_file()):
+        return value
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise DataError(f"{option} {value!r} looks like a file path but {path} {what}; fix the "
+                        "path, or give the prompt text itself (text with spaces is used as is).")
+    data = path.read_bytes()[: MAX_SYSTEM_BYTES + 1]
+    if len(data) > MAX_SYSTEM_BYTES:
+        raise DataError(f"{option} file {path} is over {MAX_SYSTEM_BYTES} bytes; a system prompt "
+                        "is a short text.")
+    try:
+        decoded = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{option} file {path} is not UTF-8 text (byte {exc.start}); give a "
+                        "text file.") from exc
+    if "\x00" in decoded:
+        raise DataError(f"{option} file {path} is binary (it holds NUL bytes); give a text file.")
+    return decoded.strip()

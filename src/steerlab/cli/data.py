@@ -8,6 +8,10 @@ from rich.table import Table
 
 from steerlab.cli.common import console
 
+SHOW_CHARS = 300
+"""Characters of a field ``data show`` prints; the rest is counted, not printed (a line of
+megabytes would take rich minutes to wrap)."""
+
 SOURCE_ARG = typer.Argument(
     ..., help="Built-in set name (e.g. paired, paired:harmful) or a .jsonl/.json/.csv/.txt file."
 )
@@ -47,20 +51,27 @@ def register(app: typer.Typer) -> None:
 
         pset = load_prompts(source, split=split, label=label)
         split_note = f", {pset.split} split" if pset.split else ""
-        console.print(f"[bold]{escape(pset.name)}[/]: {len(pset)} prompts{split_note} "
-                      f"(from {escape(pset.source)})")
+        console.print(f"[bold]{clip(pset.name)}[/]: {len(pset)} prompts{split_note} "
+                      f"(from {clip(pset.source)})")
         counts = Table(show_header=True)
         counts.add_column("category")
         counts.add_column("prompts", justify="right")
         for category, n in sorted(pset.categories().items(), key=lambda kv: (-kv[1], kv[0])):
-            counts.add_row(escape(category or "(none)"), str(n))
+            counts.add_row(clip(category or "(none)"), str(n))
         console.print(counts)
         if pset.labels():
-            labels = ", ".join(f"{escape(k)} {v}" for k, v in pset.labels().items())
+            labels = ", ".join(f"{clip(k)} {v}" for k, v in pset.labels().items())
             console.print(f"labels: {labels}")
         # Evenly spaced examples show more of the set than the first few lines.
         count = min(max(examples, 0), len(pset))
         for i in sorted({j * len(pset) // count for j in range(count)} if count else set()):
             p = pset[i]
             tag = "/".join(x for x in (p.category, p.label) if x)
-            console.print(f"[cyan]{escape(p.id)}[/] [dim]{escape(tag)}[/]\n  {escape(p.prompt)}")
+            console.print(f"[cyan]{clip(p.id)}[/] [dim]{clip(tag)}[/]\n  {clip(p.prompt)}")
+
+
+def clip(text: str, limit: int = SHOW_CHARS) -> str:
+    """``text`` escaped for rich, cut to ``limit`` characters with the cut counted."""
+    if len(text) <= limit:
+        return escape(text)
+    return escape(text[:limit]) + f"[dim]... ({len(text) - limit} more characters)[/]"

@@ -10,7 +10,14 @@ from typing import Any
 
 import typer
 
-from steerlab.cli.common import DTYPE_OPT, console, error_console, load
+from steerlab.cli.common import (
+    DTYPE_OPT,
+    SYSTEM_HELP,
+    console,
+    error_console,
+    load,
+    read_system,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -23,7 +30,7 @@ def register(app: typer.Typer) -> None:
                                     "(e.g. paired:harmful, harmless)."),
         split: str | None = typer.Option(None, "--split", help="train, val or test."),
         limit: int | None = typer.Option(None, "--limit", help="Evaluate the first N prompts."),
-        system: str | None = typer.Option(None, "--system", help="System prompt."),
+        system: str | None = typer.Option(None, "--system", help=SYSTEM_HELP),
         steer: list[str] = typer.Option([], "--steer", help="Intervention (repeatable): compact "
                                         "spec like 'ablate:runs/refusal@all', JSON, or a file."),
         judge: str = typer.Option("substring", "--judge", help="'substring' (no LLM judge) or "
@@ -57,6 +64,8 @@ def register(app: typer.Typer) -> None:
                                               "on N built-in capability items (0 = all)."),
         seed: int = typer.Option(0, "--seed"),
         out: Path = typer.Option(..., "--out", help="Run folder (resumes if it exists)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Start --out over instead of "
+                                       "resuming it (or write into a folder steerlab did not)."),
         dtype: str = DTYPE_OPT,
     ) -> None:
         """Evaluate a model (optionally steered) on a prompt set; write responses and summary."""
@@ -69,11 +78,14 @@ def register(app: typer.Typer) -> None:
             RefusalScorer,
             run_eval,
         )
+        from steerlab.evaluate.run import eval_dir
         from steerlab.interventions import parse_steer_args
         from steerlab.prompts import load_prompts
 
         prompt_set = load_prompts(prompts, split=split, limit=limit)
+        system_prompt = read_system(system)
         specs = parse_steer_args(steer)
+        eval_dir(out, overwrite)  # a wrong --out fails before the model loads
         gen_backend: InProcessBackend | OpenAIBackend
         if backend == "inprocess":
             gen_backend = InProcessBackend(load(model, dtype), specs,
@@ -104,12 +116,13 @@ def register(app: typer.Typer) -> None:
         kl_set = load_prompts(kl_prompts, limit=kl_limit) if kl_prompts else None
         try:
             summary = run_eval(
-                prompt_set, gen_backend, out, system=system, judge=llm_judge, classifier=clf,
+                prompt_set, gen_backend, out, system=system_prompt, judge=llm_judge, classifier=clf,
                 refusal=RefusalScorer(phrases=refusal_phrases,
                                       ignore_disclaimers=ignore_disclaimers),
                 baseline=baseline, kl_prompts=kl_set, kl_k=kl_tokens,
                 capability_limit=capability, seed=seed, progress=True,
                 extra_config={"prompts": {"source": prompts, "split": split, "limit": limit}},
+                overwrite=overwrite,
             )
         finally:
             if llm_judge is not None:

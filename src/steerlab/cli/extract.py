@@ -11,18 +11,27 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from steerlab.cli.common import DTYPE_OPT, MODEL_ARG, console, error_console, load
+from steerlab.cli.common import (
+    DTYPE_OPT,
+    MODEL_ARG,
+    SYSTEM_HELP,
+    console,
+    error_console,
+    load,
+    read_system,
+)
 from steerlab.errors import DataError
 from steerlab.layer_spec import parse_layers
+from steerlab.outputs import output_dir
 
 OUT_OPT = typer.Option(..., "--out", "-o", help="Output folder.")
 POSITIVE_OPT = typer.Option(None, "--positive", help="Positive prompt set: built-in name "
                             "(e.g. paired:harmful) or a .jsonl/.json/.csv/.txt file.")
 NEGATIVE_OPT = typer.Option(None, "--negative", help="Negative prompt set (same forms).")
 SYS_POS_OPT = typer.Option(None, "--system-positive",
-                           help="System prompt for the positive set (text or a file path).")
+                           help="System prompt for the positive set. " + SYSTEM_HELP)
 SYS_NEG_OPT = typer.Option(None, "--system-negative",
-                           help="System prompt for the negative set (text or a file path).")
+                           help="System prompt for the negative set (same forms).")
 POSITION_OPT = typer.Option("last", "--position", help="Token position: last, t_inst, "
                             "post_inst, post_inst\\[k] (k-th post-instruction token), "
                             "prompt_mean, response_mean.")
@@ -30,14 +39,9 @@ METHOD_OPT = typer.Option("diff_in_means", "--method", help="diff_in_means, pca 
 LAYERS_OPT = typer.Option("all", "--layers", help="all, a range like 8-16, or a list like 3,5,7.")
 LIMIT_OPT = typer.Option(None, "--limit", help="Use at most this many prompts (pairs) per set.")
 BATCH_OPT = typer.Option(32, "--batch-size", help="Prompts per forward pass.")
+OVERWRITE_OPT = typer.Option(False, "--overwrite", help="Replace what a non-empty --out holds.")
 
 
-def _system(value: str | None) -> str | None:
-    if value is None:
-        return None
-    path = Path(value).expanduser()
-    return path.read_text(encoding="utf-8").strip() if len(value) < 4096 and path.is_file() \
-        else value
 
 
 @contextmanager
@@ -85,6 +89,7 @@ def register(app: typer.Typer) -> None:
                                  "direction."),
         limit: int | None = LIMIT_OPT,
         batch_size: int = BATCH_OPT,
+        overwrite: bool = OVERWRITE_OPT,
         dtype: str = DTYPE_OPT,
     ) -> None:
         """Extract a direction (one vector per layer) and save it to OUT as safetensors + JSON.
@@ -99,14 +104,16 @@ def register(app: typer.Typer) -> None:
         parsed = parse_layers(layers)
         chosen = None if parsed == "all" else list(parsed)
         pos_set, neg_set = _load_sets(positive, negative, split, limit)
+        sys_pos = read_system(system_positive, "--system-positive")
+        sys_neg = read_system(system_negative, "--system-negative")
+        output_dir(out, overwrite=overwrite)  # before the model loads: fail fast
         lm = load(model, dtype)
         if pos_set is not None:
             total = len(pos_set) + len(neg_set)
             with progress_bar("extracting", total) as advance:
                 direction = extraction.extract_direction(
                     lm, pos_set, neg_set, method=method, position=position, layers=chosen,
-                    system_positive=_system(system_positive),
-                    system_negative=_system(system_negative), name=name, kind="custom",
+                    system_positive=sys_pos, system_negative=sys_neg, name=name, kind="custom",
                     batch_size=batch_size, progress=advance)
         elif kind == "refusal":
             train = extraction.paired_split(split or "train", limit)
@@ -151,6 +158,7 @@ def register(app: typer.Typer) -> None:
                                      "this one per layer."),
         limit: int | None = LIMIT_OPT,
         batch_size: int = BATCH_OPT,
+        overwrite: bool = OVERWRITE_OPT,
         dtype: str = DTYPE_OPT,
     ) -> None:
         """Layer-by-layer analysis: held-out Cohen's d, probe accuracy, cross-layer cosines.
@@ -167,6 +175,8 @@ def register(app: typer.Typer) -> None:
         parsed = parse_layers(layers)
         chosen = None if parsed == "all" else list(parsed)
         pos_set, neg_set = _load_sets(positive, negative, None, limit)
+        sys_pos = read_system(system_positive, "--system-positive")
+        sys_neg = read_system(system_negative, "--system-negative")
         pos_test = load_prompts(positive_test, limit=limit) if positive_test else None
         neg_test = load_prompts(negative_test, limit=limit) if negative_test else None
         if pos_set is None:
@@ -176,12 +186,13 @@ def register(app: typer.Typer) -> None:
             total += len(pos_test or ()) + len(neg_test or ())
         if persona:
             total += 2 * len(extraction.persona_contrast("compliance", "train", limit=limit)[0])
+        output_dir(out, overwrite=overwrite)
         lm = load(model, dtype)
         with progress_bar("scanning", total) as advance:
             result = run_scan(
                 lm, positive=pos_set, negative=neg_set, positive_test=pos_test,
-                negative_test=neg_test, system_positive=_system(system_positive),
-                system_negative=_system(system_negative), method=method, position=position,
+                negative_test=neg_test, system_positive=sys_pos,
+                system_negative=sys_neg, method=method, position=position,
                 layers=chosen, persona=persona, limit=limit, batch_size=batch_size,
                 progress=advance)
         out.mkdir(parents=True, exist_ok=True)

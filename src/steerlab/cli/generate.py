@@ -8,23 +8,21 @@ from pathlib import Path
 
 import typer
 
-from steerlab.cli.common import DTYPE_OPT, MODEL_ARG, console, error_console, load
+from steerlab.cli.common import (
+    DTYPE_OPT,
+    MODEL_ARG,
+    SYSTEM_HELP,
+    console,
+    error_console,
+    load,
+    read_system,
+)
 
 STEER_HELP = (
     "Intervention, repeatable, applied in order: compact OP:DIR[SRC]@LAYERS[:OPTION]... "
     "(add:runs/persona@12:4.0, ablate:runs/refusal[14]@all, project:runs/persona@16-23, "
     "subspace:runs/refusal@7-10>12-20) or a .json/.yaml file. See docs/steering.md."
 )
-
-
-def _system(value: str | None) -> str | None:
-    """A system prompt given as text, or as the path of a file holding it."""
-    if value is None:
-        return None
-    path = Path(value).expanduser()
-    if len(value) < 4096 and path.is_file():
-        return path.read_text(encoding="utf-8").strip()
-    return value
 
 
 def register(app: typer.Typer) -> None:
@@ -36,8 +34,7 @@ def register(app: typer.Typer) -> None:
                                     "file."),
         out: Path = typer.Option(..., "--out", "-o", help="Output JSONL; rows are appended as "
                                  "they finish and a rerun skips those already there."),
-        system: str | None = typer.Option(None, "--system", help="System prompt (text or a file "
-                                          "path)."),
+        system: str | None = typer.Option(None, "--system", help=SYSTEM_HELP),
         steer: list[str] | None = typer.Option(None, "--steer", "-s", help=STEER_HELP),
         max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Tokens per "
                                            "response at most."),
@@ -51,13 +48,17 @@ def register(app: typer.Typer) -> None:
                                        "(halves on out-of-memory)."),
         allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help="Use directions "
                                             "made on a model with another fingerprint."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Start --out over instead of "
+                                       "resuming it (or replace a file steerlab did not write)."),
         dtype: str = DTYPE_OPT,
     ) -> None:
         """Generate chat responses (optionally steered), streamed to a resumable JSONL."""
         from steerlab.errors import DataError
         from steerlab.generate import generate as run
         from steerlab.interventions import parse_steer_args, resolve_specs
+        from steerlab.outputs import output_file
         from steerlab.prompts import load_prompts
+        from steerlab.rowstore import is_store
 
         specs = parse_steer_args(steer)  # parse before loading the model: fail fast on typos
         size: int | str = batch_size
@@ -67,12 +68,17 @@ def register(app: typer.Typer) -> None:
                                 f"{batch_size!r}.")
             size = int(batch_size)
         prompt_set = load_prompts(prompts, split=split, limit=limit)
+        system_prompt = read_system(system)
+        # a wrong --out fails before the model loads (the run identity is checked after)
+        output_file(out, overwrite=overwrite, ours=lambda p: is_store(p, "generate"),
+                    what="steerlab generate")
         lm = load(model, dtype)
         specs = resolve_specs(specs, lm=lm, allow_mismatch=allow_mismatch)
         start = time.perf_counter()
-        rows = run(lm, list(prompt_set), system=_system(system), steer=specs,
+        rows = run(lm, list(prompt_set), system=system_prompt, steer=specs,
                    max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature,
-                   top_p=top_p, seed=seed, batch_size=size, out_jsonl=out, progress=True)
+                   top_p=top_p, seed=seed, batch_size=size, out_jsonl=out, progress=True,
+                   overwrite=overwrite)
         elapsed = time.perf_counter() - start
         reasons = Counter(r.finish_reason for r in rows)
         tokens = sum(r.n_new_tokens for r in rows)

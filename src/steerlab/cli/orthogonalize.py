@@ -58,10 +58,16 @@ def register(app: typer.Typer) -> None:
             export_lora,
         )
         from steerlab.orthogonalize import orthogonalize as run_orthogonalize
+        from steerlab.outputs import output_dir, output_file
 
         check_format(fmt)
         if (direction is None) == (steer is None):
             raise InterventionError("Give --direction DIR or --steer SPEC (one of the two).")
+        if fmt == "gguf-cvec":
+            output_file(out if out.suffix == ".gguf" else out / "control_vector.gguf",
+                        overwrite=overwrite)
+        else:
+            output_dir(out, overwrite=overwrite)  # a wrong --out fails before the model loads
         lm = load(model, dtype)
         if steer is not None:
             path = _export_spec(lm, steer, out, fmt, allow_approximate, overwrite)
@@ -76,8 +82,6 @@ def register(app: typer.Typer) -> None:
             if scale not in ("raw", "unit"):
                 raise InterventionError(f"--scale must be raw or unit, got {scale!r}.")
             target = out if out.suffix == ".gguf" else out / "control_vector.gguf"
-            if target.exists() and not overwrite:
-                raise InterventionError(f"{target} exists; pass --overwrite or another --out.")
             path = export_gguf_cvec(vec, target, alpha=alpha, layers=chosen,
                                     source_layer=source_layer, lm=lm,
                                     scale="unit" if scale == "unit" else "raw")
@@ -128,6 +132,7 @@ def register(app: typer.Typer) -> None:
         kl_tokens: int = typer.Option(4, "--kl-tokens", help="Response tokens KL averages over."),
         names: list[str] | None = typer.Option(
             None, "--name", help="Column name per model (ORIGINAL first); default: folder names."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty --out."),
         dtype: str = DTYPE_OPT,
     ) -> None:
         """Refusal, over-refusal, KL, capability accuracy and perplexity of ORIGINAL vs EDITED."""
@@ -148,6 +153,7 @@ def register(app: typer.Typer) -> None:
                             kl_tokens=kl_tokens)
         result = compare_models(
             dict(zip(labels, specs, strict=True)), cfg, out_dir=out, dtype=dtype,
-            on_model=lambda name: error_console.print(f"[dim]evaluating {name} ...[/]"))
+            on_model=lambda name: error_console.print(f"[dim]evaluating {name} ...[/]"),
+            overwrite=overwrite)
         console.print(comparison_markdown(result))
         console.print(f"[green]wrote[/] {out}/comparison.md, comparison.json, rows.jsonl")

@@ -75,6 +75,11 @@ def register(app: typer.Typer) -> None:
         max_queue: int = typer.Option(256, min=1, help="Waiting requests before 503."),
         max_tokens_limit: int = typer.Option(1024, "--max-tokens-limit", min=1,
                                              help="Largest max_tokens a request may ask for."),
+        model_alias: list[str] = typer.Option(
+            [], "--model-alias",
+            help="Another name requests may give as 'model' (repeat). The served id (see "
+                 "/v1/models) and MODEL as given here are always accepted; any other name is "
+                 "answered 404 model_not_found, as the OpenAI API does."),
         allow_mismatch: bool = typer.Option(
             False, help="Accept directions extracted from a model with another fingerprint."),
         dtype: str = DTYPE_OPT,
@@ -95,7 +100,7 @@ def register(app: typer.Typer) -> None:
                 default += bind_registered(list(parse_steer(text)), directions)
         app = create_app(lm, directions, default, api_key=api_key, max_batch_size=max_batch_size,
                          max_wait_ms=max_wait_ms, max_queue=max_queue,
-                         max_new_tokens_limit=max_tokens_limit)
+                         max_new_tokens_limit=max_tokens_limit, model_aliases=model_alias)
         if not _is_loopback(host) and not api_key:
             error_console.print(f"[yellow]warning:[/] serving on {host} without --api-key: "
                                 "anyone who can reach this address can use the model.")

@@ -49,7 +49,7 @@ def step_logprobs(lm: LoadedModel, prompts: list[str], system: str | None, k: in
     by token with a KV cache, as generation goes; shared by the KL here and
     :mod:`steerlab.compare`.
     """
-    batch = encode(lm.tokenizer, prompts, system)
+    batch = encode(lm.tokenizer, prompts, system, max_length=lm.context_length)
     ids = batch.input_ids.to(lm.device)
     mask = batch.attention_mask.to(lm.device)
     pos = (mask.cumsum(-1) - 1).clamp_min(0)

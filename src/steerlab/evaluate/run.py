@@ -8,10 +8,13 @@ Writes into ``out_dir``:
 - rows the judge missed (server down, unparseable output) are judged again
   on a rerun, keeping their responses;
 - ``config.json``: what produced the rows (backend, interventions, system
-  prompt, scorers); a rerun with a different config refuses to mix rows;
+  prompt, scorers); the rows file's header holds the same run identity, and a
+  rerun with another identity, or with other texts for the same prompt ids,
+  refuses to mix rows (:mod:`steerlab.rowstore`);
 - ``summary.json`` / ``summary.md``: rates with n and 95% intervals,
   computed from the rows (never stored instead of them), written atomically;
-- ``kl.json`` / ``capability.json`` when asked (kept, so a rerun reuses them).
+- ``kl.json`` / ``capability.json`` when asked (kept, so a rerun with the same
+  identity, prompts and parameters reuses them).
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from steerlab._atomic import atomic_open, write_json, write_text
+from steerlab import rowstore
+from steerlab._atomic import write_json, write_text
 from steerlab.errors import EvaluationError
 from steerlab.evaluate.backends import Backend, Completion, InProcessBackend
 from steerlab.evaluate.degeneracy import DegeneracyDetector
 from steerlab.evaluate.judge import Judge, JudgeScore
+from steerlab.evaluate.markdown import summary_markdown
 from steerlab.evaluate.outcome import OUTCOMES, Outcome, classify
 from steerlab.evaluate.refusal import RefusalScorer
 from steerlab.evaluate.stats import (
@@ -39,6 +44,8 @@ from steerlab.evaluate.stats import (
     paired_bootstrap,
     rate_summary,
 )
+from steerlab.outputs import output_dir
+from steerlab.rowstore import RowStore, dict_codec
 
 if TYPE_CHECKING:
     from steerlab.evaluate.classifier import LocalClassifier
@@ -49,6 +56,7 @@ SUMMARY = "summary.json"
 SUMMARY_MD = "summary.md"
 CONFIG = "config.json"
 _CONFIG_KEYS = ("backend", "system", "judge", "classifier", "refusal_phrases", "partial_as")
+ROW_CODEC = dict_codec("id")
 
 
 def _as_prompts(prompts: PromptSet | Sequence[Prompt] | Sequence[str]) -> list[Prompt]:
@@ -73,43 +81,37 @@ def _as_prompts(prompts: PromptSet | Sequence[Prompt] | Sequence[str]) -> list[P
     return out
 
 
-def read_rows(path: str | Path, *, repair: bool = False) -> dict[str, dict[str, Any]]:
-    """Rows of a responses.jsonl by id. A last line cut off by a kill is ignored
-    (and removed when ``repair``); a row appearing twice keeps the last copy."""
-    path = Path(path)
-    if not path.exists():
-        return {}
-    raw = path.read_bytes()
-    if raw and not raw.endswith(b"\n"):
-        raw = raw[: raw.rfind(b"\n") + 1]
-        if repair:
-            with path.open("r+b") as handle:
-                handle.truncate(len(raw))
+def read_rows(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Rows of a responses.jsonl by id, for reading (a baseline): a torn last line is
+    ignored; a row appearing twice keeps the last copy."""
     rows: dict[str, dict[str, Any]] = {}
-    for n, line in enumerate(raw.decode("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise EvaluationError(
-                f"{path} line {n} is not JSON ({exc}). Fix or delete that line, then rerun."
-            ) from exc
+    for n, row in enumerate(rowstore.read_rows(path), 1):
+        if not isinstance(row, dict) or "id" not in row:
+            raise EvaluationError(f"{path} row {n} has no \"id\"; it is not an eval row. "
+                                  "Point at another run's folder, or rerun that eval.")
         rows[str(row["id"])] = row
     return rows
 
 
-def _check_config(out: Path, config: dict[str, Any], has_rows: bool) -> None:
-    path = out / CONFIG
-    if path.exists() and has_rows:
-        old = json.loads(path.read_text(encoding="utf-8"))
-        diffs = [k for k in _CONFIG_KEYS if old.get(k) != config.get(k)]
-        if diffs:
-            raise EvaluationError(
-                f"{out} already holds rows made with a different {', '.join(diffs)}. "
-                "Use a new --out directory (or delete this one) instead of mixing conditions."
-            )
-    write_json(path, config)
+def eval_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
+    """``out_dir`` made ready for an eval: empty, or holding one this version resumes."""
+    return output_dir(out_dir, overwrite=overwrite, what="steerlab eval",
+                      ours=lambda p: rowstore.is_store(p / ROWS, "eval"))
+
+
+def _store(out: Path, config: dict[str, Any], items: list[Prompt],
+           overwrite: bool) -> RowStore[dict[str, Any]]:
+    """The run's rows, resumed only under the same identity and for the same prompt texts."""
+    texts = {p.id: p.prompt for p in items}
+
+    def check(row: dict[str, Any]) -> str | None:
+        text = texts.get(str(row["id"]))
+        if text is None or text == row.get("prompt"):
+            return None
+        return f"row {row['id']!r} was made for another text of that prompt"
+
+    return RowStore(out / ROWS, "eval", {k: config.get(k) for k in _CONFIG_KEYS}, ROW_CODEC,
+                    overwrite=overwrite, check=check)
 
 
 def _score_row(prompt: Prompt, comp: Completion, system: str | None,
@@ -153,8 +155,13 @@ def run_eval(
     on_row: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = False,
     extra_config: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Evaluate one condition; resumable. Returns the summary (also in ``summary.json``).
+
+    ``out_dir`` is resumed only when it holds an eval of the same identity (backend,
+    system prompt, judge, scorers) whose rows are for the same prompt texts; ``overwrite``
+    starts it over.
 
     ``baseline`` is another run's directory on the same prompts: the summary
     then compares the two per prompt (McNemar exact test on refusal and on
@@ -169,8 +176,7 @@ def run_eval(
         0.08
     """
     items = _as_prompts(prompts)[:limit] if limit is not None else _as_prompts(prompts)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = eval_dir(out_dir, overwrite)
     refusal = refusal or RefusalScorer()
     degeneracy = degeneracy or DegeneracyDetector()
     config: dict[str, Any] = {
@@ -183,19 +189,18 @@ def run_eval(
         "n_prompts": len(items),
         **(extra_config or {}),
     }
-    rows_path = out / ROWS
-    done = read_rows(rows_path, repair=True)
-    _check_config(out, config, bool(done))
-    todo = [p for p in items if p.id not in done]
+    store = _store(out, config, items, overwrite)
+    write_json(out / CONFIG, config)
+    todo = [p for p in items if (p.id,) not in store]
     if todo:
-        _generate_rows(todo, backend, rows_path, system=system, judge=judge,
+        _generate_rows(todo, backend, store, system=system, judge=judge,
                        classifier=classifier, refusal=refusal, degeneracy=degeneracy,
                        partial_as=partial_as, on_row=on_row, progress=progress,
                        n_total=len(items), n_done=len(items) - len(todo))
     if judge is not None:
-        _rejudge_missing(rows_path, {p.id: p for p in items}, judge, system=system,
+        _rejudge_missing(store, {p.id: p for p in items}, judge, system=system,
                          refusal=refusal, degeneracy=degeneracy, partial_as=partial_as)
-    rows_by_id = read_rows(rows_path)
+    rows_by_id = {str(r["id"]): r for r in store.rows()}
     rows = [rows_by_id[p.id] for p in items if p.id in rows_by_id]
     missing = [p.id for p in items if p.id not in rows_by_id]
     if missing:
@@ -207,12 +212,14 @@ def run_eval(
         summary["comparison"] = compare(rows, read_rows(Path(baseline) / ROWS), seed=seed,
                                         baseline=str(baseline))
     if kl_prompts is not None:
-        summary["kl"] = _cached_extra(out / "kl.json", config, lambda: _kl(backend, kl_prompts,
-                                                                           kl_k, system, seed))
+        texts = [p if isinstance(p, str) else p.prompt for p in kl_prompts]
+        summary["kl"] = _cached_extra(
+            out / "kl.json", {**store.identity, "prompts": _digest(texts), "k": kl_k,
+                              "seed": seed}, lambda: _kl(backend, kl_prompts, kl_k, system, seed))
     if capability_limit is not None:
-        summary["capability"] = _cached_extra(out / "capability.json", config,
-                                              lambda: _capability(backend, capability_limit,
-                                                                  system))
+        summary["capability"] = _cached_extra(
+            out / "capability.json", {**store.identity, "limit": capability_limit},
+            lambda: _capability(backend, capability_limit, system))
     from steerlab.provenance import provenance
 
     lm = backend.lm if isinstance(backend, InProcessBackend) else None
@@ -222,7 +229,8 @@ def run_eval(
     return summary
 
 
-def _generate_rows(todo: list[Prompt], backend: Backend, rows_path: Path, *, system: str | None,
+def _generate_rows(todo: list[Prompt], backend: Backend, store: RowStore[dict[str, Any]], *,
+                   system: str | None,
                    judge: Judge | None, classifier: LocalClassifier | None,
                    refusal: RefusalScorer, degeneracy: DegeneracyDetector, partial_as: Outcome,
                    on_row: Callable[[dict[str, Any]], None] | None, progress: bool,
@@ -232,14 +240,12 @@ def _generate_rows(todo: list[Prompt], backend: Backend, rows_path: Path, *, sys
     pending: dict[Future[JudgeScore], tuple[Prompt, Completion, dict[str, Any]]] = {}
     bar = Progress(transient=True, disable=not progress)
     task = bar.add_task("evaluating", total=n_total, completed=n_done)
-    with rows_path.open("a", encoding="utf-8") as handle, bar:
+    with store.appending() as put, bar:
 
         def write(prompt: Prompt, comp: Completion, extra: dict[str, Any],
                   score: JudgeScore | None) -> None:
-            row = _score_row(prompt, comp, system, refusal, degeneracy, score, partial_as)
-            row.update(extra)
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            handle.flush()
+            row = put({**_score_row(prompt, comp, system, refusal, degeneracy, score, partial_as),
+                       **extra})
             bar.advance(task)
             if on_row is not None:
                 on_row(row)
@@ -268,12 +274,12 @@ def _generate_rows(todo: list[Prompt], backend: Backend, rows_path: Path, *, sys
                 fut.cancel()
 
 
-def _rejudge_missing(rows_path: Path, items: dict[str, Prompt], judge: Judge, *,
+def _rejudge_missing(store: RowStore[dict[str, Any]], items: dict[str, Prompt], judge: Judge, *,
                      system: str | None, refusal: RefusalScorer, degeneracy: DegeneracyDetector,
                      partial_as: Outcome) -> None:
     """Ask the judge again for rows it missed before (server down, garbage); responses are
     kept. The file is rewritten atomically only when a judgement was recovered."""
-    rows = read_rows(rows_path)
+    rows = {str(r["id"]): r for r in store.rows()}
     stale = [r for r in rows.values() if r.get("judge_missing") and r["id"] in items]
     if not stale:
         return
@@ -288,20 +294,26 @@ def _rejudge_missing(rows_path: Path, items: dict[str, Prompt], judge: Judge, *,
                                         score, partial_as), **extra}
         changed = True
     if changed:
-        with atomic_open(rows_path, "w") as handle:
-            for row in rows.values():
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        store.replace(rows.values())
 
 
-def _cached_extra(path: Path, config: dict[str, Any], compute: Callable[[], dict[str, Any]]
+def _digest(texts: Sequence[str]) -> str:
+    return hashlib.sha256(json.dumps(list(texts), ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def _cached_extra(path: Path, key: dict[str, Any], compute: Callable[[], dict[str, Any]]
                   ) -> dict[str, Any]:
-    """Reuse a KL/capability result made under the same backend config, else compute it."""
-    if path.exists():
+    """Reuse a KL/capability result made under the same key (everything that changes it:
+    the run identity, the prompts, k, seed or limit), else compute and store it."""
+    key = rowstore.jsonable(key)
+    try:
         stored = json.loads(path.read_text(encoding="utf-8"))
-        if stored.get("backend") == config["backend"] and stored.get("system") == config["system"]:
+        if isinstance(stored, dict) and stored.get("key") == key:
             return dict(stored["result"])
+    except (OSError, ValueError):
+        pass
     result = compute()
-    write_json(path, {"backend": config["backend"], "system": config["system"], "result": result})
+    write_json(path, {"key": key, "result": result})
     return result
 
 
@@ -434,66 +446,6 @@ def compare(rows: Sequence[dict[str, Any]], baseline_rows: dict[str, dict[str, A
         if both:
             result[key] = paired_bootstrap([x for x, _ in both], [y for _, y in both], seed=seed)
     return result
-
-
-def _fmt_rate(s: dict[str, Any] | None) -> str:
-    if not s or s.get("rate") is None:
-        return "n/a"
-    lo, hi = s["ci95"]
-    return f"{s['rate']:.3f} [{lo:.3f}, {hi:.3f}] (k={s['k']}, n={s['n']})"
-
-
-def _fmt_mean(s: dict[str, Any] | None) -> str:
-    if not s or s.get("mean") is None:
-        return "n/a"
-    lo, hi = s["ci95"]
-    return f"{s['mean']:.3f} [{lo:.3f}, {hi:.3f}] (n={s['n']})"
-
-
-def summary_markdown(summary: dict[str, Any]) -> str:
-    """A short human-readable summary: every rate with its interval and n."""
-    lines = ["# steerlab eval summary", "",
-             f"n = {summary['n']} prompts. Rates: value [95% Wilson interval] (k, n).", "",
-             "| measure | value |", "|---|---|",
-             f"| refusal (substring) | {_fmt_rate(summary['refusal'])} |"]
-    for name in OUTCOMES:
-        lines.append(f"| outcome: {name} | {_fmt_rate(summary['outcomes'][name])} |")
-    if "over_refusal" in summary:
-        lines.append(f"| over-refusal (harmless) | {_fmt_rate(summary['over_refusal'])} |")
-    judge = summary.get("judge")
-    if judge:
-        lines.append(f"| judge compliance (mean) | {_fmt_mean(judge['compliance'])} |")
-        lines.append(f"| judge coherence (mean) | {_fmt_mean(judge['coherence'])} |")
-        lines.append(f"| judge missing | {judge['missing']} |")
-        agree = judge.get("agreement_with_substring")
-        if agree:
-            lines.append(f"| judge vs substring kappa | {agree['kappa']:.3f} (n={agree['n']}) |")
-    if "classifier" in summary:
-        lines.append(f"| classifier flagged | {_fmt_rate(summary['classifier']['flagged'])} |")
-    kl = summary.get("kl")
-    if kl:
-        lines.append(f"| KL first token | {_fmt_mean(kl['first_token'])} |")
-        k = kl["k"]
-        lines.append(f"| KL mean over first {k} tokens | {_fmt_mean(kl[f'mean_first_{k}'])} |")
-    cap = summary.get("capability")
-    if cap:
-        lines.append(f"| capability accuracy | {_fmt_rate({**cap, 'rate': cap['accuracy']})} |")
-    comp = summary.get("comparison")
-    if comp:
-        lines += ["", f"## Paired comparison with {comp['baseline']} (n = {comp['n_pairs']})",
-                  "", "| measure | baseline | this run | diff | McNemar p |",
-                  "|---|---|---|---|---|"]
-        measures = [("refusal (substring)", comp["refusal"])] + [
-            (f"outcome: {name}", comp["outcomes"][name]) for name in OUTCOMES]
-        for label, c in measures:
-            lines.append(f"| {label} | {_fmt_rate(c['baseline'])} | {_fmt_rate(c['this'])} | "
-                         f"{c['diff']:+.3f} | {c['p_mcnemar']:.4g} |")
-        for key in ("judge_compliance", "judge_coherence"):
-            if key in comp:
-                c = comp[key]
-                lines.append(f"| {key} (paired bootstrap) | | | {c['mean_diff']:+.3f} "
-                             f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] | {c['p']:.4g} |")
-    return "\n".join(lines) + "\n"
 
 
 def iter_rows(out_dir: str | Path) -> Iterable[dict[str, Any]]:

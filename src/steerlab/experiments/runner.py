@@ -29,7 +29,7 @@ from steerlab._atomic import write_json
 from steerlab.directions import Direction
 from steerlab.errors import SteerlabError
 from steerlab.evaluate import outcome
-from steerlab.experiments.store import ResponseStore
+from steerlab.experiments.store import ResponseStore, run_identity
 from steerlab.experiments.timings import Timings
 from steerlab.generate import Generation, GenerationGroup, generate_groups
 
@@ -42,12 +42,6 @@ T = TypeVar("T")
 # Finished rows are written to disk at most this long after they finish (and always
 # when a run_many call ends, normally or not).
 SAVE_EVERY_SECONDS = 1.0
-# Settings that change only how results are reported, never what is generated.
-REPORT_ONLY_SETTINGS = frozenset({"n_samples", "judge_url", "judge_model"})
-# Settings that change only how fast rows are generated (a resumed run may lower the
-# batch size after running out of memory, or raise it on a larger machine).
-SPEED_ONLY_SETTINGS = frozenset({"batch_size"})
-_RESUMABLE_ACROSS = REPORT_ONLY_SETTINGS | SPEED_ONLY_SETTINGS
 # Redraws per second of the progress display. Each redraw costs ~0.4 ms of Python per bar
 # on a terminal, taken from the threads generating: at rich's default 10/s with a bar per
 # condition (~80 in a persona-gating run) a 2-core CPU generated 26% slower.
@@ -89,11 +83,9 @@ class Runner:
     ) -> None:
         self.lm = lm
         self.out = Path(out_dir)
-        if settings is not None:
-            self._claim(settings)
-        self.out.mkdir(parents=True, exist_ok=True)
+        # refuses a folder it did not write, or a run of another model, dtype or settings
+        self.store = ResponseStore.open_run(self.out, run_identity(lm, settings))
         (self.out / "steps").mkdir(exist_ok=True)
-        self.store = ResponseStore(self.out / "responses.jsonl")
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.timings = Timings.load(self.out / "timings.json")
@@ -120,46 +112,6 @@ class Runner:
         data.update(self.timings.as_dict())
         write_json(path, data)
 
-    def _claim(self, settings: Mapping[str, Any]) -> None:
-        """Record what this run folder is a run of, or refuse to resume a different one.
-
-        Rows are cached by (condition, prompt): resuming with another model or other
-        settings would silently mix old generations with new ones.
-        """
-        wanted = {
-            "model_fingerprint": self.lm.fingerprint,
-            "settings": json.loads(
-                json.dumps(
-                    {k: v for k, v in settings.items() if k not in _RESUMABLE_ACROSS},
-                    default=str,
-                )
-            ),
-        }
-        path = self.out / "run.json"
-        if not path.exists():
-            self.out.mkdir(parents=True, exist_ok=True)
-            write_json(path, wanted)
-            return
-        held = json.loads(path.read_text())
-        diffs = []
-        if held.get("model_fingerprint") != wanted["model_fingerprint"]:
-            diffs.append(
-                f"model fingerprint {held.get('model_fingerprint')} -> {self.lm.fingerprint}"
-            )
-        old = {k: v for k, v in held.get("settings", {}).items() if k not in _RESUMABLE_ACROSS}
-        new = wanted["settings"]
-        diffs += [
-            f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
-            for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k)
-        ]
-        if diffs:
-            raise SteerlabError(
-                f"{self.out} holds a run made with a different model or settings "
-                f"({'; '.join(diffs)}); resuming would mix its generations with new ones. "
-                "Use a new --out folder, or delete this one to start over."
-            )
-
     # -- progress -----------------------------------------------------------------------------
     def __enter__(self) -> Runner:
         self.progress.start()
@@ -182,16 +134,16 @@ class Runner:
         return (self.out / "steps" / f"{name}.json").exists()
 
     def step(self, name: str, compute: Callable[[], T]) -> T:
-        """Return the cached JSON result of step ``name``, computing it once."""
+        """Return the result of step ``name`` as its JSON reads back, computing it once: a
+        fresh run and a resumed one get the same types (integer keys are strings in both)."""
         path = self.out / "steps" / f"{name}.json"
-        if self.has_step(name):
-            return json.loads(path.read_text())  # type: ignore[no-any-return]
-        task = self.progress.add_task(name, total=None)
-        start = time.perf_counter()
-        result = compute()
-        self.save_step(name, result, time.perf_counter() - start)
-        self.progress.update(task, total=1, completed=1)
-        return result
+        if not self.has_step(name):
+            task = self.progress.add_task(name, total=None)
+            start = time.perf_counter()
+            result = compute()
+            self.save_step(name, result, time.perf_counter() - start)
+            self.progress.update(task, total=1, completed=1)
+        return json.loads(path.read_text())  # type: ignore[no-any-return]
 
     def save_step(self, name: str, result: Any, seconds: float) -> None:
         """Cache the result of a step computed outside :meth:`step` (several steps measured

@@ -1,69 +1,89 @@
-"""``responses.jsonl``: the append-only record of every generation of a run.
+"""``responses.jsonl``: the append-only record of every generation of an experiment run.
 
-One row per (condition, prompt id). The runner appends and fsyncs finished rows
-at most a second after they finish, so an interrupted run loses only rows still
-generating (or finished in its last second); on reopen a torn last line is
-dropped and finished rows are never generated again. Rows are in the order they
-finished: read a condition's rows by prompt id, not by position.
+One row per (condition, prompt id), in the layout of :mod:`steerlab.rowstore`: its
+header holds the run identity (model fingerprint, dtype, and the settings that change
+what is generated), checked before anything in the run folder changes. The runner
+appends and fsyncs finished rows at most a second after they finish, so an interrupted
+run loses only rows still generating (or finished in its last second); on reopen a torn
+last line is dropped and finished rows are never generated again. Rows are in the order
+they finished: read a condition's rows by prompt id, not by position.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from steerlab import rowstore
 from steerlab.errors import SteerlabError
+from steerlab.outputs import output_dir
+from steerlab.rowstore import RowStore, dict_codec, jsonable, model_identity
+
+if TYPE_CHECKING:
+    from steerlab.model import LoadedModel
+
+ROWS = "responses.jsonl"
+# Settings that change only how results are reported, never what is generated.
+REPORT_ONLY_SETTINGS = frozenset({"n_samples", "judge_url", "judge_model"})
+# Settings that change only how fast rows are generated (a resumed run may lower the
+# batch size after running out of memory, or raise it on a larger machine).
+SPEED_ONLY_SETTINGS = frozenset({"batch_size"})
+RESUMABLE_ACROSS = REPORT_ONLY_SETTINGS | SPEED_ONLY_SETTINGS
+ROW_CODEC = dict_codec("condition", "prompt_id")
+
+
+def run_identity(lm: LoadedModel, settings: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What an experiment run folder is a run of: the model, its dtype, and the settings
+    that change a row (report-only and speed-only settings may change on resume)."""
+    identity: dict[str, Any] = model_identity(lm)
+    if settings is not None:
+        identity["settings"] = jsonable({k: v for k, v in settings.items()
+                                         if k not in RESUMABLE_ACROSS})
+    return identity
 
 
 class ResponseStore:
-    """Resumable store of generation rows keyed by ``(condition, prompt_id)``."""
+    """Resumable store of generation rows keyed by ``(condition, prompt_id)``.
 
-    def __init__(self, path: str | Path) -> None:
+    With an ``identity`` it opens ``path`` for writing (checked, repaired, resumable);
+    without one it only reads what is there (a report, a test).
+    """
+
+    def __init__(self, path: str | Path, identity: Mapping[str, Any] | None = None, *,
+                 overwrite: bool = False) -> None:
         self.path = Path(path)
-        self._rows: dict[tuple[str, str], dict[str, Any]] = {}
-        if self.path.exists():
-            self._load()
+        self._store: RowStore[dict[str, Any]] | None = None
+        if identity is None:
+            self._rows = {ROW_CODEC.key(r): r for r in rowstore.read_rows(self.path)}
+        else:
+            self._store = RowStore(self.path, "experiment", identity, ROW_CODEC,
+                                   overwrite=overwrite)
 
-    def _load(self) -> None:
-        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-        good: list[str] = []
-        for number, line in enumerate(lines, 1):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                if number == len(lines):  # torn write from an interrupted run
-                    break
-                raise SteerlabError(
-                    f"{self.path} line {number} is not JSON ({exc}); delete that line or the file "
-                    "to regenerate those rows."
-                ) from exc
-            self._rows[(row["condition"], str(row["prompt_id"]))] = row
-            good.append(line if line.endswith("\n") else line + "\n")
-        if len(good) != len(lines) or (lines and not lines[-1].endswith("\n")):
-            self.path.write_text("".join(good), encoding="utf-8")
+    @classmethod
+    def open_run(cls, out_dir: str | Path, identity: Mapping[str, Any], *,
+                 overwrite: bool = False) -> ResponseStore:
+        """The store of run folder ``out_dir``, which must be empty or hold a run of this
+        identity."""
+        out = output_dir(out_dir, overwrite=overwrite, what="steerlab experiment",
+                         ours=lambda p: rowstore.is_store(p / ROWS, "experiment"))
+        return cls(out / ROWS, identity, overwrite=overwrite)
+
+    def _all(self) -> list[dict[str, Any]]:
+        return self._store.rows() if self._store is not None else list(self._rows.values())
 
     def has(self, condition: str, prompt_id: str) -> bool:
-        return (condition, str(prompt_id)) in self._rows
+        key = (condition, str(prompt_id))
+        return key in self._store if self._store is not None else key in self._rows
 
     def rows(self, condition: str | None = None) -> list[dict[str, Any]]:
         """Rows of one condition (or all), in insertion order."""
-        return [r for (c, _), r in self._rows.items() if condition is None or c == condition]
+        return [r for r in self._all() if condition is None or r["condition"] == condition]
 
     def conditions(self) -> list[str]:
-        return list(dict.fromkeys(c for c, _ in self._rows))
+        return list(dict.fromkeys(r["condition"] for r in self._all()))
 
     def append(self, rows: Iterable[dict[str, Any]]) -> None:
-        rows = list(rows)
-        if not rows:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        for row in rows:
-            self._rows[(row["condition"], str(row["prompt_id"]))] = row
+        if self._store is None:
+            raise SteerlabError(f"{self.path} was opened for reading only.")
+        self._store.append(rows)

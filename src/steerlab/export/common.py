@@ -6,12 +6,12 @@ import datetime as _dt
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from steerlab._atomic import temp_dir
 from steerlab.errors import SteerlabError
 from steerlab.version import __version__
 
@@ -45,7 +45,7 @@ def fresh_dir(out: Path, overwrite: bool) -> Path:
             "(--overwrite)."
         )
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    return temp_dir(out)
 
 
 def commit_dir(tmp: Path, out: Path) -> None:

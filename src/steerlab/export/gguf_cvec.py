@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from steerlab._atomic import umask
 from steerlab.directions import Direction, DirectionMeta
 from steerlab.errors import DirectionError
 from steerlab.export.common import ExportError
@@ -87,6 +88,7 @@ def export_gguf_cvec(
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.fchmod(fd, 0o666 & ~umask())  # an ordinary file's mode, not mkstemp's 0600
     os.close(fd)
     try:
         writer = gguf.GGUFWriter(tmp_name, CVEC_ARCH)

@@ -7,9 +7,11 @@ Example:
 
 One app owns the model while it runs (its worker thread registers steering
 hooks on it); do not generate with the same ``LoadedModel`` elsewhere while
-requests are running. The request's ``model`` field is accepted and ignored
-(one model per server; ``/v1/models`` names it). Extensions to the OpenAI
-body: ``steer`` (see :mod:`steerlab.serve.schemas`) and ``ignore_eos``.
+requests are running. One model per server: ``/v1/models`` names it, and a request
+whose ``model`` field names another is answered 404 ``model_not_found`` as the OpenAI API
+does. The id, the model spec the server was started with and each ``model_aliases`` entry
+(``steerlab serve --model-alias NAME``) are accepted; a request without ``model`` is too.
+Extensions to the OpenAI body: ``steer`` (see :mod:`steerlab.serve.schemas`) and ``ignore_eos``.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class ServerState:
 
     lm: LoadedModel
     model_id: str
+    model_names: frozenset[str]
     registry: SteerRegistry
     batcher: Batcher
     limits: Limits
@@ -76,6 +79,14 @@ class ServerState:
             record: dict[str, Any]) -> Job:
         return Job(id=str(record.get("id", uuid.uuid4().hex)), prompt_ids=ids, params=params,
                    steer_key=steer.key, specs=steer.specs, loop=asyncio.get_running_loop())
+
+    def check_model(self, name: str | None) -> None:
+        """404 for a model this server does not serve (None: the client did not say)."""
+        if name is not None and name not in self.model_names:
+            also = ", ".join(sorted(self.model_names - {self.model_id})) or "none"
+            raise S.RequestError("model", f"the model {name!r} does not exist here; this "
+                                 f"server serves {self.model_id!r} (also accepted: {also}).",
+                                 status=404, code="model_not_found")
 
 
 def create_app(
@@ -91,6 +102,7 @@ def create_app(
     max_context: int | None = None,
     max_body_bytes: int = 8 * 2**20,
     model_id: str | None = None,
+    model_aliases: Sequence[str] = (),
 ) -> FastAPI:
     """Build the server for ``lm`` with the named ``directions`` requests may steer with.
 
@@ -112,6 +124,7 @@ def create_app(
     state = ServerState(
         lm=lm,
         model_id=model_id or lm.name,
+        model_names=frozenset({model_id or lm.name, lm.spec, *model_aliases}),
         registry=SteerRegistry(directions, lm.n_layers, default_steer),
         batcher=Batcher(run_group, max_batch_size=max_batch_size,
                         max_wait_s=max_wait_ms / 1000, max_queue=max_queue),
@@ -204,14 +217,13 @@ def _add_routes(app: FastAPI, st: ServerState) -> None:
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str) -> dict[str, Any]:
-        if model != st.model_id:
-            raise StarletteHTTPException(404, f"model {model!r} is not served here; "
-                                         f"this server serves {st.model_id!r}.")
+        st.check_model(model)
         return card().model_dump()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: S.ChatCompletionRequest, request: Request) -> Response:
         record = _record(request)
+        st.check_model(body.model)
         requested = body.max_completion_tokens or body.max_tokens
         check_max_tokens(st.limits, requested)
         steer = st.registry.resolve(body.steer)
@@ -245,6 +257,7 @@ def _add_routes(app: FastAPI, st: ServerState) -> None:
     @app.post("/v1/completions")
     async def completions(body: S.CompletionRequest, request: Request) -> Response:
         record = _record(request)
+        st.check_model(body.model)
         check_max_tokens(st.limits, body.max_tokens)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if body.stream and len(prompts) != 1:

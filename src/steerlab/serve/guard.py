@@ -1,13 +1,21 @@
 """ASGI middleware that refuses requests before anything parses them:
-a missing or wrong bearer key (401) and oversized bodies (413)."""
+a missing or wrong bearer key (401) and oversized bodies (413).
+
+The body cap counts the bytes actually received, so a chunked upload (no Content-Length)
+or one whose Content-Length understates it is refused like a declared oversize one.
+"""
 
 from __future__ import annotations
 
 import hmac
 import json
+from collections import deque
+from typing import Any
 
 from steerlab.serve.logs import ASGIApp, Receive, Scope, Send
 from steerlab.serve.prepare import openai_error
+
+DRAIN_FACTOR = 8
 
 
 class Guard:
@@ -36,7 +44,36 @@ class Guard:
             await _reply(send, 413, f"The request body is larger than {self.max_body_bytes} "
                          "bytes.")
             return
-        await self.app(scope, receive, send)
+        messages, over = await _read_body(receive, self.max_body_bytes)
+        if over:
+            await _reply(send, 413, f"The request body is larger than {self.max_body_bytes} "
+                         "bytes.", extra=[(b"connection", b"close")])
+            return
+        pending = deque(messages)
+
+        async def replay() -> Any:
+            return pending.popleft() if pending else await receive()
+
+        await self.app(scope, replay, send)
+
+
+async def _read_body(receive: Receive, limit: int) -> tuple[list[Any], bool]:
+    """The request's body messages, and whether they add up to more than ``limit`` bytes.
+
+    An oversize body is read on (and dropped) up to ``DRAIN_FACTOR`` times the limit, so a
+    client still uploading can read the 413 instead of a reset connection.
+    """
+    messages: list[Any] = []
+    total = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return [*messages, message], False
+        total += len(message.get("body", b""))
+        if total <= limit:
+            messages.append(message)
+        if not message.get("more_body", False) or total > DRAIN_FACTOR * limit:
+            return messages, total > limit
 
 
 async def _reply(send: Send, status: int, message: str,

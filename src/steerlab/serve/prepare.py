@@ -108,4 +108,11 @@ def openai_error(status: int, message: str, param: str | None = None,
     kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error",
             503: "server_overloaded"}.get(status, "invalid_request_error" if status < 500
                                           else "server_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return {"error": {"message": _printable(message), "type": kind,
+                      "param": None if param is None else _printable(param), "code": code}}
+
+
+def _printable(text: str) -> str:
+    """``text`` with anything UTF-8 cannot encode (a lone surrogate echoed from a request)
+    escaped, so writing the error reply cannot fail."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

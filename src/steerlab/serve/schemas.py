@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from steerlab.errors import SteerlabError
 
@@ -32,11 +32,25 @@ class RequestError(SteerlabError):
         self.code = code
 
 
+def _unicode(value: str) -> str:
+    """Refuse text that is not valid Unicode (a lone UTF-16 surrogate such as ``"\\ud800"``)
+    before any tokenizer sees it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"text has an unpaired UTF-16 surrogate at character {exc.start}; "
+                         "send valid Unicode") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
+"""Sampling seeds: any 64-bit integer (the engine hashes it with the prompt index)."""
 Alpha = Annotated[float, Field(allow_inf_nan=False, ge=-1e4, le=1e4)]
 Layers = (Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=1024)]
-          | Annotated[int, Field(ge=0)] | Annotated[str, Field(max_length=256)])
+          | Annotated[int, Field(ge=0)] | Annotated[Text, Field(max_length=256)])
 """Layer indices, one index, ``"all"``, ``"12-18"`` or ``"3,5-7"`` (checked against the model)."""
-Name = Annotated[str, Field(min_length=1, max_length=128)]
+Name = Annotated[Text, Field(min_length=1, max_length=128)]
 
 
 class _StrictItem(BaseModel):
@@ -128,12 +142,12 @@ class SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str | None = None
+    model: Text | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] = 1.0
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: Seed | None = None
+    stop: Text | list[Text] | None = None
     n: Annotated[int, Field(ge=1, le=1, description="Only n=1 is supported.")] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -176,13 +190,13 @@ class SamplingFields(BaseModel):
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: Text | list[TextPart]
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -196,7 +210,7 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=64)]
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=64)]
     echo: Literal[False] = False
     suffix: None = None
     best_of: Literal[1] | None = None
