@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from steerlab.generate import generate
 from steerlab.interventions import specs_to_json
 from steerlab.kernel_ablate import KernelAblate
 from steerlab.orthogonalize import orthogonalize_spec
+from steerlab.rowstore import read_rows
 from steerlab.steering import steer
 from tests.tiny import save_tiny, tiny_model
 
@@ -81,8 +81,7 @@ def test_generate_and_eval_take_the_spec_file(tmp_path: Path):
     main(["generate", str(model_dir), "--prompts", str(tmp_path / "p.txt"), "--steer",
           str(tmp_path / "spec.json"), "--out", str(tmp_path / "g.jsonl"), "--dtype", "float32",
           "--max-new-tokens", "6"])
-    rows = [line for line in (tmp_path / "g.jsonl").read_text().splitlines() if line]
-    got = sorted(json.loads(r)["response"] for r in rows)
+    got = sorted(row["response"] for row in read_rows(tmp_path / "g.jsonl"))
     want = sorted(g.response for g in generate(lm, ["hello world", "a red car"], steer=[spec],
                                                max_new_tokens=6))
     plain = sorted(g.response for g in generate(lm, ["hello world", "a red car"],
