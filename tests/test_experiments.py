@@ -412,6 +412,35 @@ def test_cli_runs_an_experiment_on_a_model_folder(tmp_path: Path) -> None:
     assert exc.value.code == 2
 
 
+def test_every_experiment_is_one_declared_experiment_behind_one_cli_path() -> None:
+    """Each module declares its EXPERIMENT on the shared config base, keeping its own
+    defaults and settings (an old run folder's settings must still match to resume), and
+    ``reproduce persona-gating`` takes the same options as every ``experiment NAME``."""
+    import importlib
+
+    import typer.main
+
+    from steerlab.cli import app
+    from steerlab.experiments.config import ExperimentConfig, PersonaGatingConfig
+
+    modules = {"persona-gating": "persona_gating", "layer-transfer": "layer_transfer",
+               "subspace": "subspace", "positions": "positions", "hydra": "hydra"}
+    for name, module in modules.items():
+        experiment = importlib.import_module(f"steerlab.experiments.{module}").EXPERIMENT
+        assert experiment.name == name and issubclass(experiment.config, ExperimentConfig)
+    persona, hydra = PersonaGatingConfig(), HydraConfig()
+    assert (persona.harmless_limit, persona.kl_tokens) == (48, 1)
+    assert (hydra.harmless_limit, hydra.kl_tokens) == (32, 4)
+    assert "layer_selection" not in persona.model_dump() and "layer_selection" in hydra.model_dump()
+    root = typer.main.get_command(app)
+    groups = {n: "reproduce" if n == "persona-gating" else "experiment" for n in modules}
+    shared = {"model", "out", "limit", "judge", "judge_model", "config", "seed", "max_new_tokens",
+              "eval_prompts", "dtype"}
+    for name, group in groups.items():
+        command = root.commands[group].commands[name]  # type: ignore[attr-defined]
+        assert shared <= {p.name for p in command.params}, name
+
+
 # -- the real embedded model, reduced ---------------------------------------------------------
 REAL: dict[str, Any] = dict(
     limit=2,

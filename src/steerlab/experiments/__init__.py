@@ -1,5 +1,7 @@
 """Experiments: persona gating, sweeps and the field's follow-up experiments.
 
-Each experiment is a ``run_<name>(lm, out_dir, config)`` function built on the
-shared machinery in ``runner``, ``store``, ``steerlab.plots`` and ``steerlab.report``.
+Each experiment module declares ``EXPERIMENT = Experiment(name, config, run)``
+(``framework``); they share one config base (``config``), one runner (``runner``,
+``timings``), typed summaries and verdicts (``summary``, ``measure``) and one report
+builder (``reporting``).
 """

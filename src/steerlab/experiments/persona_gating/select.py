@@ -25,6 +25,17 @@ class Selection(TypedDict):
     val_prompts: str
 
 
+class ReaddSelection(TypedDict, total=False):
+    """The refusal re-add strength and the validation cells it was chosen from."""
+
+    alpha: float
+    probe_layer: int
+    val_baseline_refusal_rate: float
+    cells: list[Entry]
+    rule: str
+    n_val: int
+
+
 def grid(n_layers: int, config: PersonaGatingConfig) -> list[tuple[int, float]]:
     layers = sorted(
         {min(n_layers - 1, max(0, round(f * n_layers))) for f in config.steer_layer_fractions}
@@ -70,7 +81,7 @@ def choose_cell(cells: Sequence[dict[str, Any]], max_degenerate_rate: float, tol
 
 
 def select_readd(run: Runner, val_set: PromptSet, refusal: Direction, persona: Direction,
-                 layer: int, alpha: float, config: PersonaGatingConfig) -> dict[str, Any]:
+                 layer: int, alpha: float, config: PersonaGatingConfig) -> ReaddSelection:
     """Pick the refusal re-add strength on the validation split, blind to the evaluation.
 
     While persona-steered, the refusal direction is re-added at the layer at 75% of
@@ -81,7 +92,7 @@ def select_readd(run: Runner, val_set: PromptSet, refusal: Direction, persona: D
     A fixed ``readd_alpha`` in the config skips the search.
     """
     if config.readd_alpha is not None:
-        return {"alpha": config.readd_alpha, "rule": "fixed by the config", "cells": []}
+        return ReaddSelection(alpha=config.readd_alpha, rule="fixed by the config", cells=[])
     probe = min(run.lm.n_layers - 1, round(0.75 * run.lm.n_layers))
     steer = Add(persona, alpha=alpha, layers=[layer])
     alphas = sorted(config.readd_alphas)
@@ -96,14 +107,14 @@ def select_readd(run: Runner, val_set: PromptSet, refusal: Direction, persona: D
     ok = [c for c in cells if c["degenerate_rate"] <= config.max_degenerate_rate] or cells
     restoring = [c for c in ok if c["refusal_rate"] >= base["refusal_rate"]]
     best = restoring[0] if restoring else max(ok, key=lambda c: (c["refusal_rate"], -c["alpha"]))
-    return {
-        "alpha": best["alpha"],
-        "probe_layer": probe,
-        "val_baseline_refusal_rate": base["refusal_rate"],
-        "cells": cells,
-        "rule": "smallest strength whose validation refusal (persona-steered, refusal re-added "
+    return ReaddSelection(
+        alpha=best["alpha"],
+        probe_layer=probe,
+        val_baseline_refusal_rate=base["refusal_rate"],
+        cells=cells,
+        rule="smallest strength whose validation refusal (persona-steered, refusal re-added "
         f"at layer {probe}) reaches the validation baseline's, degenerate rate <= "
         f"{config.max_degenerate_rate}"
         + ("" if restoring else "; none reached it, so the one with the most refusal"),
-        "n_val": len(val_set),
-    }
+        n_val=len(val_set),
+    )
