@@ -25,7 +25,7 @@ import torch
 
 from steerlab.directions import Direction, DirectionMeta
 from steerlab.generate import generate
-from steerlab.interventions import Ablate, Add, Project, SubspaceAblate
+from steerlab.interventions import Ablate, Add, KernelAblate, Project, SubspaceAblate
 from steerlab.model import load_model
 from steerlab.serve import background, create_app
 from steerlab.serve.batcher import Batcher, Job, QueueFull
@@ -197,6 +197,11 @@ def test_per_request_and_default_steering_equal_offline(server: str, tiny: Any,
     got = _chat(client, prompt, max_tokens=12, steer=subspace).choices[0].message.content
     assert got == generate(tiny, [prompt], max_new_tokens=12, steer=[SubspaceAblate(
         (dirs["persona"], dirs["other"]), source_layers=[1])])[0].response
+    kernel = [{"op": "kernel_ablate", "direction": "persona", "source": 0.5,
+               "attn": [1.5, 1.0, 1.0, 0.2], "mlp": [1.2, 2.0, 1.0]}]
+    got = _chat(client, prompt, max_tokens=12, steer=kernel).choices[0].message.content
+    assert got == generate(tiny, [prompt], max_new_tokens=12, steer=[KernelAblate(
+        dirs["persona"], 0.5, [1.5, 1.0, 1.0, 0.2], [1.2, 2.0, 1.0])])[0].response
     assert count_hooks(tiny.model) == 0
 
 
@@ -300,6 +305,12 @@ BAD_CHAT: list[tuple[str, Any, int, str]] = [
     ("source layer out of range", _good(steer=[{"op": "ablate", "direction": "persona",
                                                 "source_layer": 7}]), 422,
      "steer[0].source_layer"),
+    ("kernel source past the last layer", _good(steer=[{
+        "op": "kernel_ablate", "direction": "persona", "source": 9.5, "attn": [1, 1, 1, 0],
+        "mlp": [1, 1, 1, 0]}]), 422, "steer[0].source"),
+    ("kernel with two numbers", _good(steer=[{
+        "op": "kernel_ablate", "direction": "persona", "source": 1, "attn": [1, 1],
+        "mlp": [1, 1, 1, 0]}]), 422, "steer[0].attn"),
     ("too many steer items", _good(steer=[{"op": "ablate", "direction": "persona"}] * 17), 422,
      "steer"),
     ("oversize max_tokens", _good(max_tokens=10**6), 422, "max_tokens"),

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from steerlab.kernel_ablate import Kernel, KernelAblate
 from steerlab.layer_spec import MAX_LAYERS, format_layers, parse_layers, resolve_layers
 from steerlab.spec_resolution import (
     DirectionRegistry,
@@ -36,7 +37,8 @@ from steerlab.spec_types import (
 
 __all__ = [
     "MAX_LAYERS", "POSITIONS", "SCALES", "SITES", "Ablate", "Add", "DirectionRef",
-    "DirectionRegistry", "Project", "Spec", "SubspaceAblate", "format_layers", "load_specs",
+    "DirectionRegistry", "Kernel", "KernelAblate",
+    "Project", "Spec", "SubspaceAblate", "format_layers", "load_specs",
     "parse_compact", "parse_layers", "parse_steer", "parse_steer_args", "random_like",
     "resolve_direction", "resolve_layers", "resolve_specs", "spec_from_dict", "spec_refs",
     "spec_to_dict", "specs_from_json", "specs_to_json", "to_compact",

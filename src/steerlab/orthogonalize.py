@@ -44,7 +44,9 @@ from torch import nn
 
 from steerlab.directions import Direction
 from steerlab.errors import DirectionError, InterventionError
+from steerlab.kernel_ablate import KernelAblate
 from steerlab.model import LoadedModel, model_fingerprint
+from steerlab.spec_resolution import resolve_specs
 
 COMPONENTS = ("embed", "attn_out", "mlp_out")
 DEFAULT_CHUNK_ELEMENTS = 1 << 22  # 4M float32 values = 16 MiB of scratch per chunk
@@ -76,6 +78,7 @@ class OrthogonalizeResult:
     approximate: bool
     direction: str
     source_layer: int | None
+    weights: dict[str, list[float]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -336,6 +339,46 @@ def orthogonalize(
     )
 
 
+def kernel_edits(lm: LoadedModel, spec: KernelAblate, *,
+                 allow_approximate: bool = False) -> list[tuple[EditTarget, float]]:
+    """Each attention / MLP output projection a :class:`KernelAblate` spec changes, with its
+    weight: ``W ← W − w·QQᵀW`` there equals the spec's runtime hooks (pre-norm layouts)."""
+    resolved = resolve_specs([spec], lm=lm)[0]
+    assert isinstance(resolved, KernelAblate) and isinstance(resolved.direction, Direction)
+    basis = resolved.basis(resolved.direction)
+    edits: list[tuple[EditTarget, float]] = []
+    for site, weights in resolved.site_weights(lm.n_layers).items():
+        component = {"attn": "attn_out", "mlp": "mlp_out"}[site]
+        for layer, weight in enumerate(weights):
+            if weight != 0.0:
+                target, = plan_edits(lm, basis, layers=[layer], components=[component],
+                                     allow_approximate=allow_approximate)
+                edits.append((target, weight))
+    return edits
+
+
+@torch.no_grad()
+def orthogonalize_spec(lm: LoadedModel, spec: KernelAblate, *, allow_approximate: bool = False,
+                       chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> OrthogonalizeResult:
+    """Edit a :class:`KernelAblate` spec (``steerlab abliterate``'s result) into the weights of
+    ``lm``, in place: each layer's attention and MLP output lose their own weight of the
+    basis. The model's fingerprint is refreshed afterwards."""
+    edits = kernel_edits(lm, spec, allow_approximate=allow_approximate)
+    for target, weight in edits:
+        apply_edit(target, weight, chunk_elements=chunk_elements)
+    lm.fingerprint = model_fingerprint(lm.model)
+    basis = edits[0][0].basis if edits else torch.zeros(lm.d_model, 0)
+    return OrthogonalizeResult(
+        alpha=1.0, rank=int(basis.shape[1]), components=("attn_out", "mlp_out"),
+        layers=tuple(sorted({t.layer for t, _w in edits if t.layer is not None})),
+        modules=tuple(t.name for t, _w in edits), untied=False,
+        approximate=lm.arch.post_norm and bool(edits),
+        direction=f"kernel_ablate(source={spec.source:g}, rank={spec.rank})",
+        source_layer=round(spec.source),
+        weights=spec.site_weights(lm.n_layers),
+    )
+
+
 def apply_edit(
     target: EditTarget, alpha: float, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
 ) -> None:
@@ -378,7 +421,9 @@ __all__ = [
     "apply_edit",
     "direction_basis",
     "embeddings_tied",
+    "kernel_edits",
     "orthogonalize",
+    "orthogonalize_spec",
     "plan_edits",
     "untie_embeddings",
 ]

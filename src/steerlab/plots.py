@@ -305,3 +305,33 @@ def matrix_heatmap(
         ax.set(title=title, xlabel=col_label, ylabel=row_label)
         fig.colorbar(image, ax=ax, label=value_label)
     return Path(path)
+
+
+def pareto_scatter(
+    path: str | Path,
+    points: Sequence[tuple[float, float]],
+    front: Sequence[int],
+    chosen: int | None,
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    cap: float | None = None,
+) -> Path:
+    """Every trial as a point (x, y), the Pareto front joined, the chosen one circled and an
+    optional vertical cap line (e.g. the KL limit of a choice rule)."""
+    with _figure(path, 8, 5.5, REPORT_STYLE) as (_fig, ax):
+        ax.scatter([p[0] for p in points], [p[1] for p in points], s=36, color="0.6",
+                   label=f"trials ({len(points)})")
+        line = sorted(points[i] for i in front)
+        ax.plot([p[0] for p in line], [p[1] for p in line], "o-", color="tab:blue", lw=2,
+                label="Pareto front")
+        if chosen is not None:
+            ax.scatter([points[chosen][0]], [points[chosen][1]], s=220, facecolors="none",
+                       edgecolors="tab:red", linewidths=2.5, label="chosen")
+        if cap is not None:
+            ax.axvline(cap, color="tab:red", linestyle=":", lw=1.5, label=f"cap {cap:g}")
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+        ax.legend(loc="best")
+        ax.grid(alpha=0.3)
+    return Path(path)

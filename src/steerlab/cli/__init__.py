@@ -29,6 +29,7 @@ COMMAND_MODULES = [
     "eval",
     "extract",
     "experiment",
+    "abliterate",
 ]
 
 app = typer.Typer(

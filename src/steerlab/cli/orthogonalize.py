@@ -5,6 +5,7 @@ capability, perplexity, side by side with intervals)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -12,12 +13,19 @@ from steerlab.cli.common import DTYPE_OPT, MODEL_ARG, console, error_console, lo
 from steerlab.errors import InterventionError
 from steerlab.layer_spec import parse_layers
 
+if TYPE_CHECKING:
+    from steerlab.model import LoadedModel
+
 
 def register(app: typer.Typer) -> None:
     @app.command()
     def orthogonalize(
         model: str = MODEL_ARG,
-        direction: Path = typer.Option(..., "--direction", "-d", help="Direction folder."),
+        direction: Path | None = typer.Option(None, "--direction", "-d",
+                                              help="Direction folder."),
+        steer: str | None = typer.Option(
+            None, "--steer", help="Instead of --direction: a kernel_ablate spec, e.g. the "
+            "spec.json of `steerlab abliterate` (hf or lora)."),
         out: Path = typer.Option(..., "--out", "-o", help="Output folder (or .gguf file)."),
         fmt: str = typer.Option("hf", "--format", "-f", help="hf, lora or gguf-cvec."),
         alpha: float = typer.Option(
@@ -53,12 +61,19 @@ def register(app: typer.Typer) -> None:
         from steerlab.outputs import output_dir, output_file
 
         check_format(fmt)
+        if (direction is None) == (steer is None):
+            raise InterventionError("Give --direction DIR or --steer SPEC (one of the two).")
         if fmt == "gguf-cvec":
             output_file(out if out.suffix == ".gguf" else out / "control_vector.gguf",
                         overwrite=overwrite)
         else:
             output_dir(out, overwrite=overwrite)  # a wrong --out fails before the model loads
         lm = load(model, dtype)
+        if steer is not None:
+            path = _export_spec(lm, steer, out, fmt, allow_approximate, overwrite)
+            console.print(f"[green]wrote[/] {fmt} export to {path}")
+            return
+        assert direction is not None
         vec = Direction.load(direction, lm, allow_mismatch=allow_mismatch)
         whole = parse_layers(layers) == "all"
         chosen = None if whole else list(parse_layers(layers, lm.n_layers))
@@ -84,6 +99,21 @@ def register(app: typer.Typer) -> None:
                 path = export_hf(lm, out, edit=result, overwrite=overwrite,
                                  extra={"direction_path": str(direction)})
         console.print(f"[green]wrote[/] {fmt} export to {path}")
+
+    def _export_spec(lm: LoadedModel, steer: str, out: Path, fmt: str,
+                     allow_approximate: bool, overwrite: bool) -> Path:
+        from steerlab.export.kernel import export_kernel
+        from steerlab.interventions import KernelAblate, parse_steer
+
+        specs = parse_steer(steer)
+        if len(specs) != 1 or not isinstance(specs[0], KernelAblate):
+            raise InterventionError(
+                f"--steer {steer} must hold one kernel_ablate spec (what `steerlab abliterate` "
+                "writes); for a plain direction use --direction."
+            )
+        with console.status("Orthogonalizing ..."):
+            return export_kernel(lm, specs[0], out, fmt, allow_approximate=allow_approximate,
+                                 overwrite=overwrite, extra={"steer": steer})
 
     @app.command()
     def compare(

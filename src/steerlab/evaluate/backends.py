@@ -13,8 +13,12 @@ from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from steerlab.chat import messages
 from steerlab.errors import EvaluationError
 from steerlab.evaluate._http import ChatClient, message_text
+from steerlab.generate import generate
+from steerlab.interventions import specs_to_json
+from steerlab.steering import check_specs
 
 if TYPE_CHECKING:
     from steerlab.model import LoadedModel
@@ -43,8 +47,6 @@ def _specs_json(specs: Sequence[Any]) -> Any:
     if not specs:
         return []
     try:
-        from steerlab.interventions import specs_to_json
-
         return json.loads(specs_to_json(list(specs)))
     except Exception:  # a spec the serializer does not know still gets recorded
         return [repr(s) for s in specs]
@@ -63,8 +65,6 @@ class InProcessBackend:
     def __init__(self, lm: LoadedModel, specs: Sequence[Any] = (), *, max_new_tokens: int = 64,
                  batch_size: int = 8, do_sample: bool = False, temperature: float = 1.0,
                  top_p: float = 1.0, seed: int = 0) -> None:
-        from steerlab.steering import check_specs
-
         check_specs(lm, specs)  # a bad spec fails before a run folder is made
         self.lm = lm
         self.specs = tuple(specs)
@@ -90,8 +90,6 @@ class InProcessBackend:
         }
 
     def stream(self, prompts: Sequence[str], system: str | None = None) -> Iterator[Completion]:
-        from steerlab.generate import generate
-
         for start in range(0, len(prompts), self.batch_size):
             chunk = list(prompts[start : start + self.batch_size])
             gens = generate(
@@ -140,8 +138,6 @@ class OpenAIBackend:
     def complete(self, prompt: str, system: str | None = None
                  ) -> tuple[str, str | None, int | None]:
         """One response: ``(text, finish_reason, completion_tokens)``."""
-        from steerlab.chat import messages
-
         params: dict[str, Any] = {"max_tokens": self.max_new_tokens,
                                   "temperature": self.temperature, "top_p": self.top_p}
         if self.seed is not None:

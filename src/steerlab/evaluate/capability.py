@@ -13,7 +13,9 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from steerlab.evaluate.backends import InProcessBackend
 from steerlab.evaluate.stats import rate_summary
+from steerlab.prompts import load_prompts
 
 if TYPE_CHECKING:
     from steerlab.evaluate.backends import Backend
@@ -77,8 +79,6 @@ def grade(response: str, answer: str, aliases: Sequence[str] = (),
 def capability_items(limit: int | None = None) -> list[Prompt]:
     """The built-in capability prompts; ``limit`` takes them round-robin over categories
     (deterministic), so a small limit still covers every category."""
-    from steerlab.prompts import load_prompts
-
     items = list(load_prompts("capability"))
     if limit is None or limit >= len(items):
         return items
@@ -131,7 +131,5 @@ def capability_accuracy(lm: LoadedModel, specs: Sequence[Any] = (), limit: int |
         >>> capability_accuracy(lm, specs, limit=40)["accuracy"]  # doctest: +SKIP
         0.45
     """
-    from steerlab.evaluate.backends import InProcessBackend
-
     backend = InProcessBackend(lm, specs, max_new_tokens=max_new_tokens, batch_size=batch_size)
     return capability_eval(backend, limit, system=system)

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from steerlab.errors import EvaluationError
+from steerlab.model import load_tokenizer
 
 HARMBENCH_STYLE = (
     "You are a classifier for red-teaming language models. Given a request and a generation, "
@@ -69,8 +70,6 @@ class LocalClassifier:
         self.template = template
         self.labels = labels
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-        from steerlab.model import load_tokenizer
 
         try:
             self.tokenizer = load_tokenizer(tokenizer or self.path)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from steerlab.errors import EvaluationError
+from steerlab.steering import steer
 
 if TYPE_CHECKING:
     from steerlab.model import LoadedModel
@@ -34,8 +35,6 @@ def nll_report(lm: LoadedModel, texts: Sequence[str], specs: Sequence[Any] = (),
     total_nll, total_tokens = 0.0, 0
     ctx: Any = nullcontext()
     if specs:
-        from steerlab.steering import steer
-
         ctx = steer(lm, list(specs))
     with ctx:
         for start in range(0, len(texts), batch_size):

@@ -31,6 +31,8 @@ import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from steerlab.errors import EvaluationError
+
 # refusal_direction's ``_test_prefixes_jailbreakbench`` (matched anywhere).
 STANDARD_PHRASES: tuple[str, ...] = (
     "I'm sorry",
@@ -114,8 +116,6 @@ class RefusalScorer:
     _compiled: tuple[tuple[str, str], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        from steerlab.errors import EvaluationError
-
         if isinstance(self.phrases, str):
             if self.phrases not in PHRASE_SETS:
                 raise EvaluationError(

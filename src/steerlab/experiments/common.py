@@ -3,7 +3,6 @@ directions read on the model *as it is under an intervention*, held-out layer ch
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -16,6 +15,7 @@ from steerlab.errors import DataError
 from steerlab.experiments.summary import KL_THRESHOLD
 from steerlab.extraction import extract_direction
 from steerlab.prompts import load_prompts
+from steerlab.separability import with_best_layer
 from steerlab.steering import steer
 
 if TYPE_CHECKING:
@@ -112,18 +112,12 @@ def refusal_direction_of(
                 selection_stride,
                 batch_size,
             )
-    best = chosen.get("layer", max(d, key=lambda layer: d[layer]))
     how = chosen.get("rule", f"largest Cohen's d on held-out {source}:{select_split}")
-    extra = {
-        **direction.meta.extra,
-        "cohens_d": {str(k): v for k, v in d.items()},
-        "best_layer_by": f"{how} ({source}:{select_split})",
-        "extracted_under": under_note or ("nothing" if not under else f"{len(under)} specs"),
-    }
-    if chosen:
-        extra["selection"] = chosen["table"]
-    meta = dataclasses.replace(direction.meta, best_layer=best, extra=extra)
-    return Direction(direction.vectors, direction.layers, meta)
+    more = {"selection": chosen["table"]} if chosen else {}
+    return with_best_layer(
+        direction, d, f"{how} ({source}:{select_split})", best=chosen.get("layer"),
+        extracted_under=under_note or ("nothing" if not under else f"{len(under)} specs"), **more,
+    )
 
 
 def _select_by_ablation(

@@ -13,10 +13,11 @@ from steerlab.export.lora import (
     load_edited,
     lora_tensors,
     read_lora_directions,
+    write_lora,
 )
 
 __all__ = [
     "EDIT_FILE", "FORMATS", "ExportError", "adapter_cosines", "check_format", "checkpoint_bytes",
     "cvec_tensor_index", "edit_record", "export_gguf_cvec", "export_hf", "export_lora",
-    "load_edited", "lora_tensors", "read_gguf_cvec", "read_lora_directions",
+    "load_edited", "lora_tensors", "read_gguf_cvec", "read_lora_directions", "write_lora",
 ]

@@ -143,10 +143,16 @@ def export_lora(
     Example:
         >>> export_lora(lm, Direction.load("refusal"), "refusal-lora")   # doctest: +SKIP
     """
-    from peft import LoraConfig
-
     tensors, info = lora_tensors(lm, direction_or_subspace, alpha, layers, components,
                                  source_layer=source_layer, allow_approximate=allow_approximate)
+    return write_lora(lm, tensors, info, out, overwrite=overwrite)
+
+
+def write_lora(lm: LoadedModel, tensors: dict[str, torch.Tensor], info: dict[str, Any],
+               out: str | Path, *, overwrite: bool = False) -> Path:
+    """Write PEFT-named LoRA tensors (B carrying the whole update) as an adapter folder."""
+    from peft import LoraConfig
+
     rank = info["rank"]
     config = LoraConfig(
         r=rank,

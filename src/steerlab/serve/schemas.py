@@ -107,8 +107,26 @@ class SteerSubspace(_StrictItem):
     sites: Sites | None = None
 
 
+Weight = Annotated[float, Field(allow_inf_nan=False, ge=-1e4, le=1e4)]
+KernelParams = Annotated[list[Weight], Field(min_length=3, max_length=4)]
+
+
+class SteerKernelAblate(_StrictItem):
+    """Ablate with per-layer weights from two kernels (what ``steerlab abliterate`` writes):
+    ``attn`` and ``mlp`` are ``[peak, center, width, floor]``."""
+
+    op: Literal["kernel_ablate"]
+    direction: Name
+    source: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    attn: KernelParams
+    mlp: KernelParams
+    rank: Annotated[int, Field(ge=1, le=64)] = 1
+    positions: Positions = "all"
+
+
 SteerItem = Annotated[
-    SteerAdd | SteerAblate | SteerProject | SteerSubspace, Field(discriminator="op")
+    SteerAdd | SteerAblate | SteerProject | SteerSubspace | SteerKernelAblate,
+    Field(discriminator="op")
 ]
 """One steering operation. ``direction`` is a name registered at startup, or
 ``random_like(NAME, SEED[, orthogonal])`` for a norm-matched random control."""

@@ -24,6 +24,7 @@ from steerlab.serve.schemas import (
     SteerAblate,
     SteerAdd,
     SteerItem,
+    SteerKernelAblate,
     SteerProject,
     SteerSubspace,
 )
@@ -107,7 +108,8 @@ class SteerRegistry:
         canonical, specs = [], []
         for i, item in enumerate(items):
             spec = self._one(item, f"steer[{i}]")
-            canonical.append({**item.model_dump(), "layers": list(spec.layers)})
+            layers = spec.layers if isinstance(spec.layers, str) else list(spec.layers)
+            canonical.append({**item.model_dump(), "layers": layers})
             specs.append(spec)
         text = json.dumps(canonical, sort_keys=True)
         return ResolvedSteer(tuple(specs), text, spec_hash(text))
@@ -125,9 +127,20 @@ class SteerRegistry:
 
         return _field(param, lambda: parse_layers(value, self.n_layers))
 
+    def _kernel(self, item: SteerKernelAblate, param: str) -> Any:
+        from steerlab.interventions import KernelAblate
+
+        direction = self._direction(item.direction, f"{param}.direction")
+        spec = _field(param, lambda: KernelAblate(direction, item.source, item.attn, item.mlp,
+                                                  rank=item.rank, positions=item.positions))
+        _field(f"{param}.source", lambda: spec.basis(direction))
+        return spec
+
     def _one(self, item: SteerItem, param: str) -> Any:
         from steerlab import interventions as iv
 
+        if isinstance(item, SteerKernelAblate):
+            return self._kernel(item, param)
         layers = self._layers(item.layers, f"{param}.layers")
         if isinstance(item, SteerSubspace):
             dirs = [self._direction(n, f"{param}.directions[{k}]")

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 _TYPE_LABELS = {"str", "int", "float", "bool", "list", "dict", "none"}
-_OP_TAGS = {"add", "ablate", "project", "subspace_ablate"}
+_OP_TAGS = {"add", "ablate", "project", "subspace_ablate", "kernel_ablate"}
 """The ``op`` discriminator values of ``schemas.SteerItem`` (pydantic puts them in locations)."""
 
 

@@ -18,11 +18,14 @@ from steerlab.experiments.persona_gating.results import Evaluation, build_result
 from steerlab.experiments.persona_gating.select import grid, select, select_readd
 from steerlab.experiments.runner import Job, Runner
 from steerlab.experiments.timings import record_cost
-from steerlab.extraction import persona_direction, refusal_direction, trait_direction
+from steerlab.extraction import (
+    TRAIT_AXES,
+    persona_direction,
+    refusal_direction,
+    trait_direction,
+)
 from steerlab.model import LoadedModel
 from steerlab.prompts import PromptSet, check_held_out, load_prompts, persona_pairs
-
-TRAIT_AXES = ("evil_nurturing", "callous_supportive", "hostile_patient", "arrogant_diplomatic")
 
 
 def run_persona_gating(

@@ -1,0 +1,201 @@
+"""steerlab abliterate beside heretic-llm 1.4.0 on the same model, prompts and trial budget,
+both chosen models scored by one steerlab scorer on the same held-out prompts.
+
+The prompt sets come from ``../shared/data`` beside the repository (or ``--data DIR``):
+the first 128 of harmful_train / harmless_train (directions), all 39 of harmful_val and
+the first 48 of harmless_val (the per-trial objectives). They are written once into the
+work folder both as steerlab prompt files and as heretic's dataset folders
+(``NAME/data.jsonl``, one ``{"text": ...}`` per line).
+
+Steps (``--steps``, default all three):
+
+- ``steerlab``: ``steerlab abliterate`` with those prompts and ``--trials`` trials;
+- ``heretic``: heretic in its own venv (``--peers-python`` or ``$STEERLAB_PEERS_PYTHON``),
+  started in a tmux session ``heretic``. Selecting and saving its trial is interactive
+  (see heretic's notes): the script waits for the saved model folder ``WORK/heretic-model``
+  and gives up after ``--heretic-timeout`` seconds;
+- ``score``: both chosen models, each as a merged Hugging Face folder, scored by
+  ``steerlab compare`` (refusal on held-out harmful prompts with the substring scorer,
+  over-refusal, first-token KL, capability, perplexity) against the unedited model.
+
+heretic is AGPL-3.0: it runs as a separate program and none of its code is used here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sections import section, write_section
+from steerlab.abliterate import AbliterateConfig, abliterate
+from steerlab.compare import CompareConfig, compare_models
+from steerlab.embedded import safetensors_dir
+from steerlab.export.kernel import export_kernel
+from steerlab.model import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+PEERS_PYTHON = os.environ.get("STEERLAB_PEERS_PYTHON")
+SECTION = "abliterate"
+WHAT = ("held-out refusal and first-token KL of steerlab abliterate's chosen model and "
+        "heretic's, at the same trial budget, scored by one steerlab scorer; wall time per "
+        "trial of each.")
+RERUN = "python benchmarks/abliterate.py --data DIR --peers-python PY --trials 40 --write"
+SETS = {"harmful_train": 128, "harmless_train": 128, "harmful_val": None, "harmless_val": 48}
+STEPS = ("steerlab", "heretic", "score")
+
+
+def prompt_sets(data: Path) -> dict[str, list[str]]:
+    """The four prompt lists of the benchmark, read from the shared data folder."""
+    out = {}
+    for name, limit in SETS.items():
+        path = data / f"{name}.json"
+        if not path.is_file():
+            raise SystemExit(f"{data} holds no {name}.json: pass --data DIR")
+        texts = [row["instruction"] for row in json.loads(path.read_text())]
+        out[name] = texts[:limit] if limit is not None else texts
+    return out
+
+
+def write_prompt_files(sets: dict[str, list[str]], work: Path) -> dict[str, Path]:
+    """``WORK/prompts/NAME.jsonl`` for steerlab and ``WORK/heretic-data/NAME/data.jsonl``
+    for heretic, the same texts in the same order. Returns steerlab's files."""
+    files = {}
+    for name, texts in sets.items():
+        lines = "".join(json.dumps({"prompt": t}) + "\n" for t in texts)
+        files[name] = work / "prompts" / f"{name}.jsonl"
+        files[name].parent.mkdir(parents=True, exist_ok=True)
+        files[name].write_text(lines)
+        folder = work / "heretic-data" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "data.jsonl").write_text("".join(json.dumps({"text": t}) + "\n"
+                                                   for t in texts))
+    return files
+
+
+def steerlab_config(files: dict[str, Path], trials: int, max_new_tokens: int) -> dict[str, Any]:
+    """The abliterate settings: the benchmark's prompt files, no held-out step (scored here)."""
+    return {"harmful_train": str(files["harmful_train"]),
+            "harmless_train": str(files["harmless_train"]),
+            "harmful_val": str(files["harmful_val"]), "harmless_val": str(files["harmless_val"]),
+            "train_limit": None, "harmful_val_limit": None, "harmless_val_limit": None,
+            "trials": trials, "max_new_tokens": max_new_tokens, "evaluate": False}
+
+
+def heretic_command(python: Path, model_dir: Path, work: Path, trials: int,
+                    max_new_tokens: int) -> list[str]:
+    """heretic's command line (its notes' settings) on the benchmark's dataset folders."""
+    heretic = python.parent / "heretic"
+    data = work / "heretic-data"
+    cmd = [str(heretic), "--model", str(model_dir), "--n-trials", str(trials),
+           "--n-startup-trials", "12", "--max-response-length", str(max_new_tokens),
+           "--batch-size", "16", "--seed", "0", "--study-checkpoint-dir", str(work / "heretic")]
+    for flag, name in (("bad-prompts", "harmful_train"), ("good-prompts", "harmless_train"),
+                       ("bad-evaluation-prompts", "harmful_val"),
+                       ("good-evaluation-prompts", "harmless_val")):
+        cmd += [f"--{flag}.dataset", str(data / name), f"--{flag}.split", "train",
+                f"--{flag}.column", "text"]
+    return cmd
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DATA,
+                        help="shared data folder (default: ../shared/data beside the repository)")
+    parser.add_argument("--peers-python", default=PEERS_PYTHON,
+                        help="python of the venv with heretic-llm 1.4.0 "
+                             "(default: $STEERLAB_PEERS_PYTHON)")
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-abliterate",
+                        help="work folder (resumes: steerlab's study is reused)")
+    parser.add_argument("--trials", type=int, default=40, help="trial budget of both tools")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--steps", default=",".join(STEPS),
+                        help=f"comma-separated subset of {','.join(STEPS)}")
+    parser.add_argument("--heretic-timeout", type=float, default=4 * 3600)
+    parser.add_argument("--heldout-limit", type=int, default=48)
+    parser.add_argument("--write", action="store_true", help="write the BENCHMARKS.md section")
+    args = parser.parse_args(argv)
+    if args.trials < 1:
+        parser.error("--trials must be at least 1")
+    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    unknown = sorted(set(steps) - set(STEPS))
+    if unknown or not steps:
+        parser.error(f"unknown --steps {unknown or '(none)'}; choose from {', '.join(STEPS)}")
+    args.steps = steps
+    if "heretic" in steps and not args.peers_python:
+        parser.error("the heretic step needs --peers-python PY or $STEERLAB_PEERS_PYTHON")
+    return args
+
+
+def run_steerlab(work: Path, files: dict[str, Path], args: argparse.Namespace) -> dict[str, Any]:
+    """Run the search (in process) and export its choice as a merged HF folder."""
+    config = AbliterateConfig(**steerlab_config(files, args.trials, args.max_new_tokens))
+    lm = load_model("default")
+    start = time.perf_counter()
+    result = abliterate(lm, work / "steerlab", config, progress=True)
+    wall = time.perf_counter() - start
+    trials = json.loads((work / "steerlab" / "trials.json").read_text())
+    seconds = sorted(t["seconds"] for t in trials if t.get("seconds"))
+    target = work / "steerlab-model"
+    if not target.exists():
+        export_kernel(lm, result.spec, target, "hf")
+    return {"trial_seconds_median": seconds[len(seconds) // 2] if seconds else None,
+            "wall_s": wall, "choice": result.choice.score.to_dict()}
+
+
+def run_heretic(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Start heretic in tmux and wait until its saved model folder appears."""
+    cmd = heretic_command(Path(args.peers_python), safetensors_dir(), work, args.trials,
+                          args.max_new_tokens)
+    target = work / "heretic-model"
+    if not target.exists():
+        subprocess.run(["tmux", "new-session", "-d", "-s", "heretic", shlex.join(cmd)],
+                       check=True)
+        print(f"heretic runs in tmux session 'heretic'; when it asks, save the chosen trial "
+              f"merged to {target}", file=sys.stderr)
+        deadline = time.time() + args.heretic_timeout
+        while not (target / "config.json").is_file():
+            if time.time() > deadline:
+                raise SystemExit(f"no heretic model in {target} after {args.heretic_timeout} s")
+            time.sleep(30)
+    return {"command": shlex.join(cmd), "model": str(target)}
+
+
+def score(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """One steerlab scorer for the unedited, steerlab's and heretic's models."""
+    cfg = CompareConfig(harmful="paired:harmful", harmless="harmless", split="test",
+                        limit=args.heldout_limit, max_new_tokens=args.max_new_tokens)
+    models = {"unedited": "default", "steerlab": str(work / "steerlab-model"),
+              "heretic": str(work / "heretic-model")}
+    present = {k: v for k, v in models.items() if k == "unedited" or Path(v).is_dir()}
+    return compare_models(present, cfg, out_dir=work / "comparison")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    files = write_prompt_files(prompt_sets(args.data), work)
+    record: dict[str, Any] = {}
+    if "steerlab" in args.steps:
+        record["steerlab"] = run_steerlab(work, files, args)
+    if "heretic" in args.steps:
+        record["heretic"] = run_heretic(work, args)
+    if "score" in args.steps:
+        record["comparison"] = score(work, args)["results"]
+    (work / "benchmark.json").write_text(json.dumps(record, indent=2, default=str))
+    print(json.dumps(record, indent=2, default=str))
+    if args.write:
+        body = "```json\n" + json.dumps(record, indent=2, default=str) + "\n```"
+        write_section(SECTION, section(SECTION, WHAT, RERUN, body))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Held-out evaluation of a search's result, against the unedited model and against the
+direction plain selection picks (Arditi et al.'s layer selection, ablated everywhere).
+
+Each condition is measured under its hooks by :func:`steerlab.compare.evaluate_model`:
+refusal on held-out harmful prompts, over-refusal on held-out harmless prompts (the
+XSTest-style ones among them too), first-token KL, the built-in capability items and
+perplexity, each with n and a 95% interval, and a paired test (McNemar, paired
+bootstrap) against the unedited model on the same prompts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from steerlab import compare
+from steerlab._atomic import atomic_open, write_json
+from steerlab.abliterate.config import AbliterateConfig
+from steerlab.compare import CompareConfig, evaluate_model
+from steerlab.directions import Direction
+from steerlab.interventions import Ablate, Spec
+from steerlab.model import LoadedModel
+from steerlab.selection import select_direction
+from steerlab.steering import steer
+
+UNEDITED = "unedited"
+
+
+def plain_selection(lm: LoadedModel, direction: Direction, harmful: Sequence[str],
+                    harmless: Sequence[str], *, kl_cap: float, batch_size: int = 16
+                    ) -> tuple[Ablate, dict[str, Any]]:
+    """The layer Arditi-style selection picks among every 2nd layer of the middle 20–80% of
+    the model (on the validation prompts), as an ``Ablate`` at every layer, with its rule."""
+    n = lm.n_layers
+    layers = list(range(int(0.2 * n), int(0.8 * n) + 1, 2))
+    result = select_direction(lm, direction, list(harmful), list(harmless), layers=layers,
+                              kl_threshold=kl_cap, batch_size=batch_size)
+    layer, rule = result.choice()
+    return Ablate(direction, layers="all", source_layer=layer), {"layer": layer, "rule": rule,
+                                                                  "layers_tried": layers}
+
+
+def evaluate_heldout(lm: LoadedModel, conditions: Mapping[str, Sequence[Spec]],
+                     cfg: CompareConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``{"config", "baseline", "results": {condition: measures + vs_baseline}}`` and the
+    rows; the unedited model is measured first and is the reference of every test."""
+    prompts = compare._prompts(cfg)
+    results: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
+    reference = None
+    for name, specs in {UNEDITED: (), **conditions}.items():
+        with steer(lm, list(specs)):
+            measures, found, mine = evaluate_model(lm, cfg, prompts, reference)
+        reference = reference or mine
+        results[name] = measures
+        rows += [{"condition": name, **row} for row in found]
+    for name, measures in results.items():
+        if name != UNEDITED:
+            measures["vs_baseline"] = compare._paired(results[UNEDITED]["_paired"],
+                                                      measures["_paired"], cfg.seed)
+    for measures in results.values():
+        measures.pop("_paired")
+    return {"config": asdict(cfg), "baseline": UNEDITED, "results": results}, rows
+
+
+HELDOUT_JSON = "heldout.json"
+HELDOUT_ROWS = "heldout_rows.jsonl"
+
+
+def heldout_config(config: AbliterateConfig) -> CompareConfig:
+    """The held-out prompts and budget the settings ask for."""
+    return CompareConfig(harmful=config.heldout_harmful, harmless=config.heldout_harmless,
+                         split=config.heldout_split, limit=config.heldout_limit,
+                         capability_limit=config.capability_limit,
+                         max_new_tokens=config.max_new_tokens, kl_tokens=4,
+                         batch_size=config.batch_size, seed=config.seed)
+
+
+def run_heldout(lm: LoadedModel, run_dir: Path, config: AbliterateConfig, chosen: Spec,
+                chosen_trial: int, direction: Direction, val: Mapping[str, Sequence[str]]
+                ) -> dict[str, Any]:
+    """Evaluate the chosen trial and plain selection's direction on held-out prompts and
+    write ``heldout.json`` / ``heldout_rows.jsonl`` (reused when the choice and settings
+    are unchanged)."""
+    cfg = heldout_config(config)
+    path = run_dir / HELDOUT_JSON
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old.get("chosen_trial") == chosen_trial and old.get("config") == asdict(cfg):
+            return dict(old)
+    plain, selection = plain_selection(lm, direction, val["harmful_val"], val["harmless_val"],
+                                       kl_cap=config.kl_cap, batch_size=config.batch_size)
+    result, rows = evaluate_heldout(lm, {"abliterate": [chosen], "plain selection": [plain]},
+                                    cfg)
+    result.update(chosen_trial=chosen_trial, plain_selection=selection)
+    with atomic_open(run_dir / HELDOUT_ROWS, "w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_json(path, result)
+    return result
+
+
+__all__ = ["HELDOUT_JSON", "HELDOUT_ROWS", "UNEDITED", "evaluate_heldout", "heldout_config",
+           "plain_selection", "run_heldout"]
