@@ -174,7 +174,9 @@ def resolve_specs(
 
 
 def _check_shape(direction: Direction, lm: LoadedModel) -> None:
-    try:  # width and layer count only (not the fingerprint)
-        direction.check_compatible(lm, allow_mismatch=True)
-    except DirectionError as exc:
-        raise InterventionError(str(exc)) from exc
+    """Width and layer count only: a fingerprint is checked (and warned about) when loaded."""
+    if direction.d_model != lm.d_model or max(direction.layers) >= lm.n_layers:
+        try:
+            direction.check_compatible(lm, allow_mismatch=True)
+        except DirectionError as exc:
+            raise InterventionError(str(exc)) from exc
