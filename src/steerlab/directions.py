@@ -26,6 +26,7 @@ from steerlab.direction_files import (
     read_vectors,
 )
 from steerlab.errors import DirectionError
+from steerlab.version import __version__
 
 if TYPE_CHECKING:
     from steerlab.model import LoadedModel
@@ -270,7 +271,6 @@ class Direction:
 
 def stamp_meta(lm: LoadedModel, **fields: Any) -> DirectionMeta:
     """Metadata for a direction just made on ``lm``: model identity, version, time."""
-    from steerlab import __version__
 
     return DirectionMeta(
         model_name=lm.name,

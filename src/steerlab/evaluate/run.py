@@ -31,8 +31,10 @@ from steerlab import rowstore
 from steerlab._atomic import write_json, write_text
 from steerlab.errors import EvaluationError
 from steerlab.evaluate.backends import Backend, Completion, InProcessBackend
+from steerlab.evaluate.capability import capability_eval
 from steerlab.evaluate.degeneracy import DegeneracyDetector
 from steerlab.evaluate.judge import Judge, JudgeScore
+from steerlab.evaluate.kl import kl_report
 from steerlab.evaluate.markdown import summary_markdown
 from steerlab.evaluate.outcome import OUTCOMES, Outcome, classify
 from steerlab.evaluate.refusal import RefusalScorer
@@ -45,6 +47,8 @@ from steerlab.evaluate.stats import (
     rate_summary,
 )
 from steerlab.outputs import output_dir
+from steerlab.prompts import Prompt
+from steerlab.provenance import provenance
 from steerlab.rowstore import RowStore, dict_codec
 
 if TYPE_CHECKING:
@@ -60,8 +64,6 @@ ROW_CODEC = dict_codec("id")
 
 
 def _as_prompts(prompts: PromptSet | Sequence[Prompt] | Sequence[str]) -> list[Prompt]:
-    from steerlab.prompts import Prompt
-
     out: list[Prompt] = []
     seen: dict[str, int] = {}
     for item in prompts:
@@ -220,7 +222,6 @@ def run_eval(
         summary["capability"] = _cached_extra(
             out / "capability.json", {**store.identity, "limit": capability_limit},
             lambda: _capability(backend, capability_limit, system))
-    from steerlab.provenance import provenance
 
     lm = backend.lm if isinstance(backend, InProcessBackend) else None
     summary["provenance"] = provenance(lm, config=config, seed=seed)
@@ -319,8 +320,6 @@ def _cached_extra(path: Path, key: dict[str, Any], compute: Callable[[], dict[st
 
 def _kl(backend: Backend, prompts: PromptSet | Sequence[str], k: int, system: str | None,
         seed: int) -> dict[str, Any]:
-    from steerlab.evaluate.kl import kl_report
-
     if not isinstance(backend, InProcessBackend):
         raise EvaluationError(
             "KL needs the model's logits: use the in-process backend (--backend inprocess), "
@@ -332,8 +331,6 @@ def _kl(backend: Backend, prompts: PromptSet | Sequence[str], k: int, system: st
 
 
 def _capability(backend: Backend, limit: int, system: str | None) -> dict[str, Any]:
-    from steerlab.evaluate.capability import capability_eval
-
     return capability_eval(backend, limit if limit > 0 else None, system=system)
 
 

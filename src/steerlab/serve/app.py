@@ -60,6 +60,7 @@ from steerlab.serve.stream import (
     usage_of,
 )
 from steerlab.serve.validation import format_validation_error
+from steerlab.steering import check_specs, steer
 
 
 @dataclass
@@ -113,7 +114,6 @@ def create_app(
         direction.check_compatible(lm, allow_mismatch=True)
         if not name:
             raise SteerlabError("Direction names must not be empty.")
-    from steerlab.steering import check_specs
 
     check_specs(lm, default_steer)  # a bad default fails at startup, not on every request
     eos = eos_token_ids(lm)
@@ -159,8 +159,6 @@ def _run_group(lm: LoadedModel, jobs: list[Job], eos: frozenset[int],
     """
     with ExitStack() as stack:
         if jobs[0].specs:
-            from steerlab.steering import steer
-
             try:
                 stack.enter_context(steer(lm, list(jobs[0].specs)))
             except SteerlabError as exc:

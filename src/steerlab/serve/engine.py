@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import torch
 
 from steerlab.decoding import decode_loop, prompt_generator, sampling_probs
+from steerlab.generate import eos_ids
 from steerlab.model import LoadedModel
 
 
@@ -58,7 +59,6 @@ class Row:
 
 def eos_token_ids(lm: LoadedModel) -> frozenset[int]:
     """Every token id that ends a turn (the same set offline generation stops on)."""
-    from steerlab.generate import eos_ids
 
     return eos_ids(lm)
 

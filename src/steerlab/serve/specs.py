@@ -17,8 +17,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from steerlab import interventions as iv
 from steerlab.directions import Direction
 from steerlab.errors import SteerlabError
+from steerlab.interventions import KernelAblate, parse_layers, resolve_direction, specs_to_json
 from steerlab.serve.schemas import (
     RequestError,
     SteerAblate,
@@ -94,7 +96,6 @@ class SteerRegistry:
     def _default(self, specs: tuple[Any, ...]) -> ResolvedSteer:
         if not specs:
             return NO_STEER
-        from steerlab.interventions import specs_to_json
 
         digest = spec_hash(specs_to_json(list(specs), indent=None))
         return ResolvedSteer(specs, f"default:{digest}", f"default-{digest}")
@@ -115,21 +116,16 @@ class SteerRegistry:
         return ResolvedSteer(tuple(specs), text, spec_hash(text))
 
     def _direction(self, name: str, param: str) -> Direction:
-        from steerlab.interventions import resolve_direction
-
         return _field(param, lambda: resolve_direction(name, names=self.directions,
                                                        allow_paths=False))
 
     def _layers(self, value: Any, param: str) -> tuple[int, ...]:
         """Parse and range-check a layer spec against the model (``parse_layers`` refuses a
         range such as ``"0-99999999999"`` before expanding it)."""
-        from steerlab.interventions import parse_layers
 
         return _field(param, lambda: parse_layers(value, self.n_layers))
 
     def _kernel(self, item: SteerKernelAblate, param: str) -> Any:
-        from steerlab.interventions import KernelAblate
-
         direction = self._direction(item.direction, f"{param}.direction")
         spec = _field(param, lambda: KernelAblate(direction, item.source, item.attn, item.mlp,
                                                   rank=item.rank, positions=item.positions))
@@ -137,8 +133,6 @@ class SteerRegistry:
         return spec
 
     def _one(self, item: SteerItem, param: str) -> Any:
-        from steerlab import interventions as iv
-
         if isinstance(item, SteerKernelAblate):
             return self._kernel(item, param)
         layers = self._layers(item.layers, f"{param}.layers")
