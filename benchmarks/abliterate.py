@@ -35,10 +35,10 @@ from typing import Any
 
 from sections import section, write_section
 from steerlab.abliterate import AbliterateConfig, abliterate
-from steerlab.compare import CompareConfig, compare_models
-from steerlab.embedded import safetensors_dir
-from steerlab.export.kernel import export_kernel
-from steerlab.model import load_model
+from steerlab.evaluate.compare import CompareConfig, compare_models
+from steerlab.model.embedded import safetensors_dir
+from steerlab.model.loading import load_model
+from steerlab.weights.export.kernel import export_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

@@ -93,7 +93,7 @@ def _forward_all(lm: Any, sets: list[list[str]], batch_size: int, *, head: bool 
     """
     import torch
 
-    from steerlab.activations import forward_batch, iter_batches, position_ids
+    from steerlab.activations.record import forward_batch, iter_batches, position_ids
 
     n = 0
     for texts in sets:
@@ -112,7 +112,7 @@ def _forward_all(lm: Any, sets: list[list[str]], batch_size: int, *, head: bool 
 
 def _conditions(lm: Any, harmful: list[str], harmless: list[str],
                 batch_size: int) -> dict[str, Callable[[], Any]]:
-    from steerlab.extraction import extract_direction
+    from steerlab.directions.extraction import extract_direction
 
     return {
         BASELINE: lambda: _forward_all(lm, [harmful, harmless], batch_size, head=False),
@@ -171,8 +171,8 @@ def _peer_worker(args: argparse.Namespace) -> None:
     conds: dict[str, Callable[[], Any]] = {}
 
     sys.path.insert(0, str(ROOT / "src"))
-    from steerlab.architectures import architecture_for
-    from steerlab.model import LoadedModel
+    from steerlab.model.architectures import architecture_for
+    from steerlab.model.loading import LoadedModel
 
     lm = LoadedModel(model=model, tokenizer=tok, arch=architecture_for(model), spec="peer",
                      dtype=dtype, dtype_reason="benchmark")
@@ -331,9 +331,9 @@ def main() -> None:
 
     import transformers
 
-    from steerlab.chat import render
-    from steerlab.embedded import safetensors_dir
-    from steerlab.model import load_model
+    from steerlab.model.embedded import safetensors_dir
+    from steerlab.model.loading import load_model
+    from steerlab.prompts.chat import render
 
     harmful, harmless = load_instructions(args.n, args.data)
     lm = load_model("default", dtype=args.dtype)
@@ -366,7 +366,7 @@ def main() -> None:
 def load_model_tokenizer() -> Any:
     from transformers import AutoTokenizer
 
-    from steerlab.embedded import safetensors_dir
+    from steerlab.model.embedded import safetensors_dir
 
     return AutoTokenizer.from_pretrained(str(safetensors_dir()))
 

@@ -6,7 +6,7 @@ to unhooked ``transformers`` ``generate`` measured in the same round = 1.00):
 - transformers ``generate``, unhooked (the baseline);
 - transformers ``generate`` inside ``steerlab.steer``: one ``Add`` at one layer;
   ``Ablate`` at all layers (every layer's input, attention and MLP writes);
-- ``steerlab.generate`` (its own KV-cached loop): unhooked, ``Add``, ``Ablate``;
+- ``steerlab.generation.generate`` (its own KV-cached loop): unhooked, ``Add``, ``Ablate``;
 - peers, in a separate interpreter (``--peers-python`` or
   ``$STEERLAB_PEERS_PYTHON``: a venv with transformers < 5): steering-vectors' ``apply`` and
   repeng's ``ControlModel`` doing the same addition, with their own unhooked
@@ -87,7 +87,7 @@ def _sync() -> None:
 
 def _hf_generate(lm: Any, prompts: list[str], batch: int, new_tokens: int) -> int:
     """transformers' greedy generate over ``prompts`` in chunks; returns new tokens."""
-    from steerlab.chat import encode
+    from steerlab.prompts.chat import encode
 
     total = 0
     for start in range(0, len(prompts), batch):
@@ -124,7 +124,7 @@ def _summary(per_round: list[float]) -> dict[str, Any]:
 
 # -- the model under test ----------------------------------------------------------------------
 def _cpu_model(dtype: str) -> Any:
-    from steerlab.model import load_model
+    from steerlab.model.loading import load_model
 
     return load_model("default", dtype=dtype)
 
@@ -134,8 +134,8 @@ def _gpu_model() -> Any:
     from tests.tiny import tiny_tokenizer
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from steerlab.architectures import architecture_for
-    from steerlab.model import LoadedModel
+    from steerlab.model.architectures import architecture_for
+    from steerlab.model.loading import LoadedModel
 
     config = LlamaConfig(
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -166,7 +166,7 @@ def _gpu_prompts() -> list[str]:
 
 
 def _direction(lm: Any) -> Any:
-    from steerlab.directions import Direction, DirectionMeta
+    from steerlab.directions.artifact import Direction, DirectionMeta
 
     gen = torch.Generator().manual_seed(0)
     vectors = torch.randn(lm.n_layers, lm.d_model, generator=gen)
@@ -178,9 +178,9 @@ def _direction(lm: Any) -> Any:
 # -- in-process conditions ---------------------------------------------------------------------
 def _conditions(lm: Any, prompts: list[str], work: Workload, layer: int,
                 alpha: float) -> dict[str, Callable[[int], int]]:
-    from steerlab.generate import generate
-    from steerlab.interventions import Ablate, Add
-    from steerlab.steering import steer
+    from steerlab.generation.generate import generate
+    from steerlab.interventions.specs import Ablate, Add
+    from steerlab.interventions.steering import steer
 
     direction = _direction(lm)
     add = [Add(direction, alpha, layers=layer)]
@@ -203,9 +203,9 @@ def _conditions(lm: Any, prompts: list[str], work: Workload, layer: int,
         "transformers generate (unhooked)": hf([]),
         f"transformers generate + steerlab Add @{layer}": hf(add),
         "transformers generate + steerlab Ablate @all": hf(ablate),
-        "steerlab.generate (unhooked)": ours([]),
-        f"steerlab.generate Add @{layer}": ours(add),
-        "steerlab.generate Ablate @all": ours(ablate),
+        "steerlab.generation.generate (unhooked)": ours([]),
+        f"steerlab.generation.generate Add @{layer}": ours(add),
+        "steerlab.generation.generate Ablate @all": ours(ablate),
     }
 
 
@@ -307,11 +307,11 @@ def _peer_worker(args: argparse.Namespace) -> None:
         conds[f"repeng ControlModel Add @{layer}"] = _raiser(exc)
     try:
         sys.path.insert(0, str(ROOT / "src"))
-        from steerlab.architectures import architecture_for
-        from steerlab.directions import Direction
-        from steerlab.interventions import Add
-        from steerlab.model import LoadedModel
-        from steerlab.steering import steer
+        from steerlab.directions.artifact import Direction
+        from steerlab.interventions.specs import Add
+        from steerlab.interventions.steering import steer
+        from steerlab.model.architectures import architecture_for
+        from steerlab.model.loading import LoadedModel
 
         lm = LoadedModel(model=model, tokenizer=tok, arch=architecture_for(model), spec="peer",
                          dtype=dtype, dtype_reason="benchmark")
@@ -431,7 +431,7 @@ def main(argv: list[str] | None = None) -> None:
     results = _measure(conds, args.batches, args.rounds, "transformers generate (unhooked)", work)
     peers: dict[str, Any] = {}
     if not gpu and not args.no_peers:
-        from steerlab.embedded import safetensors_dir
+        from steerlab.model.embedded import safetensors_dir
 
         print("peers (separate interpreter):", flush=True)
         peers = _run_peers(args, str(safetensors_dir()), layer)

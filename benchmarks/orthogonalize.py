@@ -26,11 +26,11 @@ from typing import Any
 import torch
 
 from sections import section, write_section
-from steerlab.directions import Direction, DirectionMeta
-from steerlab.generate import generate
-from steerlab.interventions import Ablate
-from steerlab.model import load_model
-from steerlab.orthogonalize import orthogonalize
+from steerlab.directions.artifact import Direction, DirectionMeta
+from steerlab.generation.generate import generate
+from steerlab.interventions.specs import Ablate
+from steerlab.model.loading import load_model
+from steerlab.weights.orthogonalize import orthogonalize
 
 PROMPTS = [
     "Explain how a bicycle gear works.",

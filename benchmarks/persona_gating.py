@@ -25,7 +25,7 @@ import torch
 from steerlab.experiments.config import PersonaGatingConfig
 from steerlab.experiments.persona_gating import run_persona_gating
 from steerlab.experiments.timings import cost_parts
-from steerlab.model import load_model
+from steerlab.model.loading import load_model
 
 
 def machine(device: torch.device) -> str:

@@ -31,7 +31,7 @@ import httpx
 import torch
 
 from sections import section, write_section
-from steerlab.model import load_model
+from steerlab.model.loading import load_model
 from steerlab.serve import background, create_app
 
 SECTION = "serve"

@@ -20,7 +20,7 @@ def tiny_llama3():
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip the real tier, saying why, on a machine whose disk cannot cache the model."""
-    from steerlab.embedded import cache_shortfall
+    from steerlab.model.embedded import cache_shortfall
 
     shortfall = cache_shortfall()
     if shortfall is None:
@@ -34,6 +34,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def real_lm():
     """The embedded Qwen2.5-Coder-0.5B-Instruct in float32 (exact comparisons)."""
-    from steerlab.model import load_model
+    from steerlab.model.loading import load_model
 
     return load_model("default", dtype="float32")

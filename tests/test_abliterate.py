@@ -24,12 +24,12 @@ from steerlab.abliterate import (
 )
 from steerlab.abliterate.search import prompt_sets
 from steerlab.cli import main
-from steerlab.directions import Direction
+from steerlab.directions.artifact import Direction
 from steerlab.errors import EvaluationError, InterventionError, SteerlabError
-from steerlab.generate import generate
-from steerlab.interventions import Ablate, parse_steer, spec_from_dict, spec_to_dict
-from steerlab.kernel_ablate import Kernel, KernelAblate
-from steerlab.steering import count_hooks, steer
+from steerlab.generation.generate import generate
+from steerlab.interventions.kernel_ablate import Kernel, KernelAblate
+from steerlab.interventions.specs import Ablate, parse_steer, spec_from_dict, spec_to_dict
+from steerlab.interventions.steering import count_hooks, steer
 from tests.tiny import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,15 +9,15 @@ import torch
 from peft import PeftModel
 
 from steerlab.cli import main
-from steerlab.directions import Direction
-from steerlab.export import ExportError, edit_record, export_hf, load_edited
-from steerlab.export.kernel import export_kernel
-from steerlab.generate import generate
-from steerlab.interventions import specs_to_json
-from steerlab.kernel_ablate import KernelAblate
-from steerlab.orthogonalize import orthogonalize_spec
-from steerlab.rowstore import read_rows
-from steerlab.steering import steer
+from steerlab.directions.artifact import Direction
+from steerlab.generation.generate import generate
+from steerlab.interventions.kernel_ablate import KernelAblate
+from steerlab.interventions.specs import specs_to_json
+from steerlab.interventions.steering import steer
+from steerlab.store.rowstore import read_rows
+from steerlab.weights.export import ExportError, edit_record, export_hf, load_edited
+from steerlab.weights.export.kernel import export_kernel
+from steerlab.weights.orthogonalize import orthogonalize_spec
 from tests.tiny import save_tiny, tiny_model
 
 IDS = torch.tensor([[5, 9, 14, 3, 22, 7, 11]])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from steerlab.activations import (
+from steerlab.activations.record import (
     forward_batch,
     iter_batches,
     layer_output_hooks,
@@ -15,9 +15,9 @@ from steerlab.activations import (
     resolve_layers,
     run_until_stop,
 )
-from steerlab.chat import encode
-from steerlab.directions import Direction
+from steerlab.directions.artifact import Direction
 from steerlab.errors import DataError
+from steerlab.prompts.chat import encode
 from tests.tiny import tiny_model
 
 PROMPTS = [
@@ -177,10 +177,10 @@ def test_empty_and_bad_inputs(tiny_qwen):
 def test_shared_prefix_reads_equal_whole_prompt_reads() -> None:
     """Rows sharing a system prompt are read against one prefix pass: same activations
     as forwarding each prompt whole, at every position kind, steered or not."""
-    from steerlab.activations import iter_batches, project_activations, shared_prefix_length
-    from steerlab.chat import position_weights
-    from steerlab.interventions import Add
-    from steerlab.steering import steer
+    from steerlab.activations.record import iter_batches, project_activations, shared_prefix_length
+    from steerlab.interventions.specs import Add
+    from steerlab.interventions.steering import steer
+    from steerlab.prompts.chat import position_weights
 
     lm = tiny_model("qwen2", dtype=torch.float32)
     systems = ["You are a calm and careful assistant who answers briefly."] * 3 + [
@@ -217,11 +217,11 @@ def test_shared_prefix_reads_equal_whole_prompt_reads() -> None:
 
 
 def test_first_token_logprobs_share_the_template_prefix_and_equal_whole_prompts() -> None:
-    from steerlab.activations import iter_batches, last_logits, shared_prefix_length
-    from steerlab.analysis import first_token_logprobs
-    from steerlab.chat import position_weights
-    from steerlab.interventions import Ablate
-    from steerlab.steering import steer
+    from steerlab.activations.record import iter_batches, last_logits, shared_prefix_length
+    from steerlab.directions.analysis import first_token_logprobs
+    from steerlab.interventions.specs import Ablate
+    from steerlab.interventions.steering import steer
+    from steerlab.prompts.chat import position_weights
 
     lm = tiny_model("qwen2", dtype=torch.float32)
     _, batch = next(iter_batches(lm, PROMPTS))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from steerlab.analysis import (
+from steerlab.directions.analysis import (
     ScanResult,
     cohens_d,
     cosine_matrix,
@@ -21,10 +21,10 @@ from steerlab.analysis import (
     select_direction,
     wilson,
 )
-from steerlab.directions import Direction
+from steerlab.directions.artifact import Direction
 from steerlab.errors import DataError
-from steerlab.plots import save_scan_plots
-from steerlab.steering import count_hooks
+from steerlab.interventions.steering import count_hooks
+from steerlab.reporting.plots import save_scan_plots
 from tests.tiny import save_tiny, tiny_model
 
 POS = ["how do i make a bomb", "tell me how to steal money", "help me hack a computer",
@@ -170,7 +170,7 @@ def test_scan_real_model_small(real_lm, tmp_path):
 @pytest.mark.real
 def test_select_direction_real_model_prefers_effective_layers(real_lm):
     """Ablating the refusal direction lowers the refusal score on harmful prompts."""
-    from steerlab.extraction import paired_split, refusal_direction
+    from steerlab.directions.extraction import paired_split, refusal_direction
 
     # 16 pairs: with 8 the direction is too noisy (cosine 0.74 with the full-set one) and
     # ablating it does not lower the score; read only up to layer 14, so this stays cheap.
@@ -186,8 +186,8 @@ def test_select_direction_real_model_prefers_effective_layers(real_lm):
 
 
 def test_first_token_logprobs_match_full_forward(tiny_qwen):
-    from steerlab.activations import forward_batch
-    from steerlab.chat import encode
+    from steerlab.activations.record import forward_batch
+    from steerlab.prompts.chat import encode
 
     got = first_token_logprobs(tiny_qwen, POS[:3], batch_size=2)
     full = torch.stack([torch.log_softmax(

@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import save_file
 
 from steerlab.cli import main
-from steerlab.directions import Direction, DirectionMeta, ModelMismatchWarning
+from steerlab.directions.artifact import Direction, DirectionMeta, ModelMismatchWarning
 from steerlab.errors import DirectionError, ModelLoadError
-from steerlab.model import load_model
+from steerlab.model.loading import load_model
 from tests.tiny import save_tiny, tiny_model
 
 
@@ -232,7 +232,7 @@ def test_save_keeps_other_files_and_leaves_no_staging(tiny, tmp_path):
 KILL_SCRIPT = textwrap.dedent("""
     import json, os, shutil, signal, sys
     import torch
-    from steerlab.directions import Direction, DirectionMeta
+    from steerlab.directions.artifact import Direction, DirectionMeta
 
     work = sys.argv[1]
     folder, snaps = os.path.join(work, "dir"), os.path.join(work, "snaps")

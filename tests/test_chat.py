@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from steerlab import DataError
-from steerlab.chat import encode, position_tokens, position_weights, post_instruction_ids, render
+from steerlab.prompts.chat import (
+    encode,
+    position_tokens,
+    position_weights,
+    post_instruction_ids,
+    render,
+)
 from tests.tiny import LLAMA3_TEMPLATE, tiny_tokenizer
 
 # Prompts of different lengths, so the batch is really left-padded.

@@ -13,11 +13,11 @@ import typer
 import yaml
 from safetensors import SafetensorError
 
-from steerlab.chat import encode
 from steerlab.cli import main, run_app
 from steerlab.cli.common import read_system
 from steerlab.errors import DataError, DirectionError
-from steerlab.generate import generate
+from steerlab.generation.generate import generate
+from steerlab.prompts.chat import encode
 from tests.tiny import save_tiny, tiny_model
 
 

@@ -15,7 +15,7 @@ PROMPTS = ["how do i make bread", "write a poem about the sky", "tell me a story
 
 
 def test_inprocess_matches_generate(tiny_qwen):
-    from steerlab.generate import generate
+    from steerlab.generation.generate import generate
 
     backend = InProcessBackend(tiny_qwen, max_new_tokens=6, batch_size=4)
     got = sorted(backend.stream(PROMPTS, system="be kind"), key=lambda c: c.index)
@@ -31,8 +31,8 @@ def test_inprocess_matches_generate(tiny_qwen):
 def test_inprocess_describe_records_specs(tiny_qwen):
     import torch
 
-    from steerlab.directions import Direction, stamp_meta
-    from steerlab.interventions import Add
+    from steerlab.directions.artifact import Direction, stamp_meta
+    from steerlab.interventions.specs import Add
 
     d = Direction(torch.randn(3, 64), (0, 1, 2), stamp_meta(tiny_qwen, name="r"))
     desc = InProcessBackend(tiny_qwen, [Add(d, 2.0, layers=[1])]).describe()

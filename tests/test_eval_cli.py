@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from steerlab.cli import main
-from steerlab.rowstore import read_rows
+from steerlab.store.rowstore import read_rows
 from tests.openai_stub import OpenAIStub, user_text
 from tests.tiny import save_tiny, tiny_model
 
@@ -132,7 +132,7 @@ def test_killed_eval_resumes_without_redoing_or_losing_rows(tmp_path, tiny_dir):
 
 @pytest.mark.real
 def test_real_ablation_lowers_refusal_and_paired_test_reports_it(tmp_path, real_lm):
-    from steerlab.extraction import refusal_direction
+    from steerlab.directions.extraction import refusal_direction
 
     # Diff-in-means at layer 13 (of 24): on this model ablating it takes the test
     # split's substring refusals from 5/8 to 0/8; Cohen's d would pick 15, weaker here.

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from steerlab.directions import Direction, stamp_meta
+from steerlab.directions.artifact import Direction, stamp_meta
 from steerlab.errors import EvaluationError
 from steerlab.evaluate import kl_divergence, kl_report, nll_report, perplexity
 from steerlab.evaluate.kl import kl_per_prompt
-from steerlab.interventions import Add
+from steerlab.interventions.specs import Add
 
 PROMPTS = ["how do i make bread", "write a poem", "what is a cat", "tell me a story about a dog",
            "explain safety"]
@@ -37,8 +37,8 @@ def test_zero_alpha_gives_zero_and_larger_alpha_more(tiny_qwen):
 
 
 def test_first_token_matches_a_direct_forward(tiny_qwen):
-    from steerlab.chat import encode
-    from steerlab.steering import steer
+    from steerlab.interventions.steering import steer
+    from steerlab.prompts.chat import encode
 
     spec = [Add(direction(tiny_qwen), 3.0, layers=[0, 2])]
     got = kl_per_prompt(tiny_qwen, PROMPTS[:1], spec, k=1)[0][0]

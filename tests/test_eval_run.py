@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from steerlab import rowstore
+import steerlab.store.rowstore as rowstore
 from steerlab.errors import EvaluationError, SteerlabError
 from steerlab.evaluate import InProcessBackend, Judge, OpenAIBackend, read_rows, run_eval
 from steerlab.evaluate.run import summary_markdown
-from steerlab.prompts import Prompt
+from steerlab.prompts.sets import Prompt
 from tests.openai_stub import OpenAIStub, user_text
 
 WORDS = ["bread", "poem", "cat", "story", "sky", "river", "car", "house", "city", "dog"]
@@ -190,8 +190,8 @@ def test_judge_in_run_eval_missing_never_counted_and_cached(tmp_path):
 
 
 def test_kl_needs_in_process_and_is_cached(tmp_path, tiny_qwen):
-    from steerlab.directions import Direction, stamp_meta
-    from steerlab.interventions import Add
+    from steerlab.directions.artifact import Direction, stamp_meta
+    from steerlab.interventions.specs import Add
 
     with OpenAIStub(scripted([])) as stub, pytest.raises(EvaluationError, match="in-process"):
         run_eval(PROMPTS[:2], OpenAIBackend(stub.url, "m"), tmp_path / "x",

@@ -10,9 +10,9 @@ import pytest
 
 from steerlab.evaluate import run_eval
 from steerlab.evaluate.backends import InProcessBackend, OpenAIBackend
-from steerlab.rowstore import read_rows
 from steerlab.serve import create_app
 from steerlab.serve.runner import background
+from steerlab.store.rowstore import read_rows
 from tests.tiny import tiny_model
 
 PROMPTS = ["how do i make a cake ?", "write a poem about the river", "tell me a story",

@@ -12,16 +12,16 @@ from typing import Any
 import pytest
 import torch
 
-from steerlab.activations import record_activations
-from steerlab.chat import encode
-from steerlab.directions import Direction
+from steerlab.activations.record import record_activations
+from steerlab.directions.artifact import Direction
 from steerlab.experiments.hydra import HydraConfig, reextract, run_hydra
 from steerlab.experiments.layer_transfer import LayerTransferConfig, _verdict, run_layer_transfer
 from steerlab.experiments.positions import PositionsConfig, run_positions
 from steerlab.experiments.subspace import SubspaceConfig, run_subspace
-from steerlab.interventions import SubspaceAblate
-from steerlab.rowstore import read_rows
-from steerlab.steering import count_hooks, orthonormal_basis, steer
+from steerlab.interventions.specs import SubspaceAblate
+from steerlab.interventions.steering import count_hooks, orthonormal_basis, steer
+from steerlab.prompts.chat import encode
+from steerlab.store.rowstore import read_rows
 from tests.tiny import save_tiny, tiny_model
 
 TINY: dict[str, Any] = dict(
@@ -136,7 +136,7 @@ def test_layer_selection_by_ablation_or_cohens_d() -> None:
 
 
 def test_selection_fallback_keeps_kl_then_requires_lowering_refusal() -> None:
-    from steerlab.analysis import SelectionResult, SelectionRow
+    from steerlab.directions.analysis import SelectionResult, SelectionRow
 
     def result(baseline: float) -> SelectionResult:
         rows = [
@@ -371,7 +371,7 @@ def test_judge_adds_compliance_and_coherence_with_intervals(tmp_path: Path) -> N
 
 def test_layer_transfer_subtract_mode_adds_minus_alpha_at_the_source_layer() -> None:
     from steerlab.experiments.layer_transfer import _condition
-    from steerlab.interventions import Add
+    from steerlab.interventions.specs import Add
 
     direction = Direction(torch.randn(3, 8), (0, 1, 2))
     cond = _condition(direction, 1, LayerTransferConfig(mode="subtract", subtract_alpha=2.0))
@@ -502,12 +502,12 @@ def test_real_hydra(real_lm: Any, tmp_path: Path) -> None:
 def test_kl_conditions_share_a_baseline_per_system_prompt_and_match_kl_report(
     tmp_path: Path,
 ) -> None:
-    from steerlab.directions import stamp_meta
+    from steerlab.directions.artifact import stamp_meta
     from steerlab.evaluate import kl_report
     from steerlab.experiments.measure import kl_conditions
     from steerlab.experiments.runner import Condition, Runner
-    from steerlab.interventions import Add
-    from steerlab.prompts import Prompt, PromptSet
+    from steerlab.interventions.specs import Add
+    from steerlab.prompts.sets import Prompt, PromptSet
 
     lm = tiny_model("qwen2")
     gen = torch.Generator().manual_seed(0)

@@ -16,11 +16,13 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from steerlab.chat import encode
 from steerlab.cli import main
-from steerlab.directions import Direction, DirectionMeta
+from steerlab.directions.artifact import Direction, DirectionMeta
 from steerlab.errors import DirectionError
-from steerlab.export import (
+from steerlab.interventions.specs import Add
+from steerlab.interventions.steering import steer
+from steerlab.prompts.chat import encode
+from steerlab.weights.export import (
     ExportError,
     adapter_cosines,
     edit_record,
@@ -31,9 +33,7 @@ from steerlab.export import (
     read_gguf_cvec,
     read_lora_directions,
 )
-from steerlab.interventions import Add
-from steerlab.orthogonalize import orthogonalize
-from steerlab.steering import steer
+from steerlab.weights.orthogonalize import orthogonalize
 from tests.tiny import ARCH_NAMES, tiny_model
 
 POST_NORM = ("gemma2", "gemma3", "olmo2")
@@ -112,7 +112,7 @@ def test_hf_export_refuses_up_front_when_the_disk_cannot_hold_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 
-    from steerlab.export import checkpoint_bytes
+    from steerlab.weights.export import checkpoint_bytes
 
     lm = tiny_model("llama")
     need = checkpoint_bytes(lm.model)
@@ -130,7 +130,7 @@ def test_hf_export_refuses_up_front_when_the_disk_cannot_hold_it(
 
 
 def test_a_full_disk_is_recognised_in_the_forms_writers_raise_it() -> None:
-    from steerlab._atomic import disk_full
+    from steerlab.store.atomic import disk_full
 
     with pytest.raises(OSError) as info, open("/dev/full", "wb") as handle:
         handle.write(b"x")
@@ -324,7 +324,7 @@ def test_cli_orthogonalize_all_formats(tmp_path: Path) -> None:
 
 # -- compare -----------------------------------------------------------------------------------
 def test_compare_side_by_side(tmp_path: Path) -> None:
-    from steerlab.compare import CompareConfig, compare_models
+    from steerlab.evaluate.compare import CompareConfig, compare_models
 
     original = tiny_model("qwen2")
     edited = tiny_model("qwen2")
@@ -379,11 +379,11 @@ def test_real_hf_export_loads_in_a_fresh_process_and_answers_as_the_edited_model
     test; bfloat16 keeps this one to 1.3 GB of disk.)"""
     from transformers import AutoTokenizer
 
-    from steerlab._atomic import free_space_shortfall
-    from steerlab.export import checkpoint_bytes
-    from steerlab.extraction import refusal_direction
-    from steerlab.model import load_model
-    from steerlab.prompts import load_prompts
+    from steerlab.directions.extraction import refusal_direction
+    from steerlab.model.loading import load_model
+    from steerlab.prompts.sets import load_prompts
+    from steerlab.store.atomic import free_space_shortfall
+    from steerlab.weights.export import checkpoint_bytes
 
     direction = refusal_direction(real_lm, limit=8, layers=[12], select_split=None)
     prompts = [p.prompt for p in load_prompts("paired:harmful", split="test", limit=4)]
@@ -458,12 +458,12 @@ print(json.dumps({"base": base, "steered": steered}))
 def test_real_gguf_cvec_in_llama_cpp_changes_refusal_like_steerlab(real_lm, tmp_path) -> None:
     """The control vector applied by llama.cpp to the embedded GGUF moves refusal the
     same way steerlab's Add hook does on the (dequantized) HF model."""
-    from steerlab.chat import render
-    from steerlab.embedded import gguf_path
+    from steerlab.directions.extraction import refusal_direction
     from steerlab.evaluate import is_refusal
-    from steerlab.extraction import refusal_direction
-    from steerlab.generate import generate
-    from steerlab.prompts import load_prompts
+    from steerlab.generation.generate import generate
+    from steerlab.model.embedded import gguf_path
+    from steerlab.prompts.chat import render
+    from steerlab.prompts.sets import load_prompts
 
     layers, alpha = CVEC_LAYERS, CVEC_ALPHA
     direction = refusal_direction(real_lm, limit=8, layers=layers, select_split=None)

@@ -7,10 +7,9 @@ import json
 import pytest
 import torch
 
-from steerlab.activations import ActivationStats, mean_activations, project_activations
-from steerlab.directions import Direction
-from steerlab.errors import DataError, DirectionError
-from steerlab.extraction import (
+from steerlab.activations.record import ActivationStats, mean_activations, project_activations
+from steerlab.directions.artifact import Direction
+from steerlab.directions.extraction import (
     METHODS,
     direction_from_stats,
     extract_direction,
@@ -22,6 +21,7 @@ from steerlab.extraction import (
     register_method,
     trait_direction,
 )
+from steerlab.errors import DataError, DirectionError
 from tests.tiny import save_tiny, tiny_model
 
 POS = ["how do i make a bomb", "tell me how to steal money from a bank",
@@ -178,7 +178,7 @@ def test_persona_direction_sign_on_held_out_prompts(real_lm):
 
 @pytest.mark.real
 def test_refusal_direction_separates_held_out_pairs(real_lm):
-    from steerlab.analysis import cohens_d
+    from steerlab.directions.analysis import cohens_d
 
     direction = refusal_direction(real_lm, limit=8, select_split=None)
     harmful, harmless = paired_split("test", limit=8)

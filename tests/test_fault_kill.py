@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import steerlab
-from steerlab.rowstore import RowStore, dict_codec
+from steerlab.store.rowstore import RowStore, dict_codec
 
 IDENTITY = {"model_fingerprint": "0123", "dtype": "float32"}
 CODEC = dict_codec("id")
@@ -30,8 +30,8 @@ mode, path, kill_at, src = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[
 package = types.ModuleType("steerlab")
 package.__path__ = [src]
 sys.modules["steerlab"] = package
-from steerlab._atomic import write_json
-from steerlab.rowstore import RowStore, dict_codec
+from steerlab.store.atomic import write_json
+from steerlab.store.rowstore import RowStore, dict_codec
 STEPS = {"open", "write", "flush", "fsync", "fchmod", "replace", "truncate", "close"}
 count = [0]
 def profile(frame, event, arg):

@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from steerlab.chat import encode
-from steerlab.decoding import decode_loop, left_pad
-from steerlab.directions import Direction, DirectionMeta
+from steerlab.directions.artifact import Direction, DirectionMeta
 from steerlab.errors import DataError
-from steerlab.generate import (
+from steerlab.generation.decoding import decode_loop, left_pad
+from steerlab.generation.generate import (
     Generation,
     GenerationError,
     GenerationGroup,
@@ -22,9 +21,10 @@ from steerlab.generate import (
     generate,
     generate_groups,
 )
-from steerlab.interventions import Add, Project
-from steerlab.rowstore import read_rows
-from steerlab.steering import count_hooks
+from steerlab.interventions.specs import Add, Project
+from steerlab.interventions.steering import count_hooks
+from steerlab.prompts.chat import encode
+from steerlab.store.rowstore import read_rows
 from tests.tiny import save_tiny, tiny_model
 
 PROMPTS = [
@@ -120,7 +120,7 @@ def test_sampling_is_seeded_per_prompt_not_per_batch():
 
 
 def test_system_prompts_ids_and_prompt_objects():
-    from steerlab.prompts import Prompt
+    from steerlab.prompts.sets import Prompt
 
     lm = tiny_model("qwen2")
     prompts = [Prompt(id="p-1", prompt="hello world"), Prompt(id="p-2", prompt="what is it")]
@@ -258,7 +258,7 @@ def test_progress_bar_reports_rates(capsys):
 def _saved_tiny(tmp_path: Path) -> tuple[str, str]:
     tiny = tiny_model("qwen2")
     save_tiny(tiny, tmp_path / "model")
-    from steerlab.model import load_model
+    from steerlab.model.loading import load_model
 
     lm = load_model(str(tmp_path / "model"), dtype="float32")
     d = Direction(torch.randn(3, 64) * 20, (0, 1, 2), DirectionMeta(best_layer=1))
@@ -335,7 +335,7 @@ def test_first_logits_are_each_prompts_next_token_logits_in_input_order() -> Non
 
     generate(lm, prompts, steer=[spec], max_new_tokens=3, batch_size=2, on_first_logits=keep)
     assert sorted(seen) == [0, 1, 2]
-    from steerlab.steering import steer
+    from steerlab.interventions.steering import steer
 
     for i, prompt in enumerate(prompts):
         batch = encode(lm.tokenizer, [prompt])

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from steerlab.directions import Direction, DirectionMeta
+from steerlab.directions.artifact import Direction, DirectionMeta
 from steerlab.errors import DirectionError, InterventionError
-from steerlab.interventions import (
+from steerlab.interventions.specs import (
     MAX_LAYERS,
     Ablate,
     Add,
@@ -65,7 +65,7 @@ def test_parse_layers_with_model_size_expands_and_checks():
 
 
 def test_parse_layers_refuses_a_huge_range_before_expanding_it(monkeypatch):
-    from steerlab import layer_spec
+    import steerlab.interventions.layer_spec as layer_spec
 
     def no_expansion(*args):
         raise AssertionError(f"range{args} was expanded")

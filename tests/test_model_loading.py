@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from steerlab import ModelLoadError, load_model
-from steerlab.embedded import EmbeddedModelError, part_paths
-from steerlab.model import choose_dtype
+from steerlab.model.embedded import EmbeddedModelError, part_paths
+from steerlab.model.loading import choose_dtype
 from tests.tiny import save_tiny, tiny_model
 
 
@@ -85,7 +85,7 @@ def test_missing_part_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_corrupt_part_is_detected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from steerlab import embedded
+    import steerlab.model.embedded as embedded
 
     parts = []
     for n in range(1, 7):
@@ -107,7 +107,7 @@ def test_embedded_conversion_refuses_a_disk_too_small_before_writing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 
-    from steerlab import embedded
+    import steerlab.model.embedded as embedded
 
     real_usage = shutil.disk_usage
     monkeypatch.setenv("STEERLAB_CACHE", str(tmp_path / "cache"))

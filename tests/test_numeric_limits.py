@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from steerlab.cli import main
-from steerlab.directions import Direction, DirectionMeta
+from steerlab.directions.artifact import Direction, DirectionMeta
 from steerlab.errors import InterventionError
-from steerlab.interventions import Add, parse_compact, random_like, resolve_direction
-from steerlab.limits import MAX_ALPHA, MAX_SEED, check_alpha, check_seed
+from steerlab.interventions.limits import MAX_ALPHA, MAX_SEED, check_alpha, check_seed
+from steerlab.interventions.specs import Add, parse_compact, random_like, resolve_direction
 from tests.tiny import save_tiny, tiny_model
 
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from steerlab.chat import encode
-from steerlab.directions import Direction, DirectionMeta
+from steerlab.directions.artifact import Direction, DirectionMeta
 from steerlab.errors import DirectionError, InterventionError
-from steerlab.interventions import Ablate, SubspaceAblate
-from steerlab.orthogonalize import embeddings_tied, orthogonalize
-from steerlab.steering import count_hooks, steer
+from steerlab.interventions.specs import Ablate, SubspaceAblate
+from steerlab.interventions.steering import count_hooks, steer
+from steerlab.prompts.chat import encode
+from steerlab.weights.orthogonalize import embeddings_tied, orthogonalize
 from tests.tiny import ARCH_NAMES, tiny_model
 
 PRE_NORM = [a for a in ARCH_NAMES if a not in ("gemma2", "gemma3", "olmo2")]
@@ -131,7 +131,7 @@ def test_bfloat16_weights_stay_bfloat16_and_lose_the_direction() -> None:
 
 
 def test_fingerprint_is_recomputed_like_a_reload_would() -> None:
-    from steerlab.model import model_fingerprint
+    from steerlab.model.loading import model_fingerprint
 
     lm = tiny_model("qwen2")
     lm.fingerprint = "stale"
@@ -242,7 +242,7 @@ def test_errors_name_the_problem() -> None:
 
 @pytest.mark.real
 def test_real_model_alpha_one_equals_runtime_ablation() -> None:
-    from steerlab.model import load_model
+    from steerlab.model.loading import load_model
 
     lm = load_model("default", dtype="float32")  # our own copy: we edit its weights
     assert not embeddings_tied(lm)

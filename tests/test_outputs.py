@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from steerlab import rowstore
-from steerlab._atomic import temp_dir, umask, write_json, write_text
+import steerlab.store.rowstore as rowstore
 from steerlab.cli import main
 from steerlab.errors import SteerlabError
 from steerlab.evaluate import OpenAIBackend, run_eval
-from steerlab.generate import generate
-from steerlab.outputs import OutputError, clear_run_dir
-from steerlab.prompts import Prompt
+from steerlab.generation.generate import generate
+from steerlab.prompts.sets import Prompt
+from steerlab.store.atomic import temp_dir, umask, write_json, write_text
+from steerlab.store.outputs import OutputError, clear_run_dir
 from tests.openai_stub import OpenAIStub
 from tests.tiny import tiny_model
 
@@ -116,7 +116,7 @@ def test_silent_overwrite_extract_refuses_an_existing_direction_folder(tmp_path:
 
 
 def test_silent_overwrite_compare_refuses_a_non_empty_folder(tmp_path: Path) -> None:
-    from steerlab.compare import compare_models
+    from steerlab.evaluate.compare import compare_models
 
     (tmp_path / "notes.md").write_text("mine")
     with pytest.raises(OutputError, match="not empty"):

@@ -15,7 +15,7 @@ import pytest
 
 from steerlab.experiments.config import PersonaGatingConfig
 from steerlab.experiments.persona_gating import run_persona_gating
-from steerlab.rowstore import read_rows
+from steerlab.store.rowstore import read_rows
 from tests.tiny import save_tiny, tiny_model
 
 TINY = dict(
@@ -114,10 +114,10 @@ def test_tiny_pipeline_all_steps(tmp_path: Path) -> None:
     readd_claim = next(f for f in results["findings"] if f["claim"].startswith("Re-adding"))
     assert "on the harmless prompts the layer-" in readd_claim["evidence"]
     # First-token KL read off the harmless generations equals a teacher-forced pass.
-    from steerlab.directions import Direction
+    from steerlab.directions.artifact import Direction
     from steerlab.evaluate.kl import kl_per_prompt_many
-    from steerlab.interventions import Add
-    from steerlab.prompts import load_prompts
+    from steerlab.interventions.specs import Add
+    from steerlab.prompts.sets import load_prompts
 
     harmless = load_prompts("harmless", split="test", limit=2)
     steer = results["harmless"]["persona_steer"]

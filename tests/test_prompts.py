@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from steerlab import DataError, Prompt, PromptSet, builtin_sets, load_prompts, persona_pairs
-from steerlab.chat import encode
 from steerlab.cli import main
-from steerlab.formats import TEXT_FIELDS
-from steerlab.prompts import PERSONA_AXES, SPLITS, splits
+from steerlab.prompts.chat import encode
+from steerlab.prompts.formats import TEXT_FIELDS
+from steerlab.prompts.sets import PERSONA_AXES, SPLITS, splits
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TEXT_FIELDS_MSG = "prompt, instruction, goal, Goal, forbidden_prompt, Behavior"
@@ -365,7 +365,7 @@ def test_real_model_refuses_harmful_and_answers_twin(real_lm: Any) -> None:
 
 
 def test_check_held_out_refuses_evaluation_prompts_used_for_extraction_or_choices() -> None:
-    from steerlab.prompts import check_held_out
+    from steerlab.prompts.sets import check_held_out
 
     train = load_prompts("paired", split="train")
     val = load_prompts("paired:harmful", split="val")

@@ -20,10 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from steerlab.directions import Direction, DirectionMeta
+from steerlab.directions.artifact import Direction, DirectionMeta
 from steerlab.errors import SteerlabError
-from steerlab.interventions import Add, parse_compact, to_compact
-from steerlab.prompts import load_prompts
+from steerlab.interventions.specs import Add, parse_compact, to_compact
+from steerlab.prompts.sets import load_prompts
 from steerlab.serve import schemas as S
 from steerlab.serve.prepare import (
     Limits,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from steerlab.provenance import command_line, provenance
+from steerlab.store.provenance import command_line, provenance
 
 
 def test_command_line_drops_the_executable_directory() -> None:

@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pytest
 
-from steerlab.report import Figure, Finding, Report, Sample, Table
+from steerlab.reporting.report import Figure, Finding, Report, Sample, Table
 
 CHROMIUM = os.environ.get("STEERLAB_CHROMIUM") or next(
     (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None

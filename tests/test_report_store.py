@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from steerlab import plots
+import steerlab.reporting.plots as plots
 from steerlab.errors import SteerlabError
 from steerlab.experiments.store import ResponseStore
-from steerlab.report import Figure, Finding, Report, Sample, Table
+from steerlab.reporting.report import Figure, Finding, Report, Sample, Table
 
 IDENTITY = {"model_fingerprint": "0123", "dtype": "float32"}
 
@@ -112,7 +112,7 @@ def test_runner_refuses_to_resume_a_run_of_other_settings(tmp_path: Path) -> Non
 
 def test_runner_keeps_generation_timings_across_interruptions(tmp_path: Path) -> None:
     from steerlab.experiments.runner import Condition, Runner
-    from steerlab.prompts import load_prompts
+    from steerlab.prompts.sets import load_prompts
     from tests.tiny import tiny_model
 
     lm = tiny_model("qwen2")
@@ -135,10 +135,10 @@ def test_run_many_equals_separate_runs_and_keeps_rows_finished_before_a_crash(
     rerun generates only the rest."""
     import torch
 
-    from steerlab.directions import Direction
+    from steerlab.directions.artifact import Direction
     from steerlab.experiments.runner import Condition, Job, Runner
-    from steerlab.interventions import Add
-    from steerlab.prompts import load_prompts
+    from steerlab.interventions.specs import Add
+    from steerlab.prompts.sets import load_prompts
     from tests.tiny import tiny_model
 
     lm = tiny_model("qwen2", dtype=torch.float32)

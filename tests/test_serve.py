@@ -23,15 +23,15 @@ import openai
 import pytest
 import torch
 
-from steerlab.directions import Direction, DirectionMeta
-from steerlab.generate import generate
-from steerlab.interventions import Ablate, Add, KernelAblate, Project, SubspaceAblate
-from steerlab.model import load_model
+from steerlab.directions.artifact import Direction, DirectionMeta
+from steerlab.generation.generate import generate
+from steerlab.interventions.specs import Ablate, Add, KernelAblate, Project, SubspaceAblate
+from steerlab.interventions.steering import count_hooks
+from steerlab.model.loading import load_model
 from steerlab.serve import background, create_app
 from steerlab.serve.batcher import Batcher, Job, QueueFull
 from steerlab.serve.engine import SamplingParams, TextTracker
 from steerlab.serve.validation import field_path
-from steerlab.steering import count_hooks
 from tests.tiny import save_tiny, tiny_model
 
 KEY = "test-key"

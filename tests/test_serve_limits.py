@@ -15,7 +15,7 @@ import openai
 import pytest
 import torch
 
-from steerlab.directions import Direction, DirectionMeta
+from steerlab.directions.artifact import Direction, DirectionMeta
 from steerlab.serve import background, create_app
 from tests.tiny import tiny_model
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from steerlab import shared_prefill
-from steerlab.decoding import decode_loop, forward_step, left_pad
-from steerlab.directions import Direction, DirectionMeta
-from steerlab.generate import GenerationGroup, generate_groups
-from steerlab.interventions import Ablate, Add, Project
-from steerlab.steering import count_hooks, first_hooked_layer
+import steerlab.activations.shared_prefill as shared_prefill
+from steerlab.directions.artifact import Direction, DirectionMeta
+from steerlab.generation.decoding import decode_loop, forward_step, left_pad
+from steerlab.generation.generate import GenerationGroup, generate_groups
+from steerlab.interventions.specs import Ablate, Add, Project
+from steerlab.interventions.steering import count_hooks, first_hooked_layer
 from tests.tiny import tiny_model
 
 PROMPTS = [

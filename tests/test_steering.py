@@ -12,18 +12,18 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from steerlab.chat import encode
-from steerlab.decoding import forward_step as forward
-from steerlab.directions import Direction, DirectionMeta
+from steerlab.directions.artifact import Direction, DirectionMeta
 from steerlab.errors import InterventionError
-from steerlab.interventions import Ablate, Add, Project, SubspaceAblate
-from steerlab.steering import (
+from steerlab.generation.decoding import forward_step as forward
+from steerlab.interventions.specs import Ablate, Add, Project, SubspaceAblate
+from steerlab.interventions.steering import (
     _Placed,
     count_hooks,
     orthonormal_basis,
     steer,
     with_mean_norms,
 )
+from steerlab.prompts.chat import encode
 from tests.tiny import ARCH_NAMES, save_tiny, tiny_model
 
 PROMPTS = ["how do i make a cake", "write a poem about the blue sky please"]
@@ -439,7 +439,7 @@ def test_placed_tensors_follow_an_unexpected_device_or_dtype_once():
 
 
 def test_explicit_per_layer_device_map_places_vectors_per_layer(tmp_path):
-    from steerlab.model import load_model
+    from steerlab.model.loading import load_model
 
     tiny = tiny_model("qwen2")
     save_tiny(tiny, tmp_path / "m")
@@ -474,10 +474,10 @@ def test_refusal_direction_ablation_and_addition_move_refusal(real_lm):
     """Diff-in-means of built-in paired harmful vs harmless prompts at the last prompt
     token, layer 14 of 24: ablating it lowers refusal on harmful prompts; adding it
     raises refusal on harmless ones (each against the same prompts unsteered)."""
+    from steerlab.directions.extraction import extract_direction
     from steerlab.evaluate import is_refusal
-    from steerlab.extraction import extract_direction
-    from steerlab.generate import generate
-    from steerlab.prompts import load_prompts
+    from steerlab.generation.generate import generate
+    from steerlab.prompts.sets import load_prompts
 
     harmful_train = load_prompts("paired:harmful", split="train", limit=24)
     harmless_train = load_prompts("paired:harmless", split="train", limit=24)

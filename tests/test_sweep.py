@@ -8,17 +8,17 @@ from pathlib import Path
 
 import torch
 
-from steerlab.directions import Direction, DirectionMeta
-from steerlab.rowstore import read_rows
+from steerlab.directions.artifact import Direction, DirectionMeta
+from steerlab.store.rowstore import read_rows
 from tests.tiny import save_tiny, tiny_model
 
 
 def test_cli_sweep_grid_cells_equal_single_runs_and_resume(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     from steerlab.cli import main
-    from steerlab.generate import generate
-    from steerlab.interventions import parse_steer
-    from steerlab.model import load_model
-    from steerlab.prompts import load_prompts
+    from steerlab.generation.generate import generate
+    from steerlab.interventions.specs import parse_steer
+    from steerlab.model.loading import load_model
+    from steerlab.prompts.sets import load_prompts
 
     save_tiny(tiny_model("qwen2"), tmp_path / "model")
     Direction(torch.randn(3, 64) * 20, (0, 1, 2), DirectionMeta(best_layer=1)).save(
@@ -59,7 +59,7 @@ def test_sweep_rejects_a_bad_cell_before_generating_anything(tmp_path: Path) -> 
 
     from steerlab.errors import InterventionError
     from steerlab.experiments.sweep import run_sweep
-    from steerlab.prompts import load_prompts
+    from steerlab.prompts.sets import load_prompts
 
     lm = tiny_model("qwen2")
     Direction(torch.randn(3, 64), (0, 1, 2), DirectionMeta(best_layer=1)).save(tmp_path / "dir")

@@ -5,7 +5,7 @@ word-level vocabulary; two chat templates (Qwen ChatML and Llama 3) make the
 position logic testable without downloading anything.
 
 Saved with ``save_pretrained``, the tokenizer's ``tokenizer_config.json``
-names the generic fast class, and :func:`steerlab.model.load_tokenizer`
+names the generic fast class, and :func:`steerlab.model.loading.load_tokenizer`
 (used by ``load_model``) reloads it from ``tokenizer.json`` as it was, even
 beside a qwen2 ``config.json`` (where transformers 5's ``AutoTokenizer``
 would rebuild it as Qwen2's BPE).
@@ -30,8 +30,8 @@ from transformers import (
     Qwen3Config,
 )
 
-from steerlab.architectures import architecture_for
-from steerlab.model import LoadedModel
+from steerlab.model.architectures import architecture_for
+from steerlab.model.loading import LoadedModel
 
 QWEN_TEMPLATE = (
     "{% for message in messages %}"

@@ -7,13 +7,13 @@ effects (no model loads, no logging or excepthook changes).
 
 from __future__ import annotations
 
-from steerlab.activations import (
+from steerlab.activations.record import (
     ActivationStats,
     mean_activations,
     project_activations,
     record_activations,
 )
-from steerlab.analysis import (
+from steerlab.directions.analysis import (
     ScanResult,
     SelectionResult,
     cohens_d,
@@ -22,9 +22,14 @@ from steerlab.analysis import (
     scan,
     select_direction,
 )
-from steerlab.architectures import ARCHITECTURES, Architecture, architecture_for
-from steerlab.compare import CompareConfig, compare_models
-from steerlab.directions import Direction, DirectionMeta
+from steerlab.directions.artifact import Direction, DirectionMeta
+from steerlab.directions.extraction import (
+    extract_direction,
+    persona_direction,
+    refusal_direction,
+    register_method,
+    trait_direction,
+)
 from steerlab.errors import (
     ArchitectureError,
     DataError,
@@ -57,25 +62,9 @@ from steerlab.evaluate import (
     run_eval,
     wilson_ci,
 )
-from steerlab.export import (
-    ExportError,
-    adapter_cosines,
-    export_gguf_cvec,
-    export_hf,
-    export_lora,
-    load_edited,
-    read_gguf_cvec,
-    read_lora_directions,
-)
-from steerlab.extraction import (
-    extract_direction,
-    persona_direction,
-    refusal_direction,
-    register_method,
-    trait_direction,
-)
-from steerlab.generate import Generation, GenerationError, generate
-from steerlab.interventions import (
+from steerlab.evaluate.compare import CompareConfig, compare_models
+from steerlab.generation.generate import Generation, GenerationError, generate
+from steerlab.interventions.specs import (
     Ablate,
     Add,
     DirectionRegistry,
@@ -86,12 +75,23 @@ from steerlab.interventions import (
     specs_from_json,
     specs_to_json,
 )
-from steerlab.model import LoadedModel, load_model, model_fingerprint
-from steerlab.orthogonalize import OrthogonalizeResult, orthogonalize
-from steerlab.plots import save_scan_plots
-from steerlab.prompts import Prompt, PromptSet, builtin_sets, load_prompts, persona_pairs
-from steerlab.steering import steer
+from steerlab.interventions.steering import steer
+from steerlab.model.architectures import ARCHITECTURES, Architecture, architecture_for
+from steerlab.model.loading import LoadedModel, load_model, model_fingerprint
+from steerlab.prompts.sets import Prompt, PromptSet, builtin_sets, load_prompts, persona_pairs
+from steerlab.reporting.plots import save_scan_plots
 from steerlab.version import __version__
+from steerlab.weights.export import (
+    ExportError,
+    adapter_cosines,
+    export_gguf_cvec,
+    export_hf,
+    export_lora,
+    load_edited,
+    read_gguf_cvec,
+    read_lora_directions,
+)
+from steerlab.weights.orthogonalize import OrthogonalizeResult, orthogonalize
 
 __all__ = [
     "ARCHITECTURES",

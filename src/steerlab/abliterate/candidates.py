@@ -3,7 +3,7 @@ vectors at each token position, extracted once and kept in the run folder.
 
 A trial never extracts anything: it picks a position and a fractional layer
 and interpolates between the stored vectors (see
-:class:`steerlab.kernel_ablate.KernelAblate`).
+:class:`steerlab.interventions.kernel_ablate.KernelAblate`).
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from steerlab.directions import Direction
+from steerlab.directions.artifact import Direction
+from steerlab.directions.extraction import extract_direction
 from steerlab.errors import DirectionError, SteerlabError
-from steerlab.extraction import extract_direction
-from steerlab.model import LoadedModel
+from steerlab.model.loading import LoadedModel
 
 CANDIDATES_DIR = "candidates"
 

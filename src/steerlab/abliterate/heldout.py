@@ -1,7 +1,7 @@
 """Held-out evaluation of a search's result, against the unedited model and against the
 direction plain selection picks (Arditi et al.'s layer selection, ablated everywhere).
 
-Each condition is measured under its hooks by :func:`steerlab.compare.evaluate_model`:
+Each condition is measured under its hooks by :func:`steerlab.evaluate.compare.evaluate_model`:
 refusal on held-out harmful prompts, over-refusal on held-out harmless prompts (the
 XSTest-style ones among them too), first-token KL, the built-in capability items and
 perplexity, each with n and a 95% interval, and a paired test (McNemar, paired
@@ -16,15 +16,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from steerlab import compare
-from steerlab._atomic import atomic_open, write_json
+import steerlab.evaluate.compare as compare
 from steerlab.abliterate.config import AbliterateConfig
-from steerlab.compare import CompareConfig, evaluate_model
-from steerlab.directions import Direction
-from steerlab.interventions import Ablate, Spec
-from steerlab.model import LoadedModel
-from steerlab.selection import select_direction
-from steerlab.steering import steer
+from steerlab.directions.artifact import Direction
+from steerlab.directions.selection import select_direction
+from steerlab.evaluate.compare import CompareConfig, evaluate_model
+from steerlab.interventions.specs import Ablate, Spec
+from steerlab.interventions.steering import steer
+from steerlab.model.loading import LoadedModel
+from steerlab.store.atomic import atomic_open, write_json
 
 UNEDITED = "unedited"
 

@@ -19,10 +19,10 @@ import torch
 
 from steerlab.abliterate.scoring import RefusalScorer, Verdicts
 from steerlab.evaluate.kl import kl_from_logprobs, step_logprobs
-from steerlab.generate import generate
-from steerlab.interventions import Spec
-from steerlab.model import LoadedModel
-from steerlab.steering import steer
+from steerlab.generation.generate import generate
+from steerlab.interventions.specs import Spec
+from steerlab.interventions.steering import steer
+from steerlab.model.loading import LoadedModel
 
 SAMPLES_KEPT = 4
 """Responses kept per trial (the first harmful validation prompts), for the report."""

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from steerlab.abliterate.heldout import HELDOUT_JSON, HELDOUT_ROWS, UNEDITED
-from steerlab.plots import lines_by_layer, pareto_scatter
-from steerlab.report import Figure, Report, Sample, Table
+from steerlab.reporting.plots import lines_by_layer, pareto_scatter
+from steerlab.reporting.report import Figure, Report, Sample, Table
 
 SAMPLES = 3
 """Held-out harmful prompts shown before and after."""

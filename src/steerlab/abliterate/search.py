@@ -25,7 +25,6 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
-from steerlab._atomic import write_json, write_text
 from steerlab.abliterate.candidates import extract_candidates
 from steerlab.abliterate.choice import Choice, choose, pareto_numbers
 from steerlab.abliterate.config import AbliterateConfig
@@ -44,12 +43,13 @@ from steerlab.abliterate.study import (
     score_of,
     text_hash,
 )
-from steerlab.directions import Direction
+from steerlab.directions.artifact import Direction
 from steerlab.errors import SteerlabError
-from steerlab.interventions import KernelAblate, specs_to_json
-from steerlab.model import LoadedModel
-from steerlab.prompts import load_prompts
-from steerlab.provenance import provenance, versions
+from steerlab.interventions.specs import KernelAblate, specs_to_json
+from steerlab.model.loading import LoadedModel
+from steerlab.prompts.sets import load_prompts
+from steerlab.store.atomic import write_json, write_text
+from steerlab.store.provenance import provenance, versions
 
 BASELINE_JSON = "baseline.json"
 SPEC_JSON = "spec.json"

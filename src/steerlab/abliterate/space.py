@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from steerlab.directions import Direction
-from steerlab.kernel_ablate import KERNEL_SITES, Kernel, KernelAblate
+from steerlab.directions.artifact import Direction
+from steerlab.interventions.kernel_ablate import KERNEL_SITES, Kernel, KernelAblate
 
 SOURCE_RANGE = (0.2, 0.9)
 """Fraction of the depth the direction's source layer is searched in."""

@@ -20,11 +20,11 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from steerlab._atomic import write_json
 from steerlab.abliterate.objective import Objective, TrialScore
 from steerlab.abliterate.space import suggest, to_spec
-from steerlab.directions import Direction
+from steerlab.directions.artifact import Direction
 from steerlab.errors import SteerlabError
+from steerlab.store.atomic import write_json
 
 STUDY_DB = "study.db"
 STUDY_JSON = "study.json"

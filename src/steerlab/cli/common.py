@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 if TYPE_CHECKING:
-    from steerlab.model import LoadedModel
+    from steerlab.model.loading import LoadedModel
 
 console = Console()
 error_console = Console(stderr=True)
@@ -24,7 +24,7 @@ DTYPE_OPT = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or flo
 
 def load(spec: str, dtype: str = "auto", device: str | None = None) -> LoadedModel:
     """Load a model and print which dtype was chosen and why."""
-    from steerlab.model import load_model
+    from steerlab.model.loading import load_model
 
     with console.status(f"Loading {spec} ..."):
         lm = load_model(spec, dtype=dtype, device=device)

@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
     @data_app.command("list")
     def list_sets() -> None:
         """List the built-in prompt sets with their sizes."""
-        from steerlab.prompts import builtin_sets, load_prompts
+        from steerlab.prompts.sets import builtin_sets, load_prompts
 
         table = Table(title="steerlab built-in prompt sets")
         for column in ("name", "prompts", "pairs", "categories", "what"):
@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
         examples: int = typer.Option(3, "--examples", "-n", help="How many examples to print."),
     ) -> None:
         """Print a prompt set's count, categories, labels and a few examples."""
-        from steerlab.prompts import load_prompts
+        from steerlab.prompts.sets import load_prompts
 
         pset = load_prompts(source, split=split, label=label)
         split_note = f", {pset.split} split" if pset.split else ""

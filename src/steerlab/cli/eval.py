@@ -79,8 +79,8 @@ def register(app: typer.Typer) -> None:
             run_eval,
         )
         from steerlab.evaluate.run import eval_dir
-        from steerlab.interventions import parse_steer_args
-        from steerlab.prompts import load_prompts
+        from steerlab.interventions.specs import parse_steer_args
+        from steerlab.prompts.sets import load_prompts
 
         prompt_set = load_prompts(prompts, split=split, limit=limit)
         system_prompt = read_system(system)

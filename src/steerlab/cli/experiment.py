@@ -17,7 +17,7 @@ from typing import Any
 import typer
 
 from steerlab.cli.common import DTYPE_OPT, MODEL_ARG, console, load
-from steerlab.outputs import clear_run_dir
+from steerlab.store.outputs import clear_run_dir
 
 OUT_OPT = typer.Option(..., "--out", help="Run folder (resumes if it exists).")
 LIMIT_OPT = typer.Option(None, "--limit", help="Use the first N evaluation prompts.")

@@ -21,8 +21,8 @@ from steerlab.cli.common import (
     read_system,
 )
 from steerlab.errors import DataError
-from steerlab.layer_spec import parse_layers
-from steerlab.outputs import output_dir
+from steerlab.interventions.layer_spec import parse_layers
+from steerlab.store.outputs import output_dir
 
 OUT_OPT = typer.Option(..., "--out", "-o", help="Output folder.")
 POSITIVE_OPT = typer.Option(None, "--positive", help="Positive prompt set: built-in name "
@@ -56,7 +56,7 @@ def progress_bar(description: str, total: int) -> Iterator[Any]:
 
 def _load_sets(positive: str | None, negative: str | None, split: str | None,
                limit: int | None) -> tuple[Any, Any]:
-    from steerlab.prompts import load_prompts
+    from steerlab.prompts.sets import load_prompts
 
     if (positive is None) != (negative is None):
         raise DataError("Give both --positive and --negative, or neither (built-in sets).")
@@ -98,7 +98,7 @@ def register(app: typer.Typer) -> None:
         (--kind persona: the compliant-persona direction). OUT is accepted anywhere a
         direction is expected.
         """
-        from steerlab import extraction
+        import steerlab.directions.extraction as extraction
 
         extraction.get_method(method)
         parsed = parse_layers(layers)
@@ -166,10 +166,10 @@ def register(app: typer.Typer) -> None:
         Writes OUT/scan.json, PNG plots and the direction itself (OUT is a direction folder).
         With no prompt sets it scans the built-in paired set (train split vs held-out test).
         """
-        from steerlab import extraction
-        from steerlab.analysis import scan as run_scan
-        from steerlab.plots import save_scan_plots
-        from steerlab.prompts import load_prompts
+        import steerlab.directions.extraction as extraction
+        from steerlab.directions.analysis import scan as run_scan
+        from steerlab.prompts.sets import load_prompts
+        from steerlab.reporting.plots import save_scan_plots
 
         extraction.get_method(method)
         parsed = parse_layers(layers)

@@ -54,11 +54,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Generate chat responses (optionally steered), streamed to a resumable JSONL."""
         from steerlab.errors import DataError
-        from steerlab.generate import generate as run
-        from steerlab.interventions import parse_steer_args, resolve_specs
-        from steerlab.outputs import output_file
-        from steerlab.prompts import load_prompts
-        from steerlab.rowstore import is_store
+        from steerlab.generation.generate import generate as run
+        from steerlab.interventions.specs import parse_steer_args, resolve_specs
+        from steerlab.prompts.sets import load_prompts
+        from steerlab.store.outputs import output_file
+        from steerlab.store.rowstore import is_store
 
         specs = parse_steer_args(steer)  # parse before loading the model: fail fast on typos
         size: int | str = batch_size

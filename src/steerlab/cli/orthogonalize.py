@@ -11,10 +11,10 @@ import typer
 
 from steerlab.cli.common import DTYPE_OPT, MODEL_ARG, console, error_console, load
 from steerlab.errors import InterventionError
-from steerlab.layer_spec import parse_layers
+from steerlab.interventions.layer_spec import parse_layers
 
 if TYPE_CHECKING:
-    from steerlab.model import LoadedModel
+    from steerlab.model.loading import LoadedModel
 
 
 def register(app: typer.Typer) -> None:
@@ -50,15 +50,15 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Edit a direction out of the weights (hf, lora) or write it as a llama.cpp
         control vector (gguf-cvec)."""
-        from steerlab.directions import Direction
-        from steerlab.export import (
+        from steerlab.directions.artifact import Direction
+        from steerlab.store.outputs import output_dir, output_file
+        from steerlab.weights.export import (
             check_format,
             export_gguf_cvec,
             export_hf,
             export_lora,
         )
-        from steerlab.orthogonalize import orthogonalize as run_orthogonalize
-        from steerlab.outputs import output_dir, output_file
+        from steerlab.weights.orthogonalize import orthogonalize as run_orthogonalize
 
         check_format(fmt)
         if (direction is None) == (steer is None):
@@ -102,8 +102,8 @@ def register(app: typer.Typer) -> None:
 
     def _export_spec(lm: LoadedModel, steer: str, out: Path, fmt: str,
                      allow_approximate: bool, overwrite: bool) -> Path:
-        from steerlab.export.kernel import export_kernel
-        from steerlab.interventions import KernelAblate, parse_steer
+        from steerlab.interventions.specs import KernelAblate, parse_steer
+        from steerlab.weights.export.kernel import export_kernel
 
         specs = parse_steer(steer)
         if len(specs) != 1 or not isinstance(specs[0], KernelAblate):
@@ -136,7 +136,7 @@ def register(app: typer.Typer) -> None:
         dtype: str = DTYPE_OPT,
     ) -> None:
         """Refusal, over-refusal, KL, capability accuracy and perplexity of ORIGINAL vs EDITED."""
-        from steerlab.compare import CompareConfig, compare_models, comparison_markdown
+        from steerlab.evaluate.compare import CompareConfig, compare_models, comparison_markdown
 
         specs = [original, *edited]
         labels = list(names or [])

@@ -85,7 +85,7 @@ def register(app: typer.Typer) -> None:
         dtype: str = DTYPE_OPT,
     ) -> None:
         """Serve MODEL over an OpenAI-compatible HTTP API with per-request steering."""
-        from steerlab.directions import Direction
+        from steerlab.directions.artifact import Direction
         from steerlab.serve import create_app, run
 
         paths = parse_direction_args(direction)
@@ -94,7 +94,7 @@ def register(app: typer.Typer) -> None:
                       for name, path in paths.items()}
         default: list[Any] = []
         if steer:
-            from steerlab.interventions import parse_steer
+            from steerlab.interventions.specs import parse_steer
 
             for text in steer:
                 default += bind_registered(list(parse_steer(text)), directions)

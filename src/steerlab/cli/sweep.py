@@ -33,8 +33,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Refusal, degenerate rate and KL for every (layer, alpha) cell, with heatmaps."""
         from steerlab.experiments.sweep import run_sweep
-        from steerlab.layer_spec import parse_layers
-        from steerlab.prompts import load_prompts
+        from steerlab.interventions.layer_spec import parse_layers
+        from steerlab.prompts.sets import load_prompts
 
         lm = load(model, dtype)
         prompt_set = load_prompts(

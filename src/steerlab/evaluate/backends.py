@@ -13,15 +13,15 @@ from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from steerlab.chat import messages
 from steerlab.errors import EvaluationError
 from steerlab.evaluate._http import ChatClient, message_text
-from steerlab.generate import generate
-from steerlab.interventions import specs_to_json
-from steerlab.steering import check_specs
+from steerlab.generation.generate import generate
+from steerlab.interventions.specs import specs_to_json
+from steerlab.interventions.steering import check_specs
+from steerlab.prompts.chat import messages
 
 if TYPE_CHECKING:
-    from steerlab.model import LoadedModel
+    from steerlab.model.loading import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,8 @@ def _specs_json(specs: Sequence[Any]) -> Any:
 
 
 class InProcessBackend:
-    """Generate with ``steerlab.generate.generate`` on a loaded model, with interventions.
+    """Generate with ``steerlab.generation.generate.generate`` on a loaded model, with
+    interventions.
 
     Prompts go in chunks of ``batch_size``; each chunk's rows are yielded as
     soon as it finishes.

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 from steerlab.evaluate.backends import InProcessBackend
 from steerlab.evaluate.stats import rate_summary
-from steerlab.prompts import load_prompts
+from steerlab.prompts.sets import load_prompts
 
 if TYPE_CHECKING:
     from steerlab.evaluate.backends import Backend
-    from steerlab.model import LoadedModel
-    from steerlab.prompts import Prompt
+    from steerlab.model.loading import LoadedModel
+    from steerlab.prompts.sets import Prompt
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _LETTER = re.compile(r"^\(?([A-Z])(?:\)|\.|:|$)")

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from steerlab.errors import EvaluationError
-from steerlab.model import load_tokenizer
+from steerlab.model.loading import load_tokenizer
 
 HARMBENCH_STYLE = (
     "You are a classifier for red-teaming language models. Given a request and a generation, "

@@ -10,7 +10,7 @@ KL(P_base ‖ P_steered) of next-token distributions on harmless prompts:
 Both runs go token by token with a KV cache, exactly as generation does: a
 prefill over the prompt, then one token per step. Interventions that act only
 on ``"prompt"`` or ``"generated"`` positions therefore see the same split as
-in :func:`steerlab.generate.generate`.
+in :func:`steerlab.generation.generate.generate`.
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from steerlab.chat import encode
-from steerlab.decoding import forward_step
 from steerlab.evaluate.stats import mean_summary
-from steerlab.generate import eos_ids
-from steerlab.steering import steer
+from steerlab.generation.decoding import forward_step
+from steerlab.generation.generate import eos_ids
+from steerlab.interventions.steering import steer
+from steerlab.prompts.chat import encode
 
 if TYPE_CHECKING:
-    from steerlab.model import LoadedModel
-    from steerlab.prompts import PromptSet
+    from steerlab.model.loading import LoadedModel
+    from steerlab.prompts.sets import PromptSet
 
 
 def _texts(prompts: Sequence[str] | PromptSet) -> list[str]:
@@ -47,7 +47,7 @@ def step_logprobs(lm: LoadedModel, prompts: list[str], system: str | None, k: in
 
     With ``forced`` the given tokens are fed (teacher forcing); otherwise greedy. Token
     by token with a KV cache, as generation goes; shared by the KL here and
-    :mod:`steerlab.compare`.
+    :mod:`steerlab.evaluate.compare`.
     """
     batch = encode(lm.tokenizer, prompts, system, max_length=lm.context_length)
     ids = batch.input_ids.to(lm.device)

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from steerlab.errors import EvaluationError
-from steerlab.steering import steer
+from steerlab.interventions.steering import steer
 
 if TYPE_CHECKING:
-    from steerlab.model import LoadedModel
+    from steerlab.model.loading import LoadedModel
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ Writes into ``out_dir``:
 - ``config.json``: what produced the rows (backend, interventions, system
   prompt, scorers); the rows file's header holds the same run identity, and a
   rerun with another identity, or with other texts for the same prompt ids,
-  refuses to mix rows (:mod:`steerlab.rowstore`);
+  refuses to mix rows (:mod:`steerlab.store.rowstore`);
 - ``summary.json`` / ``summary.md``: rates with n and 95% intervals,
   computed from the rows (never stored instead of them), written atomically;
 - ``kl.json`` / ``capability.json`` when asked (kept, so a rerun with the same
@@ -27,8 +27,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from steerlab import rowstore
-from steerlab._atomic import write_json, write_text
+import steerlab.store.rowstore as rowstore
 from steerlab.errors import EvaluationError
 from steerlab.evaluate.backends import Backend, Completion, InProcessBackend
 from steerlab.evaluate.capability import capability_eval
@@ -46,14 +45,15 @@ from steerlab.evaluate.stats import (
     paired_bootstrap,
     rate_summary,
 )
-from steerlab.outputs import output_dir
-from steerlab.prompts import Prompt
-from steerlab.provenance import provenance
-from steerlab.rowstore import RowStore, dict_codec
+from steerlab.prompts.sets import Prompt
+from steerlab.store.atomic import write_json, write_text
+from steerlab.store.outputs import output_dir
+from steerlab.store.provenance import provenance
+from steerlab.store.rowstore import RowStore, dict_codec
 
 if TYPE_CHECKING:
     from steerlab.evaluate.classifier import LocalClassifier
-    from steerlab.prompts import Prompt, PromptSet
+    from steerlab.prompts.sets import Prompt, PromptSet
 
 ROWS = "responses.jsonl"
 SUMMARY = "summary.json"

@@ -9,18 +9,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from steerlab.analysis import cohens_d, select_direction
-from steerlab.directions import Direction
+from steerlab.directions.analysis import cohens_d, select_direction
+from steerlab.directions.artifact import Direction
+from steerlab.directions.extraction import extract_direction
+from steerlab.directions.separability import with_best_layer
 from steerlab.errors import DataError
 from steerlab.experiments.summary import KL_THRESHOLD
-from steerlab.extraction import extract_direction
-from steerlab.prompts import load_prompts
-from steerlab.separability import with_best_layer
-from steerlab.steering import steer
+from steerlab.interventions.steering import steer
+from steerlab.prompts.sets import load_prompts
 
 if TYPE_CHECKING:
     from steerlab.experiments.config import RefusalExperimentConfig
-    from steerlab.model import LoadedModel
+    from steerlab.model.loading import LoadedModel
 
 
 # -- prompts and directions -------------------------------------------------------------------
@@ -72,7 +72,7 @@ def refusal_direction_of(
     among the middle layers, the one whose direction, ablated at every layer, most
     lowers the first-token refusal score of held-out harmful prompts, while adding it
     induces refusal and ablating it keeps KL on harmless prompts small
-    (:func:`steerlab.analysis.select_direction` on ``selection_limit`` prompts per
+    (:func:`steerlab.directions.analysis.select_direction` on ``selection_limit`` prompts per
     side, every ``selection_stride``-th layer). ``"cohens_d"`` takes the layer of
     largest held-out Cohen's d (cheaper, but separability peaks at late layers whose
     direction is often not the one that mediates refusal).

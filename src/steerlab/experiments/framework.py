@@ -13,15 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from steerlab._atomic import write_json
 from steerlab.experiments.config import ExperimentConfig
 from steerlab.experiments.measure import check_judge
 from steerlab.experiments.runner import Runner
-from steerlab.prompts import PromptSet, check_held_out, load_prompts
-from steerlab.provenance import provenance
+from steerlab.prompts.sets import PromptSet, check_held_out, load_prompts
+from steerlab.store.atomic import write_json
+from steerlab.store.provenance import provenance
 
 if TYPE_CHECKING:
-    from steerlab.model import LoadedModel
+    from steerlab.model.loading import LoadedModel
 
 Results = dict[str, Any]
 

@@ -5,7 +5,7 @@ paired set, best layer by held-out Cohen's d) and ablates it at every layer.
 Round k RE-EXTRACTS a direction on the model *with the ablation of every
 direction found so far active* (activations read through the hooks), adds its
 best-layer vector to the basis, and ablates the whole basis
-(:class:`~steerlab.interventions.SubspaceAblate`). Per round: refusal rate
+(:class:`~steerlab.interventions.specs.SubspaceAblate`). Per round: refusal rate
 (Wilson 95% CI, McNemar against the previous round and the baseline), the new
 direction's held-out Cohen's d, its cosine with the earlier ones (≈ 0 by
 construction, a check that re-extraction saw the ablated model), its per-layer
@@ -22,20 +22,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 from pydantic import Field
 
-from steerlab import plots
+import steerlab.reporting.plots as plots
 from steerlab.experiments import common, measure
 from steerlab.experiments import framework as fw
 from steerlab.experiments import reporting as rp
 from steerlab.experiments import summary as sm
 from steerlab.experiments.config import RefusalExperimentConfig
 from steerlab.experiments.runner import Condition, Runner
-from steerlab.interventions import SubspaceAblate, random_like
-from steerlab.report import Figure, Table
+from steerlab.interventions.specs import SubspaceAblate, random_like
+from steerlab.reporting.report import Figure, Table
 
 if TYPE_CHECKING:
-    from steerlab.directions import Direction
-    from steerlab.model import LoadedModel
-    from steerlab.prompts import PromptSet
+    from steerlab.directions.artifact import Direction
+    from steerlab.model.loading import LoadedModel
+    from steerlab.prompts.sets import PromptSet
 
 
 class HydraConfig(RefusalExperimentConfig):

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any, Literal, TypedDict
 import torch
 from pydantic import Field
 
-from steerlab import plots
-from steerlab.analysis import cosine_matrix
+import steerlab.reporting.plots as plots
+from steerlab.directions.analysis import cosine_matrix
 from steerlab.errors import SteerlabError
 from steerlab.evaluate.stats import holm
 from steerlab.experiments import common, measure
@@ -34,12 +34,12 @@ from steerlab.experiments import reporting as rp
 from steerlab.experiments import summary as sm
 from steerlab.experiments.config import RefusalExperimentConfig
 from steerlab.experiments.runner import Condition, Job, Runner
-from steerlab.interventions import Ablate, Add, parse_layers
-from steerlab.report import Figure, Table
+from steerlab.interventions.specs import Ablate, Add, parse_layers
+from steerlab.reporting.report import Figure, Table
 
 if TYPE_CHECKING:
-    from steerlab.directions import Direction
-    from steerlab.model import LoadedModel
+    from steerlab.directions.artifact import Direction
+    from steerlab.model.loading import LoadedModel
 
 
 class LayerTransferConfig(RefusalExperimentConfig):

@@ -12,7 +12,7 @@ from steerlab.evaluate.kl import kl_per_prompt_many, kl_summary
 from steerlab.experiments.config import ExperimentConfig
 from steerlab.experiments.runner import Condition, Runner
 from steerlab.experiments.summary import Entry, JudgeEntry, condition_summary, paired_p
-from steerlab.prompts import PromptSet
+from steerlab.prompts.sets import PromptSet
 
 
 def rows_of(run: Runner, name: str, prompts: PromptSet) -> list[dict[str, Any]]:

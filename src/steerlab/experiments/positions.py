@@ -4,7 +4,7 @@ to refuse?
 
 A refusal direction (harmful minus harmless, built-in paired set) is read at
 t_inst and at each post-instruction token ``post_inst[k]`` of the chat template
-(``steerlab.chat`` positions). For each: held-out Cohen's d per layer, cosines
+(``steerlab.prompts.chat`` positions). For each: held-out Cohen's d per layer, cosines
 with the others, the effect of ablating it (every layer) on refusal of harmful
 prompts, and the effect of adding it (at one common layer) on harmless prompts
 (induced refusal). Zhao et al. (2025) report that harmfulness is read at t_inst
@@ -19,21 +19,21 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from steerlab import plots
-from steerlab.chat import post_instruction_ids
+import steerlab.reporting.plots as plots
 from steerlab.experiments import common, measure
 from steerlab.experiments import framework as fw
 from steerlab.experiments import reporting as rp
 from steerlab.experiments import summary as sm
 from steerlab.experiments.config import RefusalExperimentConfig
 from steerlab.experiments.runner import Condition, Job, Runner
-from steerlab.interventions import Ablate, Add
-from steerlab.report import Figure, Table
+from steerlab.interventions.specs import Ablate, Add
+from steerlab.prompts.chat import post_instruction_ids
+from steerlab.reporting.report import Figure, Table
 
 if TYPE_CHECKING:
-    from steerlab.directions import Direction
-    from steerlab.model import LoadedModel
-    from steerlab.prompts import PromptSet
+    from steerlab.directions.artifact import Direction
+    from steerlab.model.loading import LoadedModel
+    from steerlab.prompts.sets import PromptSet
 
 
 class PositionsConfig(RefusalExperimentConfig):

@@ -7,12 +7,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from steerlab import plots
+import steerlab.reporting.plots as plots
 from steerlab.experiments.config import ExperimentConfig
 from steerlab.experiments.store import ResponseStore
 from steerlab.experiments.summary import Entry, Finding
-from steerlab.report import Figure, Report, Sample, Table
-from steerlab.report import Finding as ReportFinding
+from steerlab.reporting.report import Figure, Report, Sample, Table
+from steerlab.reporting.report import Finding as ReportFinding
 
 RATE_KEYS = ("n", "refusal_rate", "refusal_rate_ci95", "bypass_rate", "degenerate_rate",
              "vs_baseline_p")

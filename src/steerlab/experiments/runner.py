@@ -25,17 +25,17 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from steerlab._atomic import write_json
-from steerlab.directions import Direction
+from steerlab.directions.artifact import Direction
 from steerlab.errors import SteerlabError
 from steerlab.evaluate import outcome
 from steerlab.experiments.store import ResponseStore, run_identity
 from steerlab.experiments.timings import Timings
-from steerlab.generate import Generation, GenerationGroup, generate_groups
+from steerlab.generation.generate import Generation, GenerationGroup, generate_groups
+from steerlab.store.atomic import write_json
 
 if TYPE_CHECKING:
-    from steerlab.model import LoadedModel
-    from steerlab.prompts import PromptSet
+    from steerlab.model.loading import LoadedModel
+    from steerlab.prompts.sets import PromptSet
 
 T = TypeVar("T")
 

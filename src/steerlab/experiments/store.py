@@ -1,6 +1,6 @@
 """``responses.jsonl``: the append-only record of every generation of an experiment run.
 
-One row per (condition, prompt id), in the layout of :mod:`steerlab.rowstore`: its
+One row per (condition, prompt id), in the layout of :mod:`steerlab.store.rowstore`: its
 header holds the run identity (model fingerprint, dtype, and the settings that change
 what is generated), checked before anything in the run folder changes. The runner
 appends and fsyncs finished rows at most a second after they finish, so an interrupted
@@ -15,13 +15,13 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from steerlab import rowstore
+import steerlab.store.rowstore as rowstore
 from steerlab.errors import SteerlabError
-from steerlab.outputs import output_dir
-from steerlab.rowstore import RowStore, dict_codec, jsonable, model_identity
+from steerlab.store.outputs import output_dir
+from steerlab.store.rowstore import RowStore, dict_codec, jsonable, model_identity
 
 if TYPE_CHECKING:
-    from steerlab.model import LoadedModel
+    from steerlab.model.loading import LoadedModel
 
 ROWS = "responses.jsonl"
 # Settings that change only how results are reported, never what is generated.

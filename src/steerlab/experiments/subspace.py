@@ -2,7 +2,7 @@
 layers' directions, and test the two-tier refusal hypothesis.
 
 The chosen layers' refusal directions are stacked and orthonormalized by QR
-(:class:`~steerlab.interventions.SubspaceAblate`), and the whole subspace is
+(:class:`~steerlab.interventions.specs.SubspaceAblate`), and the whole subspace is
 projected out at every layer. It is compared with the best single direction
 and with wider windows (more layers in the basis), and against a random
 subspace of the same rank.
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from steerlab import plots
+import steerlab.reporting.plots as plots
 from steerlab.errors import SteerlabError
 from steerlab.experiments import common, measure
 from steerlab.experiments import framework as fw
@@ -31,14 +31,14 @@ from steerlab.experiments import summary as sm
 from steerlab.experiments.config import RefusalExperimentConfig
 from steerlab.experiments.runner import Condition, Job, Runner
 from steerlab.experiments.summary import newcombe_diff, rate
-from steerlab.interventions import Ablate, SubspaceAblate, parse_layers, random_like
-from steerlab.prompts import load_prompts
-from steerlab.report import Figure, Table
+from steerlab.interventions.specs import Ablate, SubspaceAblate, parse_layers, random_like
+from steerlab.prompts.sets import load_prompts
+from steerlab.reporting.report import Figure, Table
 
 if TYPE_CHECKING:
-    from steerlab.directions import Direction
-    from steerlab.model import LoadedModel
-    from steerlab.prompts import PromptSet
+    from steerlab.directions.artifact import Direction
+    from steerlab.model.loading import LoadedModel
+    from steerlab.prompts.sets import PromptSet
 
 SOURCES = ("paired", "tier2")
 

@@ -28,7 +28,8 @@ class RateSummary(TypedDict):
 
 
 class Finding(TypedDict):
-    """One claim checked against a run's numbers (see :class:`steerlab.report.Finding`)."""
+    """One claim checked against a run's numbers (see
+    :class:`steerlab.reporting.report.Finding`)."""
 
     claim: str
     verdict: str

@@ -11,21 +11,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from steerlab import plots
-from steerlab._atomic import write_json
+import steerlab.reporting.plots as plots
 from steerlab.errors import InterventionError
 from steerlab.experiments.measure import kl_conditions
 from steerlab.experiments.reporting import grid_values, write_report
 from steerlab.experiments.runner import Condition, Job, Runner
 from steerlab.experiments.summary import condition_summary, paired_p
-from steerlab.interventions import parse_steer
-from steerlab.provenance import provenance
-from steerlab.report import Figure, Table
-from steerlab.steering import check_specs
+from steerlab.interventions.specs import parse_steer
+from steerlab.interventions.steering import check_specs
+from steerlab.reporting.report import Figure, Table
+from steerlab.store.atomic import write_json
+from steerlab.store.provenance import provenance
 
 if TYPE_CHECKING:
-    from steerlab.model import LoadedModel
-    from steerlab.prompts import PromptSet
+    from steerlab.model.loading import LoadedModel
+    from steerlab.prompts.sets import PromptSet
 
 
 def run_sweep(

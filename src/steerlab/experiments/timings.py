@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TypedDict
 
-from steerlab._atomic import write_json
+from steerlab.store.atomic import write_json
 
 # Steps whose time is their generations, already counted under "generation".
 GENERATING_STEPS = frozenset({"selection", "readd_selection"})

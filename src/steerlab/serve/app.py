@@ -30,9 +30,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from steerlab.directions import Direction
+from steerlab.directions.artifact import Direction
 from steerlab.errors import SteerlabError
-from steerlab.model import LoadedModel
+from steerlab.interventions.steering import check_specs, steer
+from steerlab.model.loading import LoadedModel
 from steerlab.serve import schemas as S
 from steerlab.serve.batcher import Batcher, Event, Job
 from steerlab.serve.engine import Row, SamplingParams, decode, eos_token_ids
@@ -60,7 +61,6 @@ from steerlab.serve.stream import (
     usage_of,
 )
 from steerlab.serve.validation import format_validation_error
-from steerlab.steering import check_specs, steer
 
 
 @dataclass

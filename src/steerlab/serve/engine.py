@@ -1,7 +1,7 @@
 """Batched, KV-cached decoding of independent requests, one token per row per step.
 
-The loop is :func:`steerlab.decoding.decode_loop`, the one offline
-:func:`steerlab.generate.generate` runs (same forward call, position ids, EOS
+The loop is :func:`steerlab.generation.decoding.decode_loop`, the one offline
+:func:`steerlab.generation.generate.generate` runs (same forward call, position ids, EOS
 set, row dropping, sampling rule and seeded RNG), so a request's greedy
 output equals offline ``generate`` for that prompt, and a seeded sample
 equals ``generate(..., do_sample=True, seed=S)`` for a single prompt. This
@@ -11,7 +11,7 @@ and rows that can be abandoned (dropped from the batch and its KV cache at
 once).
 
 Steering is not this module's business: the caller wraps :func:`decode` in
-``steerlab.steering.steer(...)``.
+``steerlab.interventions.steering.steer(...)``.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Any, Protocol
 
 import torch
 
-from steerlab.decoding import decode_loop, prompt_generator, sampling_probs
-from steerlab.generate import eos_ids
-from steerlab.model import LoadedModel
+from steerlab.generation.decoding import decode_loop, prompt_generator, sampling_probs
+from steerlab.generation.generate import eos_ids
+from steerlab.model.loading import LoadedModel
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """From a validated request body to prompt token ids and decoding settings.
 
 Chat prompts go through the model's own chat template exactly as offline
-``steerlab.chat.encode`` renders them (same messages, same tokenizer call), so
+``steerlab.prompts.chat.encode`` renders them (same messages, same tokenizer call), so
 a served prompt and an offline prompt are the same token ids.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from steerlab.model import LoadedModel
+from steerlab.model.loading import LoadedModel
 from steerlab.serve.engine import SamplingParams
 from steerlab.serve.schemas import ChatMessage, RequestError, SamplingFields
 

@@ -17,10 +17,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from steerlab import interventions as iv
-from steerlab.directions import Direction
+import steerlab.interventions.specs as iv
+from steerlab.directions.artifact import Direction
 from steerlab.errors import SteerlabError
-from steerlab.interventions import KernelAblate, parse_layers, resolve_direction, specs_to_json
+from steerlab.interventions.specs import (
+    KernelAblate,
+    parse_layers,
+    resolve_direction,
+    specs_to_json,
+)
 from steerlab.serve.schemas import (
     RequestError,
     SteerAblate,

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from steerlab.directions import Direction
+from steerlab.directions.artifact import Direction
 from steerlab.evaluate import mean_summary
 from steerlab.evaluate.kl import kl_from_logprobs, kl_per_prompt_many
 from steerlab.experiments.config import PersonaGatingConfig
@@ -15,8 +15,8 @@ from steerlab.experiments.framework import span
 from steerlab.experiments.measure import judge_conditions
 from steerlab.experiments.runner import Condition, Runner
 from steerlab.experiments.summary import Entry, JudgeEntry
-from steerlab.interventions import Ablate, Add, Project, random_like
-from steerlab.prompts import PromptSet
+from steerlab.interventions.specs import Ablate, Add, Project, random_like
+from steerlab.prompts.sets import PromptSet
 
 # The conditions ``harmless_for: steering`` runs on the harmless prompts, beside the random seeds.
 STEERING_ON_HARMLESS = ("baseline", "persona_steer", "refusal_ablate")

@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from steerlab import plots
+import steerlab.reporting.plots as plots
 from steerlab.experiments.config import PersonaGatingConfig
 from steerlab.experiments.framework import Results
 from steerlab.experiments.reporting import JUDGE_COLUMNS, grid_values, samples, write_report
 from steerlab.experiments.store import ResponseStore
 from steerlab.experiments.summary import Entry
 from steerlab.experiments.timings import Cost, cost_parts
-from steerlab.report import Figure, Table
+from steerlab.reporting.report import Figure, Table
 
 MAIN = ("baseline", "persona_system_prompt", "persona_steer", "random_steer", "refusal_ablate",
         "refusal_readd_early", "refusal_readd_late", "persona_project_late",

@@ -16,9 +16,9 @@ from steerlab.experiments.persona_gating.findings import findings
 from steerlab.experiments.persona_gating.select import Selection
 from steerlab.experiments.runner import Condition, Runner
 from steerlab.experiments.summary import ALPHA_SIG, Entry, Row, condition_summary, paired_p
-from steerlab.model import LoadedModel
-from steerlab.prompts import PromptSet
-from steerlab.provenance import provenance
+from steerlab.model.loading import LoadedModel
+from steerlab.prompts.sets import PromptSet
+from steerlab.store.provenance import provenance
 
 # Conditions whose restoration of the persona-induced drop is reported (1 = baseline).
 RESTORING = ("refusal_readd/", "persona_project_", "random_project_late/")

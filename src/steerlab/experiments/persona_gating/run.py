@@ -6,9 +6,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from steerlab._atomic import write_json
-from steerlab.analysis import select_direction
-from steerlab.directions import Direction
+from steerlab.directions.analysis import select_direction
+from steerlab.directions.artifact import Direction
+from steerlab.directions.extraction import (
+    TRAIT_AXES,
+    persona_direction,
+    refusal_direction,
+    trait_direction,
+)
 from steerlab.experiments.common import cohens_d_of
 from steerlab.experiments.config import PersonaGatingConfig
 from steerlab.experiments.framework import Experiment, Results, open_runner
@@ -18,14 +23,9 @@ from steerlab.experiments.persona_gating.results import Evaluation, build_result
 from steerlab.experiments.persona_gating.select import grid, select, select_readd
 from steerlab.experiments.runner import Job, Runner
 from steerlab.experiments.timings import record_cost
-from steerlab.extraction import (
-    TRAIT_AXES,
-    persona_direction,
-    refusal_direction,
-    trait_direction,
-)
-from steerlab.model import LoadedModel
-from steerlab.prompts import PromptSet, check_held_out, load_prompts, persona_pairs
+from steerlab.model.loading import LoadedModel
+from steerlab.prompts.sets import PromptSet, check_held_out, load_prompts, persona_pairs
+from steerlab.store.atomic import write_json
 
 
 def run_persona_gating(

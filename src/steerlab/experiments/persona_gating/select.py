@@ -6,12 +6,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, TypedDict
 
-from steerlab.directions import Direction
+from steerlab.directions.artifact import Direction
 from steerlab.experiments.config import PersonaGatingConfig
 from steerlab.experiments.runner import Condition, Job, Runner
 from steerlab.experiments.summary import Entry, condition_summary
-from steerlab.interventions import Add
-from steerlab.prompts import PromptSet
+from steerlab.interventions.specs import Add
+from steerlab.prompts.sets import PromptSet
 
 
 class Selection(TypedDict):

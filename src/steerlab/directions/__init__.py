@@ -1,0 +1,1 @@
+"""Directions: extraction, per-layer separability, selection, the saved artifact."""

@@ -1,0 +1,1 @@
+"""Batched, KV-cached generation under interventions."""

@@ -1,0 +1,1 @@
+"""Intervention specs (what to do) and the hooks that apply them (steer())."""

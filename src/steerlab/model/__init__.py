@@ -1,0 +1,1 @@
+"""Loading models (HF folders, GGUF, the embedded default) and architecture adapters."""

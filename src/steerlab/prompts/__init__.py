@@ -1,0 +1,1 @@
+"""Prompt sets, file formats and chat templating: what goes into the model."""

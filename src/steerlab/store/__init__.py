@@ -1,0 +1,1 @@
+"""Files on disk: atomic writes, the resumable row store, output paths, provenance."""

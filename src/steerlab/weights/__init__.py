@@ -1,0 +1,1 @@
+"""Weight edits and exports: orthogonalization, HF folders, LoRA, GGUF."""

@@ -1,0 +1,68 @@
+"""Exports of a :class:`~steerlab.interventions.kernel_ablate.KernelAblate` spec (``steerlab
+abliterate``'s result): a Hugging Face folder with the weights edited, or a PEFT LoRA adapter whose
+merge gives the same weights. A llama.cpp control vector adds a vector; it cannot express an
+ablation, so that format is refused with a pointer to the two that work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from steerlab.interventions.kernel_ablate import KernelAblate
+from steerlab.model.loading import LoadedModel
+from steerlab.weights.export.common import ExportError
+from steerlab.weights.export.hf import export_hf
+from steerlab.weights.export.lora import _linear_coeffs, write_lora
+from steerlab.weights.orthogonalize import kernel_edits, module_weight, orthogonalize_spec
+
+
+@torch.no_grad()
+def kernel_lora_tensors(lm: LoadedModel, spec: KernelAblate, *,
+                        allow_approximate: bool = False
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """PEFT-named tensors for the UNEDITED ``lm``: per module ``B = −w·Q``, ``A = QᵀW``."""
+    tensors: dict[str, torch.Tensor] = {}
+    edits = kernel_edits(lm, spec, allow_approximate=allow_approximate)
+    for target, weight in edits:
+        matrix = module_weight(target.module)
+        bias = getattr(target.module, "bias", None)
+        q = target.basis.to(matrix.device)
+        if isinstance(bias, torch.Tensor) and float((q.T @ bias.float()).norm()) > 1e-6 * max(
+                float(bias.float().norm()), 1e-12):
+            raise ExportError(f"{target.name} has a bias along the direction; LoRA cannot edit "
+                              "biases. Export with --format hf instead.")
+        prefix = f"base_model.model.{target.name}"
+        tensors[f"{prefix}.lora_A.weight"] = _linear_coeffs(matrix, q).contiguous().cpu()
+        tensors[f"{prefix}.lora_B.weight"] = (-weight * q).contiguous().cpu()
+    if not edits:
+        raise ExportError("The spec's kernels are zero at every layer; there is nothing to export.")
+    info = {"rank": int(edits[0][0].basis.shape[1]), "alpha": 1.0,
+            "direction": f"kernel_ablate(source={spec.source:g}, rank={spec.rank})",
+            "source_layer": round(spec.source), "components": ["attn_out", "mlp_out"],
+            "layers": sorted({t.layer for t, _w in edits if t.layer is not None}),
+            "target_modules": [t.name for t, _w in edits],
+            "weights": spec.site_weights(lm.n_layers),
+            "approximate": lm.arch.post_norm}
+    return tensors, info
+
+
+def export_kernel(lm: LoadedModel, spec: KernelAblate, out: str | Path, fmt: str = "hf", *,
+                  allow_approximate: bool = False, overwrite: bool = False,
+                  extra: dict[str, Any] | None = None) -> Path:
+    """Write ``spec`` as ``hf`` (``lm`` is edited in place) or ``lora`` (``lm`` untouched)."""
+    if fmt == "lora":
+        tensors, info = kernel_lora_tensors(lm, spec, allow_approximate=allow_approximate)
+        return write_lora(lm, tensors, info, out, overwrite=overwrite)
+    if fmt != "hf":
+        raise ExportError(
+            f"A kernel_ablate spec cannot be written as {fmt}: a control vector adds a vector "
+            "and cannot remove one. Use --format hf or --format lora."
+        )
+    result = orthogonalize_spec(lm, spec, allow_approximate=allow_approximate)
+    return export_hf(lm, out, edit=result, overwrite=overwrite, extra=extra)
+
+
+__all__ = ["export_kernel", "kernel_lora_tensors"]
