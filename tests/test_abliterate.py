@@ -30,6 +30,7 @@ from steerlab.generation.generate import generate
 from steerlab.interventions.kernel_ablate import Kernel, KernelAblate
 from steerlab.interventions.specs import Ablate, parse_steer, spec_from_dict, spec_to_dict
 from steerlab.interventions.steering import count_hooks, steer
+from steerlab.store.outputs import OutputError
 from tests.tiny import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -250,6 +251,19 @@ def test_a_model_that_refuses_nothing_stops_before_searching(tmp_path):
     with pytest.raises(NothingToRemoveError, match="refuses none"):
         abliterate(lm, tmp_path / "run", AbliterateConfig(**TINY), scorer=NeverRefuses())
     assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_steerlab_did_not_write_is_refused_before_any_compute(tmp_path):
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "todo.txt").write_text("mine")
+    with pytest.raises(OutputError, match="not empty"):
+        abliterate(tiny_model("qwen2"), foreign, AbliterateConfig(**TINY), scorer=NeverRefuses())
+    assert [p.name for p in foreign.iterdir()] == ["todo.txt"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="is a file"):
+        abliterate(tiny_model("qwen2"), tmp_path / "file", AbliterateConfig(**TINY),
+                   scorer=NeverRefuses())
 
 
 def test_a_budget_below_one_is_one_clear_error(tmp_path, capsys):

@@ -49,6 +49,7 @@ from steerlab.interventions.specs import KernelAblate, specs_to_json
 from steerlab.model.loading import LoadedModel
 from steerlab.prompts.sets import load_prompts
 from steerlab.store.atomic import write_json, write_text
+from steerlab.store.outputs import output_dir
 from steerlab.store.provenance import provenance, versions
 
 BASELINE_JSON = "baseline.json"
@@ -145,6 +146,9 @@ def abliterate(lm: LoadedModel, out: str | Path, config: AbliterateConfig | None
     prompts = prompt_sets(config)
     scorer = scorer or make_scorer(config.judge_url, config.judge_model, config.classifier)
     ident = identity(lm, config, prompts, scorer)
+    if run_dir.exists():  # a file, or a folder of something else, is refused before any compute
+        output_dir(run_dir, what="steerlab abliterate",
+                   ours=lambda folder: (folder / STUDY_JSON).is_file())
     if (run_dir / STUDY_JSON).is_file():
         check_identity(run_dir, ident)  # refuses a foreign folder before any compute
     objective = Objective(lm, prompts["harmful_val"], prompts["harmless_val"],

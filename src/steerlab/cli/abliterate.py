@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from steerlab.cli.common import DTYPE_OPT, MODEL_ARG, console, load
+from steerlab.store.outputs import clear_run_dir
 
 
 def register(app: typer.Typer) -> None:
@@ -20,6 +21,8 @@ def register(app: typer.Typer) -> None:
                                            "(see docs/abliterate.md)."),
         judge_url: str | None = typer.Option(None, "--judge-url", help="OpenAI-compatible "
                                              "judge instead of the substring scorer."),
+        overwrite: bool = typer.Option(False, "--overwrite",
+                                       help="Delete the folder's earlier study and start over."),
         dtype: str = DTYPE_OPT,
         progress: bool = typer.Option(True, "--progress/--no-progress",
                                       help="Show trials done, best so far and time left."),
@@ -30,6 +33,8 @@ def register(app: typer.Typer) -> None:
         from steerlab.abliterate import abliterate as run_abliterate
 
         settings = AbliterateConfig.from_file(config, trials=trials, judge_url=judge_url)
+        if overwrite:
+            clear_run_dir(out)
         lm = load(model, dtype)
         result = run_abliterate(lm, out, settings, progress=progress)
         base, chosen = result.baseline, result.choice.score
