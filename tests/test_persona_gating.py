@@ -365,7 +365,7 @@ def test_a_given_refusal_direction_is_ablated_and_named(tmp_path: Path) -> None:
                            show_progress=False)
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(SteerlabError, match="refusal_direction .*not a direction folder"):
+    with pytest.raises(SteerlabError, match=r"refusal_direction .*not a direction folder"):
         run_persona_gating(lm, tmp_path / "bad", PersonaGatingConfig(
             **TINY, refusal_direction=str(empty)), show_progress=False)
     assert not (tmp_path / "bad").exists()
