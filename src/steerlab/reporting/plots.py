@@ -223,13 +223,14 @@ def bars_with_ci(
 
 def lines_by_layer(
     path: str | Path,
-    series: Mapping[str, Mapping[int, float]],
+    series: Mapping[str, Mapping[Any, float]],
     *,
     title: str,
     ylabel: str,
     zero_line: bool = True,
 ) -> Path:
-    """Several per-layer curves on one axis (cosines, Cohen's d)."""
+    """Several per-layer curves on one axis (cosines, Cohen's d); layer keys may be the
+    digit strings of a JSON read-back."""
     with _figure(path, 9, 5, REPORT_STYLE) as (_fig, ax):
         for label, values in series.items():
             _plot_by_layer(ax, values, marker="o", lw=2, label=label)
