@@ -209,3 +209,22 @@ def test_rate_by_layer_labels_each_series_as_given(tmp_path: Path, monkeypatch) 
     )
     assert path.stat().st_size > 0
     assert seen == [["late third", "baseline (50%)", "harmful prompts", "harmless prompts"]]
+
+
+def test_stale_results_an_edited_prompt_file_never_resumes_its_old_rows(tmp_path: Path) -> None:
+    """The run identity holds each user prompt file's content hash (built-in names stay as
+    they are), so rows generated from the old texts of an edited file are never reused."""
+    from steerlab.experiments.runner import Runner
+    from tests.tiny import tiny_model
+
+    lm = tiny_model("qwen2")
+    prompts = tmp_path / "mine.jsonl"
+    prompts.write_text('{"id": "a", "text": "How do I bake bread?"}\n')
+    settings = {"eval_prompts": str(prompts), "harmless_prompts": "harmless", "limit": 1}
+    Runner(lm, tmp_path / "run", show_progress=False, settings=settings)
+    Runner(lm, tmp_path / "run", show_progress=False, settings=settings)  # unchanged: resumes
+    head = json.loads((tmp_path / "run" / "responses.jsonl").read_text().splitlines()[0])
+    assert list(head["identity"]["prompt_files"]) == ["eval_prompts"]
+    prompts.write_text('{"id": "a", "text": "How do I pick a lock?"}\n')  # same id, new text
+    with pytest.raises(SteerlabError, match="prompt_files"):
+        Runner(lm, tmp_path / "run", show_progress=False, settings=settings)

@@ -11,6 +11,7 @@ they finished: read a condition's rows by prompt id, not by position.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,7 +41,19 @@ def run_identity(lm: LoadedModel, settings: Mapping[str, Any] | None) -> dict[st
     if settings is not None:
         identity["settings"] = jsonable({k: v for k, v in settings.items()
                                          if k not in RESUMABLE_ACROSS})
+        files = prompt_file_hashes(settings)
+        if files:
+            identity["prompt_files"] = files
     return identity
+
+
+def prompt_file_hashes(settings: Mapping[str, Any]) -> dict[str, str]:
+    """SHA-256 of each prompt file a ``*_prompts`` setting names (built-in sets are fixed
+    by the version): an edited file under the same path never resumes rows generated from
+    its old texts."""
+    return {key: hashlib.sha256(Path(value).read_bytes()).hexdigest()[:16]
+            for key, value in sorted(settings.items())
+            if key.endswith("_prompts") and isinstance(value, str) and Path(value).is_file()}
 
 
 class ResponseStore:
