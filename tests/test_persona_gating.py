@@ -328,3 +328,44 @@ def test_harmless_for_steering_keeps_only_the_steering_conditions() -> None:
         "harmless/refusal_ablate"]
     assert [c.name for c in _harmless_conditions(conditions, "all")] == [
         f"harmless/{n}" for n in names]
+
+
+def test_a_given_refusal_direction_is_ablated_and_named(tmp_path: Path) -> None:
+    """--refusal-direction: an abliterate run's direction replaces extraction and layer
+    selection, its layer and name reach results.json and the report, and the run
+    identity differs from a run without it; a folder holding no direction is one error."""
+    import dataclasses
+
+    from steerlab.directions.extraction import refusal_direction
+    from steerlab.errors import SteerlabError
+
+    lm = tiny_model("qwen2")
+    made = refusal_direction(lm, split="train", limit=8)
+    layer = 1 if made.meta.best_layer != 1 else 0
+    made = dataclasses.replace(made, meta=dataclasses.replace(
+        made.meta, name="my-refusal", best_layer=layer))
+    abliterated = tmp_path / "abliterate"
+    made.save(abliterated / "direction")
+    (abliterated / "spec.json").write_text("{}")
+    config = PersonaGatingConfig(**TINY, refusal_direction=str(abliterated))
+    assert "refusal_direction" not in PersonaGatingConfig(**TINY).model_dump(mode="json")
+    results = run_persona_gating(lm, tmp_path / "run", config, show_progress=False)
+    used = results["refusal_direction"]
+    assert (used["source"], used["name"], used["layer"]) == ("given", "my-refusal", layer)
+    assert results["refusal_source_layer"] == layer
+    assert used["ablated_refusal_rate"] == results["conditions"]["refusal_ablate"]["refusal_rate"]
+    assert not (tmp_path / "run" / "directions" / "refusal").exists()  # nothing extracted
+    analysis = json.loads((tmp_path / "run" / "steps" / "analysis.json").read_text())
+    assert analysis["refusal_selection"] is None
+    assert f"given from {abliterated} (my-refusal, best layer {layer})" in (
+        tmp_path / "run" / "report.md").read_text()
+    # A run folder made with it is not resumed without it (the settings differ).
+    with pytest.raises(SteerlabError):
+        run_persona_gating(lm, tmp_path / "run", PersonaGatingConfig(**TINY),
+                           show_progress=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SteerlabError, match=r"refusal_direction .*not a direction folder"):
+        run_persona_gating(lm, tmp_path / "bad", PersonaGatingConfig(
+            **TINY, refusal_direction=str(empty)), show_progress=False)
+    assert not (tmp_path / "bad").exists()

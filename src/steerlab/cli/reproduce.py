@@ -16,6 +16,12 @@ def register(app: typer.Typer) -> None:
     app.add_typer(group, name="reproduce")
 
     @experiment_command(group, "persona-gating", "persona_gating")
-    def persona_gating() -> dict[str, Any]:
+    def persona_gating(
+        refusal_direction: str | None = typer.Option(
+            None, "--refusal-direction",
+            help="Ablate and re-add this saved refusal direction (an extract folder or an "
+            "abliterate run) at its best layer, instead of extracting and selecting one.",
+        ),
+    ) -> dict[str, Any]:
         """Persona gates refusal (arXiv 2606.26161): steer, re-add, project, random controls."""
-        return {}
+        return {"refusal_direction": refusal_direction}

@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any, Literal, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+)
 
 from steerlab.errors import SteerlabError
 
@@ -173,6 +180,22 @@ class PersonaGatingConfig(ExperimentConfig):
         "75). On the embedded model 50 move the reported trait cosines by at most 0.03 at "
         "layers 1-23 (0.08 at layer 0) against all 75, for two thirds of the cost.",
     )
+
+    refusal_direction: str | None = Field(
+        None,
+        description="Folder of a saved refusal direction (from `steerlab extract` or a "
+        "`steerlab abliterate` run) to ablate and re-add, at its best layer, instead of "
+        "extracting one and selecting its layer (None: extract and select).",
+    )
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_direction(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Leave refusal_direction out while unset, so a run's settings identity (and the
+        resolved config in results.json) stays what it was before the field existed."""
+        data: dict[str, Any] = handler(self)
+        if data.get("refusal_direction") is None:
+            data.pop("refusal_direction", None)
+        return data
 
     def windows(self, n_layers: int) -> tuple[list[int], list[int]]:
         """(early, late) projection windows for a model with ``n_layers`` layers."""

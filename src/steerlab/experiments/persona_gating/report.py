@@ -40,11 +40,22 @@ def write_persona_report(out: Path, results: Results, store: ResponseStore,
         f"{config.max_new_tokens} new tokens. Baseline refusal {b['refusal_rate']:.0%}; "
         f"with the compliant-persona direction (layer {sel['layer']}, x{sel['alpha']:g}, "
         f"chosen on validation) {s['refusal_rate']:.0%}. Refusal is scored by substring "
-        "with a degeneracy check (refusal / bypass / degenerate).",
+        "with a degeneracy check (refusal / bypass / degenerate). " + _refusal_line(results),
         tables=_tables(results, config),
         figures=figures,
         samples=samples(store, names, config.n_samples),
     )
+
+
+def _refusal_line(results: Results) -> str:
+    """Which refusal direction was ablated and re-added, and what its ablation leaves."""
+    used = results.get("refusal_direction")
+    if used is None:  # results written before this was recorded
+        return ""
+    where = (f"given from {used['folder']} ({used['name']}, best layer {used['layer']})"
+             if used["source"] == "given" else f"selected at layer {used['layer']}")
+    return (f"Refusal direction: {where}; ablating it leaves "
+            f"{used['ablated_refusal_rate']:.0%} refusal (refusal_ablate).")
 
 
 def _readd(results: Results) -> tuple[list[tuple[int, Entry]], list[Entry | None]]:

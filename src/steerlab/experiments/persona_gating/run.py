@@ -14,6 +14,7 @@ from steerlab.directions.extraction import (
     refusal_direction,
     trait_direction,
 )
+from steerlab.errors import SteerlabError
 from steerlab.experiments.common import cohens_d_of
 from steerlab.experiments.config import PersonaGatingConfig
 from steerlab.experiments.framework import Experiment, Results, open_runner
@@ -36,8 +37,9 @@ def run_persona_gating(
     started = time.perf_counter()
     eval_set, val_set, harmless = _prompts(config)
     early, late = config.windows(lm.n_layers)
+    given = given_refusal(lm, config.refusal_direction) if config.refusal_direction else None
     with open_runner(lm, out, config, show_progress) as run:
-        refusal, persona, traits = _directions(run, config)
+        refusal, persona, traits = _directions(run, config, given)
         analysis = run.step("analysis", lambda: _analysis(lm, refusal, persona, traits, config))
         cells = grid(lm.n_layers, config)
         run.plan(len(cells) * len(val_set)
@@ -68,6 +70,7 @@ def run_persona_gating(
                                 steering.refusal_layer)
         results = build_results(lm, run, config, evaluation, selection, kl, judged)
         results["readd_selection"] = readd
+        results["refusal_direction"] = _refusal_used(refusal, analysis, results, config)
         cost = record_cost(out, run.timings, len(eval_set), time.perf_counter() - started)
         if cost is not None:
             results["cost"] = cost
@@ -92,10 +95,10 @@ def _prompts(config: PersonaGatingConfig) -> tuple[PromptSet, PromptSet, PromptS
 
 
 def _directions(
-    run: Runner, config: PersonaGatingConfig
+    run: Runner, config: PersonaGatingConfig, given: Direction | None
 ) -> tuple[Direction, Direction, dict[str, Direction]]:
     lm, limit, position = run.lm, config.extraction_limit, config.position
-    refusal = run.direction("refusal", lambda: refusal_direction(
+    refusal = given if given is not None else run.direction("refusal", lambda: refusal_direction(
         lm, split="train", position=position, limit=limit))
     persona = run.direction("persona", lambda: persona_direction(
         lm, axis="compliance", split="train", position=position, limit=limit))
@@ -114,6 +117,40 @@ def _directions(
     return refusal, persona, traits
 
 
+def _refusal_used(refusal: Direction, analysis: Results, results: Results,
+                  config: PersonaGatingConfig) -> dict[str, object]:
+    """Which refusal direction was ablated and re-added, and the refusal its ablation
+    leaves (the refusal_ablate condition's rate on the evaluation prompts)."""
+    given = config.refusal_direction
+    return {
+        "source": "given" if given else "selected",
+        "folder": given,
+        "name": refusal.meta.name,
+        "layer": int(analysis["refusal_source_layer"]),
+        "rule": analysis["refusal_source_rule"],
+        "ablated_refusal_rate": results["conditions"]["refusal_ablate"]["refusal_rate"],
+    }
+
+
+def given_refusal(lm: LoadedModel, path: str) -> Direction:
+    """The refusal direction saved in ``path``: an extract folder, or an abliterate run
+    (its ``direction/``), checked to belong to ``lm`` and to have a best layer."""
+    folder = Path(path)
+    if (folder / "direction").is_dir() and (folder / "spec.json").is_file():
+        folder = folder / "direction"
+    try:
+        direction = Direction.load(folder, lm)
+    except SteerlabError as exc:
+        raise SteerlabError(f"refusal_direction {path}: {exc}") from exc
+    if direction.meta.best_layer is None:
+        raise SteerlabError(
+            f"refusal_direction {path}: the direction {direction.meta.name!r} has no best layer "
+            "to ablate at; extract it with layer selection (`steerlab extract` does by default) "
+            "or give an abliterate run folder."
+        )
+    return direction
+
+
 def _analysis(lm: LoadedModel, refusal: Direction, persona: Direction,
               traits: dict[str, Direction], config: PersonaGatingConfig) -> Results:
     """Per-layer separability, cosines, and the layer whose refusal vector is ablated.
@@ -125,6 +162,12 @@ def _analysis(lm: LoadedModel, refusal: Direction, persona: Direction,
     induce refusal and keep KL small; else the relaxed rule of
     :meth:`SelectionResult.choice`, recorded beside the layer).
     """
+    if config.refusal_direction is not None:
+        source, rule = refusal.meta.best_layer, (
+            f"given: {config.refusal_direction} ({refusal.meta.name!r}, its best layer "
+            f"{refusal.meta.best_layer}); no selection was run")
+        return {**_cosines(refusal, persona, traits), "refusal_source_layer": source,
+                "refusal_source_rule": rule, "refusal_selection": None}
     n = lm.n_layers
     selection = select_direction(
         lm,
@@ -136,6 +179,16 @@ def _analysis(lm: LoadedModel, refusal: Direction, persona: Direction,
     )
     source, rule = selection.choice()
     return {
+        **_cosines(refusal, persona, traits),
+        "refusal_source_layer": int(source),
+        "refusal_source_rule": rule,
+        "refusal_selection": selection.to_dict(),
+    }
+
+
+def _cosines(refusal: Direction, persona: Direction, traits: dict[str, Direction]) -> Results:
+    """Separability, cosines and norms of the directions (selection aside)."""
+    return {
         "refusal_cohens_d": cohens_d_of(refusal),
         "persona_cohens_d": cohens_d_of(persona),
         "cohens_d_held_out": {
@@ -145,9 +198,6 @@ def _analysis(lm: LoadedModel, refusal: Direction, persona: Direction,
         "refusal_persona_cosine": refusal.cosine(persona),
         "trait_cosine_with_persona": {a: d.cosine(persona) for a, d in traits.items()},
         "trait_cosine_with_refusal": {a: d.cosine(refusal) for a, d in traits.items()},
-        "refusal_source_layer": int(source),
-        "refusal_source_rule": rule,
-        "refusal_selection": selection.to_dict(),
         "persona_best_layer": persona.meta.best_layer,
         "refusal_norms": refusal.norms,
         "persona_norms": persona.norms,
