@@ -24,32 +24,31 @@ def _fmt_mean(s: dict[str, Any] | None) -> str:
 
 def summary_markdown(summary: dict[str, Any]) -> str:
     """A short human-readable summary: every rate with its interval and n."""
-    lines = ["# steerlab eval summary", "",
-             f"n = {summary['n']} prompts. Rates: value [95% Wilson interval] (k, n).", "",
-             "| measure | value |", "|---|---|",
-             f"| refusal (substring) | {_fmt_rate(summary['refusal'])} |"]
-    for name in OUTCOMES:
-        lines.append(f"| outcome: {name} | {_fmt_rate(summary['outcomes'][name])} |")
+    rows = [("refusal (substring)", _fmt_rate(summary["refusal"]))]
+    rows += [(f"outcome: {name}", _fmt_rate(summary["outcomes"][name])) for name in OUTCOMES]
     if "over_refusal" in summary:
-        lines.append(f"| over-refusal (harmless) | {_fmt_rate(summary['over_refusal'])} |")
+        rows.append(("over-refusal (harmless)", _fmt_rate(summary["over_refusal"])))
     judge = summary.get("judge")
     if judge:
-        lines.append(f"| judge compliance (mean) | {_fmt_mean(judge['compliance'])} |")
-        lines.append(f"| judge coherence (mean) | {_fmt_mean(judge['coherence'])} |")
-        lines.append(f"| judge missing | {judge['missing']} |")
+        rows += [("judge compliance (mean)", _fmt_mean(judge["compliance"])),
+                 ("judge coherence (mean)", _fmt_mean(judge["coherence"])),
+                 ("judge missing", str(judge["missing"]))]
         agree = judge.get("agreement_with_substring")
         if agree:
-            lines.append(f"| judge vs substring kappa | {agree['kappa']:.3f} (n={agree['n']}) |")
+            rows.append(("judge vs substring kappa", f"{agree['kappa']:.3f} (n={agree['n']})"))
     if "classifier" in summary:
-        lines.append(f"| classifier flagged | {_fmt_rate(summary['classifier']['flagged'])} |")
+        rows.append(("classifier flagged", _fmt_rate(summary["classifier"]["flagged"])))
     kl = summary.get("kl")
     if kl:
-        lines.append(f"| KL first token | {_fmt_mean(kl['first_token'])} |")
         k = kl["k"]
-        lines.append(f"| KL mean over first {k} tokens | {_fmt_mean(kl[f'mean_first_{k}'])} |")
+        rows += [("KL first token", _fmt_mean(kl["first_token"])),
+                 (f"KL mean over first {k} tokens", _fmt_mean(kl[f"mean_first_{k}"]))]
     cap = summary.get("capability")
     if cap:
-        lines.append(f"| capability accuracy | {_fmt_rate({**cap, 'rate': cap['accuracy']})} |")
+        rows.append(("capability accuracy", _fmt_rate({**cap, "rate": cap["accuracy"]})))
+    lines = ["# steerlab eval summary", "",
+             f"n = {summary['n']} prompts. Rates: value [95% Wilson interval] (k, n).", "",
+             "| measure | value |", "|---|---|", *(f"| {m} | {v} |" for m, v in rows)]
     comp = summary.get("comparison")
     if comp:
         lines += ["", f"## Paired comparison with {comp['baseline']} (n = {comp['n_pairs']})",

@@ -312,10 +312,7 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: HydraConfig
         Figure(
             plots.lines_by_layer(
                 figs / "cohens_d_by_layer.png",
-                {
-                    f"round {r['round']}": {int(k): v for k, v in r["cohens_d_by_layer"].items()}
-                    for r in rounds
-                },
+                {f"round {r['round']}": r["cohens_d_by_layer"] for r in rounds},
                 title="Held-out Cohen's d of each round's direction (under earlier ablations)",
                 ylabel="Cohen's d",
             ),
@@ -325,12 +322,7 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: HydraConfig
         Figure(
             plots.lines_by_layer(
                 figs / "cosine_with_round1.png",
-                {
-                    f"round {r['round']}": {
-                        int(k): v for k, v in r["cos_with_round1_by_layer"].items()
-                    }
-                    for r in rounds[1:]
-                }
+                {f"round {r['round']}": r["cos_with_round1_by_layer"] for r in rounds[1:]}
                 or {"round 1": {int(k): 1.0 for k in rounds[0]["cohens_d_by_layer"]}},
                 title="Per-layer cosine with the original (round-1) direction",
                 ylabel="cosine",

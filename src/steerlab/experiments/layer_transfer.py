@@ -371,11 +371,7 @@ def _figures(figs: Path, results: fw.Results, config: LayerTransferConfig) -> li
         Figure(
             plots.lines_by_layer(
                 figs / "cohens_d_by_layer.png",
-                {
-                    "Cohen's d (held-out harmful vs harmless)": {
-                        int(k): v for k, v in analysis["cohens_d"].items()
-                    }
-                },
+                {"Cohen's d (held-out harmful vs harmless)": analysis["cohens_d"]},
                 title="Separability of the projection on each layer's direction",
                 ylabel="Cohen's d",
             ),

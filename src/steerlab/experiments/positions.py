@@ -297,7 +297,7 @@ def _figures(figs: Path, results: fw.Results) -> list[Figure]:
         Figure(
             plots.lines_by_layer(
                 figs / "cohens_d_by_layer.png",
-                {labels[p]: {int(k): v for k, v in a["cohens_d"][p].items()} for p in positions},
+                {labels[p]: a["cohens_d"][p] for p in positions},
                 title="Held-out Cohen's d of the refusal direction by read position",
                 ylabel="Cohen's d",
             ),
@@ -307,10 +307,7 @@ def _figures(figs: Path, results: fw.Results) -> list[Figure]:
         Figure(
             plots.lines_by_layer(
                 figs / "cosine_with_reference.png",
-                {
-                    labels[p]: {int(k): v for k, v in a["cosine_with_reference"][p].items()}
-                    for p in positions
-                },
+                {labels[p]: a["cosine_with_reference"][p] for p in positions},
                 title=f"Cosine with the direction read at {labels[results['reference']]}",
                 ylabel="cosine",
             ),

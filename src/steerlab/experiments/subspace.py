@@ -395,10 +395,7 @@ def _figures(figs: Path, results: fw.Results) -> list[Figure]:
         Figure(
             plots.lines_by_layer(
                 figs / "cohens_d_by_layer.png",
-                {
-                    f"{src} (held-out)": {int(k): v for k, v in d.items()}
-                    for src, d in a["cohens_d"].items()
-                },
+                {f"{src} (held-out)": d for src, d in a["cohens_d"].items()},
                 title="Cohen's d of each source's refusal direction by layer",
                 ylabel="Cohen's d",
             ),
@@ -407,11 +404,7 @@ def _figures(figs: Path, results: fw.Results) -> list[Figure]:
         Figure(
             plots.lines_by_layer(
                 figs / "cosine_by_layer.png",
-                {
-                    "paired vs tier-2 direction": {
-                        int(k): v for k, v in a["paired_tier2_cosine"].items()
-                    }
-                },
+                {"paired vs tier-2 direction": a["paired_tier2_cosine"]},
                 title="Cosine between the paired and tier-2 refusal directions",
                 ylabel="cosine",
             ),

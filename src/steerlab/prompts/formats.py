@@ -55,24 +55,25 @@ def _jsonl(text: str, name: str) -> Iterator[Record]:
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(
-                f"{name}, line {lineno}: not valid JSON ({exc.msg}, column {exc.colno}). "
-                "Each line of a .jsonl file must hold one complete JSON object."
-            ) from exc
+        record = _loads(line, name, "Each line of a .jsonl file must hold one complete JSON "
+                        "object.", lineno)
         yield f"line {lineno}", record
 
 
-def _json(text: str, name: str) -> Iterator[Record]:
+def _loads(text: str, name: str, hint: str, lineno: int | None = None) -> Any:
+    """``json.loads`` whose error names the file, the line (``lineno`` or the parser's) and
+    what the file should hold."""
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DataError(
-            f"{name}, line {exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno}). "
-            "A .json prompt file must hold one JSON list (use .jsonl for one object per line)."
-        ) from exc
+        line = exc.lineno if lineno is None else lineno
+        raise DataError(f"{name}, line {line}: not valid JSON ({exc.msg}, column {exc.colno}). "
+                        f"{hint}") from exc
+
+
+def _json(text: str, name: str) -> Iterator[Record]:
+    data = _loads(text, name, "A .json prompt file must hold one JSON list (use .jsonl for one "
+                  "object per line).")
     if not isinstance(data, list):
         raise DataError(
             f"{name}: expected a JSON list of objects or strings at the top level, got "

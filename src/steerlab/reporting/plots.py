@@ -74,6 +74,13 @@ def _plot_by_layer(ax: Any, values: Mapping[Any, float], **style: Any) -> None:
     ax.plot(xs, [values[k] if k in values else values[str(k)] for k in xs], **style)
 
 
+def _finish(ax: Any, **labels: Any) -> None:
+    """Titles and limits, a legend where it fits best and a light grid: every line chart's end."""
+    ax.set(**labels)
+    ax.legend(loc="best")
+    ax.grid(alpha=0.3)
+
+
 def _mark_best(ax: Any, best: int | None) -> None:
     if best is not None:
         ax.axvline(best, color="0.5", linestyle=":", linewidth=2, label=f"best layer {best}")
@@ -196,9 +203,7 @@ def rate_by_layer(
         ):
             ax.errorbar(layers, more_rates, yerr=_ci_errors(more_rates, more_cis), marker="s",
                         capsize=3, color=color, lw=1.5, label=name)
-        ax.set(title=title, xlabel="layer", ylabel=ylabel, ylim=(-0.03, 1.03))
-        ax.legend(loc="best")
-        ax.grid(alpha=0.3)
+        _finish(ax, title=title, xlabel="layer", ylabel=ylabel, ylim=(-0.03, 1.03))
     return Path(path)
 
 
@@ -223,21 +228,20 @@ def bars_with_ci(
 
 def lines_by_layer(
     path: str | Path,
-    series: Mapping[str, Mapping[int, float]],
+    series: Mapping[str, Mapping[Any, float]],
     *,
     title: str,
     ylabel: str,
     zero_line: bool = True,
 ) -> Path:
-    """Several per-layer curves on one axis (cosines, Cohen's d)."""
+    """Several per-layer curves on one axis (cosines, Cohen's d); layer keys may be the
+    digit strings of a JSON read-back."""
     with _figure(path, 9, 5, REPORT_STYLE) as (_fig, ax):
         for label, values in series.items():
             _plot_by_layer(ax, values, marker="o", lw=2, label=label)
         if zero_line:
             ax.axhline(0, color="black", lw=0.8)
-        ax.set(title=title, xlabel="layer", ylabel=ylabel)
-        ax.legend(loc="best")
-        ax.grid(alpha=0.3)
+        _finish(ax, title=title, xlabel="layer", ylabel=ylabel)
     return Path(path)
 
 
@@ -331,7 +335,5 @@ def pareto_scatter(
                        edgecolors="tab:red", linewidths=2.5, label="chosen")
         if cap is not None:
             ax.axvline(cap, color="tab:red", linestyle=":", lw=1.5, label=f"cap {cap:g}")
-        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-        ax.legend(loc="best")
-        ax.grid(alpha=0.3)
+        _finish(ax, title=title, xlabel=xlabel, ylabel=ylabel)
     return Path(path)
