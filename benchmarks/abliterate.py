@@ -37,7 +37,8 @@ import optuna
 
 from sections import section, write_section
 from steerlab.abliterate import AbliterateConfig, abliterate
-from steerlab.evaluate.compare import CompareConfig, compare_models
+from steerlab.abliterate.heldout import heldout_config
+from steerlab.evaluate.compare import compare_models
 from steerlab.model.embedded import safetensors_dir
 from steerlab.model.loading import load_model
 from steerlab.weights.export.kernel import export_kernel
@@ -82,13 +83,15 @@ def write_prompt_files(sets: dict[str, list[str]], work: Path) -> dict[str, Path
     return files
 
 
-def steerlab_config(files: dict[str, Path], trials: int, max_new_tokens: int) -> dict[str, Any]:
-    """The abliterate settings: the benchmark's prompt files, no held-out step (scored here)."""
+def steerlab_config(files: dict[str, Path], trials: int, max_new_tokens: int,
+                    heldout_limit: int = 48) -> dict[str, Any]:
+    """The abliterate settings: the benchmark's prompt files; its own held-out step (the
+    chosen trial against plain selection) uses the same held-out prompts as ``score``."""
     return {"harmful_train": str(files["harmful_train"]),
             "harmless_train": str(files["harmless_train"]),
             "harmful_val": str(files["harmful_val"]), "harmless_val": str(files["harmless_val"]),
             "train_limit": None, "harmful_val_limit": None, "harmless_val_limit": None,
-            "trials": trials, "max_new_tokens": max_new_tokens, "evaluate": False}
+            "trials": trials, "max_new_tokens": max_new_tokens, "heldout_limit": heldout_limit}
 
 
 def heretic_command(python: Path, model_dir: Path, work: Path, trials: int,
@@ -114,8 +117,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peers-python", default=PEERS_PYTHON,
                         help="python of the venv with heretic-llm 1.4.0 "
                              "(default: $STEERLAB_PEERS_PYTHON)")
-    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-abliterate",
-                        help="work folder (resumes: steerlab's study is reused)")
+    parser.add_argument("--work", type=Path, default=Path("runs") / "bench-abliterate",
+                        help="work folder, relative to the current folder (resumes: steerlab's "
+                             "study is reused)")
     parser.add_argument("--trials", type=int, default=40, help="trial budget of both tools")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--steps", default=",".join(STEPS),
@@ -141,7 +145,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_steerlab(work: Path, files: dict[str, Path], args: argparse.Namespace) -> dict[str, Any]:
     """Run the search (in process) and export its choice as a merged HF folder."""
-    config = AbliterateConfig(**steerlab_config(files, args.trials, args.max_new_tokens))
+    config = AbliterateConfig(**steerlab_config(files, args.trials, args.max_new_tokens,
+                                                args.heldout_limit))
     lm = load_model("default")
     start = time.perf_counter()
     result = abliterate(lm, work / "steerlab", config, progress=True)
@@ -221,9 +226,10 @@ def median(values: list[float]) -> float | None:
 
 
 def score(work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """One steerlab scorer for the unedited, steerlab's and heretic's models."""
-    cfg = CompareConfig(harmful="paired:harmful", harmless="harmless", split="test",
-                        limit=args.heldout_limit, max_new_tokens=args.max_new_tokens)
+    """One steerlab scorer for the unedited, steerlab's and heretic's models: the held-out
+    settings steerlab's own run uses (:func:`steerlab.abliterate.heldout.heldout_config`)."""
+    cfg = heldout_config(AbliterateConfig(heldout_limit=args.heldout_limit,
+                                          max_new_tokens=args.max_new_tokens))
     models = {"unedited": "default", "steerlab": str(work / "steerlab-model"),
               "heretic": str(work / "heretic-model")}
     present = {k: v for k, v in models.items() if k == "unedited" or Path(v).is_dir()}
