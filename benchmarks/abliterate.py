@@ -279,14 +279,15 @@ def main(argv: list[str] | None = None) -> None:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     files = write_prompt_files(prompt_sets(args.data), work)
-    record: dict[str, Any] = {}
+    saved = work / "benchmark.json"  # steps run apart add to one record
+    record: dict[str, Any] = json.loads(saved.read_text()) if saved.is_file() else {}
     if "steerlab" in args.steps:
         record["steerlab"] = run_steerlab(work, files, args)
     if "heretic" in args.steps:
         record["heretic"] = run_heretic(work, args)
     if "score" in args.steps:
         record["comparison"] = score(work, args)["results"]
-    (work / "benchmark.json").write_text(json.dumps(record, indent=2, default=str))
+    saved.write_text(json.dumps(record, indent=2, default=str))
     print(json.dumps(record, indent=2, default=str))
     if args.write:
         write_section(SECTION, section(SECTION, WHAT, RERUN, table(record)))
