@@ -309,14 +309,11 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: HydraConfig
             ),
             "Refusal rate (95% Wilson CI) with the subspace of rounds 1..k ablated.",
         ),
-        Figure(
-            plots.lines_by_layer(
-                figs / "cohens_d_by_layer.png",
-                {f"round {r['round']}": r["cohens_d_by_layer"] for r in rounds},
-                title="Held-out Cohen's d of each round's direction (under earlier ablations)",
-                ylabel="Cohen's d",
-            ),
-            "How well each re-extracted direction separates held-out "
+        rp.cohens_d_figure(
+            figs,
+            {f"round {r['round']}": r["cohens_d_by_layer"] for r in rounds},
+            title="Held-out Cohen's d of each round's direction (under earlier ablations)",
+            caption="How well each re-extracted direction separates held-out "
             "harmful from harmless prompts, per layer.",
         ),
         Figure(

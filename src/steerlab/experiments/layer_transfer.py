@@ -368,14 +368,11 @@ def _figures(figs: Path, results: fw.Results, config: LayerTransferConfig) -> li
             "Refusal rate (95% Wilson CI) on harmful prompts when the refusal direction read at "
             "each source layer is removed; dashed: no intervention.",
         ),
-        Figure(
-            plots.lines_by_layer(
-                figs / "cohens_d_by_layer.png",
-                {"Cohen's d (held-out harmful vs harmless)": analysis["cohens_d"]},
-                title="Separability of the projection on each layer's direction",
-                ylabel="Cohen's d",
-            ),
-            "Held-out Cohen's d of the projection on each layer's refusal direction.",
+        rp.cohens_d_figure(
+            figs,
+            {"Cohen's d (held-out harmful vs harmless)": analysis["cohens_d"]},
+            title="Separability of the projection on each layer's direction",
+            caption="Held-out Cohen's d of the projection on each layer's refusal direction.",
         ),
         Figure(
             plots.matrix_heatmap(

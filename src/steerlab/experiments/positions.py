@@ -294,14 +294,11 @@ def _figures(figs: Path, results: fw.Results) -> list[Figure]:
     a, labels, positions = results["analysis"], results["labels"], results["positions"]
     ab, ad = results["ablate"], results["add"]
     return [
-        Figure(
-            plots.lines_by_layer(
-                figs / "cohens_d_by_layer.png",
-                {labels[p]: a["cohens_d"][p] for p in positions},
-                title="Held-out Cohen's d of the refusal direction by read position",
-                ylabel="Cohen's d",
-            ),
-            "Cohen's d (held-out paired prompts) of the projection on "
+        rp.cohens_d_figure(
+            figs,
+            {labels[p]: a["cohens_d"][p] for p in positions},
+            title="Held-out Cohen's d of the refusal direction by read position",
+            caption="Cohen's d (held-out paired prompts) of the projection on "
             "the direction read at each position, per layer.",
         ),
         Figure(

@@ -102,6 +102,17 @@ def refusal_bars(path: Path, entries: Mapping[str, Mapping[str, Any]], names: Se
     )
 
 
+def cohens_d_figure(figs: Path, series: Mapping[str, Mapping[Any, float]], *, title: str,
+                    caption: str) -> Figure:
+    """The per-layer held-out Cohen's d chart every experiment shows (``cohens_d_by_layer.png``
+    in ``figs``), one curve per direction in ``series``."""
+    return Figure(
+        plots.lines_by_layer(figs / "cohens_d_by_layer.png", series, title=title,
+                             ylabel="Cohen's d"),
+        caption,
+    )
+
+
 def grid_values(cells: Sequence[Mapping[str, Any]], layers: Sequence[int],
                 alphas: Sequence[float], key: str) -> list[list[float]]:
     """``key`` of the (layer, alpha) cells as rows of layers, columns of alphas."""

@@ -392,14 +392,12 @@ def _figures(figs: Path, results: fw.Results) -> list[Figure]:
             "The two-tier 2 x 2: refusal rate with each source's subspace ablated, on each "
             "evaluation set.",
         ),
-        Figure(
-            plots.lines_by_layer(
-                figs / "cohens_d_by_layer.png",
-                {f"{src} (held-out)": d for src, d in a["cohens_d"].items()},
-                title="Cohen's d of each source's refusal direction by layer",
-                ylabel="Cohen's d",
-            ),
-            "Held-out Cohen's d per layer of the paired-set and tier-2 refusal directions.",
+        rp.cohens_d_figure(
+            figs,
+            {f"{src} (held-out)": d for src, d in a["cohens_d"].items()},
+            title="Cohen's d of each source's refusal direction by layer",
+            caption="Held-out Cohen's d per layer of the paired-set and tier-2 refusal "
+            "directions.",
         ),
         Figure(
             plots.lines_by_layer(

@@ -8,7 +8,13 @@ from typing import Any
 import steerlab.reporting.plots as plots
 from steerlab.experiments.config import PersonaGatingConfig
 from steerlab.experiments.framework import Results
-from steerlab.experiments.reporting import JUDGE_COLUMNS, grid_values, samples, write_report
+from steerlab.experiments.reporting import (
+    JUDGE_COLUMNS,
+    cohens_d_figure,
+    grid_values,
+    samples,
+    write_report,
+)
 from steerlab.experiments.store import ResponseStore
 from steerlab.experiments.summary import Entry
 from steerlab.experiments.timings import Cost, cost_parts
@@ -124,14 +130,12 @@ def _main_figures(figs: Path, results: Results, analysis: dict[str, Any]) -> lis
             "Per-layer cosine between the refusal and compliant-persona directions, and between "
             "each relational-trait direction and the compliant-persona direction.",
         ),
-        Figure(
-            plots.lines_by_layer(
-                figs / "cohens_d_by_layer.png",
-                {"refusal (harmful vs harmless, held-out)": analysis["refusal_cohens_d"],
-                 "persona (compliant vs cautious, held-out)": analysis["persona_cohens_d"]},
-                title="Separability of the projections by layer (Cohen's d)", ylabel="Cohen's d",
-            ),
-            "Cohen's d of the projection onto each layer's direction on held-out prompts.",
+        cohens_d_figure(
+            figs,
+            {"refusal (harmful vs harmless, held-out)": analysis["refusal_cohens_d"],
+             "persona (compliant vs cautious, held-out)": analysis["persona_cohens_d"]},
+            title="Separability of the projections by layer (Cohen's d)",
+            caption="Cohen's d of the projection onto each layer's direction on held-out prompts.",
         ),
     ]
 
