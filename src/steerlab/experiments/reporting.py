@@ -113,8 +113,16 @@ def cohens_d_figure(figs: Path, series: Mapping[str, Mapping[Any, float]], *, ti
     )
 
 
-def grid_values(cells: Sequence[Mapping[str, Any]], layers: Sequence[int],
-                alphas: Sequence[float], key: str) -> list[list[float]]:
-    """``key`` of the (layer, alpha) cells as rows of layers, columns of alphas."""
-    return [[next(c[key] for c in cells if c["layer"] == la and c["alpha"] == al)
-             for al in alphas] for la in layers]
+def layer_alpha_grid(path: Path, cells: Sequence[Mapping[str, Any]], layers: Sequence[int],
+                     alphas: Sequence[float], key: str, *, title: str, col_label: str,
+                     value_label: str) -> Path:
+    """Heatmap of the rate ``key`` over the (layer, alpha) cells of a steering search:
+    layers as rows, alphas as columns, each cell's rate printed."""
+    values = [[next(c[key] for c in cells if c["layer"] == la and c["alpha"] == al)
+               for al in alphas] for la in layers]
+    return plots.matrix_heatmap(
+        path, [f"{la:g}" for la in layers], [f"{al:g}" for al in alphas], values,
+        title=title, row_label="layer", col_label=col_label, value_label=value_label,
+        vmin=0.0, vmax=1.0, annotate=True, cmap="viridis", value_format="{:.0%}",
+        size=(1.4 * len(alphas) + 3, 0.9 * len(layers) + 2.5), fontsize=12,
+    )

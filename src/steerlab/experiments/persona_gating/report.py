@@ -11,7 +11,7 @@ from steerlab.experiments.framework import Results
 from steerlab.experiments.reporting import (
     JUDGE_COLUMNS,
     cohens_d_figure,
-    grid_values,
+    layer_alpha_grid,
     samples,
     write_report,
 )
@@ -144,12 +144,11 @@ def _grid_figure(figs: Path, sel: dict[str, Any]) -> Figure:
     layers = sorted({cell["layer"] for cell in sel["cells"]})
     alphas = sorted({cell["alpha"] for cell in sel["cells"]})
     return Figure(
-        plots.grid_heatmap(
-            figs / "selection_grid.png", layers, alphas,
-            grid_values(sel["cells"], layers, alphas, "refusal_rate"),
+        layer_alpha_grid(
+            figs / "selection_grid.png", sel["cells"], layers, alphas, "refusal_rate",
             title=f"Validation refusal rate (n={sel['n_val']}), chosen: layer {sel['layer']}, "
             f"alpha {sel['alpha']:g}",
-            row_label="layer", col_label="alpha (x raw vector)", value_label="refusal rate",
+            col_label="alpha (x raw vector)", value_label="refusal rate",
         ),
         "The persona layer/strength search on the validation split (never the evaluation "
         "prompts).",
