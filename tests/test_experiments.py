@@ -136,7 +136,7 @@ def test_layer_selection_by_ablation_or_cohens_d() -> None:
 
 
 def test_selection_fallback_keeps_kl_then_requires_lowering_refusal() -> None:
-    from steerlab.directions.analysis import SelectionResult, SelectionRow
+    from steerlab.directions.selection import SelectionResult, SelectionRow
 
     def result(baseline: float) -> SelectionResult:
         rows = [
@@ -503,7 +503,7 @@ def test_kl_conditions_share_a_baseline_per_system_prompt_and_match_kl_report(
     tmp_path: Path,
 ) -> None:
     from steerlab.directions.artifact import stamp_meta
-    from steerlab.evaluate import kl_report
+    from steerlab.evaluate.kl import kl_report
     from steerlab.experiments.measure import kl_conditions
     from steerlab.experiments.runner import Condition, Runner
     from steerlab.interventions.specs import Add

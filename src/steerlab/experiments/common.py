@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from steerlab.directions.analysis import cohens_d, select_direction
 from steerlab.directions.artifact import Direction
 from steerlab.directions.extraction import extract_direction
-from steerlab.directions.separability import with_best_layer
+from steerlab.directions.selection import select_direction
+from steerlab.directions.separability import cohens_d, with_best_layer
 from steerlab.errors import DataError
 from steerlab.experiments.summary import KL_THRESHOLD
 from steerlab.interventions.steering import steer
@@ -72,7 +72,7 @@ def refusal_direction_of(
     among the middle layers, the one whose direction, ablated at every layer, most
     lowers the first-token refusal score of held-out harmful prompts, while adding it
     induces refusal and ablating it keeps KL on harmless prompts small
-    (:func:`steerlab.directions.analysis.select_direction` on ``selection_limit`` prompts per
+    (:func:`steerlab.directions.selection.select_direction` on ``selection_limit`` prompts per
     side, every ``selection_stride``-th layer). ``"cohens_d"`` takes the layer of
     largest held-out Cohen's d (cheaper, but separability peaks at late layers whose
     direction is often not the one that mediates refusal).

@@ -25,7 +25,7 @@ import torch
 from pydantic import Field
 
 import steerlab.reporting.plots as plots
-from steerlab.directions.analysis import cosine_matrix
+from steerlab.directions.separability import cosine_matrix
 from steerlab.errors import SteerlabError
 from steerlab.evaluate.stats import holm
 from steerlab.experiments import common, measure
