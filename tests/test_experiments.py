@@ -18,8 +18,9 @@ from steerlab.experiments.hydra import HydraConfig, reextract, run_hydra
 from steerlab.experiments.layer_transfer import LayerTransferConfig, _verdict, run_layer_transfer
 from steerlab.experiments.positions import PositionsConfig, run_positions
 from steerlab.experiments.subspace import SubspaceConfig, run_subspace
+from steerlab.interventions.compilers import orthonormal_basis
 from steerlab.interventions.specs import SubspaceAblate
-from steerlab.interventions.steering import count_hooks, orthonormal_basis, steer
+from steerlab.interventions.steering import count_hooks, steer
 from steerlab.prompts.chat import encode
 from steerlab.store.rowstore import read_rows
 from tests.tiny import save_tiny, tiny_model

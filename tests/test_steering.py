@@ -15,11 +15,11 @@ import torch
 from steerlab.directions.artifact import Direction, DirectionMeta
 from steerlab.errors import InterventionError
 from steerlab.generation.decoding import forward_step as forward
+from steerlab.interventions.compilers import orthonormal_basis
 from steerlab.interventions.specs import Ablate, Add, Project, SubspaceAblate
 from steerlab.interventions.steering import (
     _Placed,
     count_hooks,
-    orthonormal_basis,
     steer,
     with_mean_norms,
 )

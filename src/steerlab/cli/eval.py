@@ -128,7 +128,6 @@ def register(app: typer.Typer) -> None:
         _print(summary, out)
 
 
-
 def _print(summary: dict[str, Any], out: Path) -> None:
     def rate(s: dict[str, Any]) -> str:
         if s.get("rate") is None:
