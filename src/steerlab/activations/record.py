@@ -185,28 +185,24 @@ def shared_prefix_length(lm: LoadedModel, batch: ChatBatch, weights: torch.Tenso
     return shared if shared >= MIN_SHARED_PREFIX else 0
 
 
-def run_until_stop_sharing_prefix(lm: LoadedModel, batch: ChatBatch, shared: int,
-                                  in_prefix: list[bool]) -> torch.Tensor | None:
-    """Forward ``batch`` as its ``shared`` common leading tokens once, then every row's
-    rest against that prefix's KV cache repeated over the batch; return the rest's
-    last-position logits ``[B, V]`` (None when a ``stop_after`` hook ended it early).
+def forward_sharing_prefix(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, shared: int,
+                           in_prefix: list[bool], cache: Any = None) -> torch.Tensor | None:
+    """Forward left-padded ``ids``/``mask`` as their ``shared`` common leading tokens once
+    (``shared`` may be 0: one plain pass), then every row's rest against that prefix's KV
+    cache repeated over the batch; return the rest's last-position logits ``[B, V]`` (None
+    when a ``stop_after`` hook ended it early).
 
     The layer hooks see the prefix pass with ``in_prefix[0]`` True (they must skip it)
-    and then hidden states for columns ``shared:`` of the batch only. Why: chat prompts
-    share a template and often a system prompt (30 of the embedded model's ~46 tokens
-    per refusal prompt), and a prefill on a CPU costs per token.
+    and then hidden states for columns ``shared:`` only. ``cache`` (a new one by default)
+    then holds the prefix followed by each row's left-padded rest, up to the deepest layer
+    a ``stop_after`` hook read. Why: chat prompts share a template and often a system
+    prompt (30 of the embedded model's ~46 tokens per refusal prompt), and a prefill on a
+    CPU costs per token.
     """
-    from transformers import DynamicCache
+    if cache is None:
+        from transformers import DynamicCache
 
-    return forward_sharing_prefix(lm, batch.input_ids, batch.attention_mask, shared,
-                                  in_prefix, DynamicCache())
-
-
-def forward_sharing_prefix(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor,
-                           shared: int, in_prefix: list[bool], cache: Any) -> torch.Tensor | None:
-    """:func:`run_until_stop_sharing_prefix` on left-padded ``ids``/``mask`` into ``cache``
-    (``shared`` may be 0: one plain pass). The cache then holds the prefix followed by
-    each row's left-padded rest, up to the deepest layer a ``stop_after`` hook read."""
+        cache = DynamicCache()
     n_rows, width = ids.shape
     if shared:
         start = width - int(mask[0].sum())
@@ -237,7 +233,8 @@ def last_logits(lm: LoadedModel, batch: ChatBatch) -> torch.Tensor:
     """Next-token logits ``[B, V]`` after each row, the shared prefix computed once."""
     shared = shared_prefix_length(lm, batch, position_weights(batch, "last"))
     if shared:
-        logits = run_until_stop_sharing_prefix(lm, batch, shared, [False])
+        logits = forward_sharing_prefix(lm, batch.input_ids, batch.attention_mask, shared,
+                                        [False])
         assert logits is not None  # no stop_after hooks here
         return logits
     # An index tensor, not logits_to_keep=1: the int form feeds the LM head a
@@ -267,7 +264,8 @@ def _read_batches(lm: LoadedModel, texts: list[str], layers: Sequence[int], posi
             shared = shared_prefix_length(lm, batch, weights)
             state.update(idx=idx, weights=weights[:, shared:])
             if shared:
-                run_until_stop_sharing_prefix(lm, batch, shared, state["in_prefix"])
+                forward_sharing_prefix(lm, batch.input_ids, batch.attention_mask, shared,
+                                       state["in_prefix"])
             else:
                 run_until_stop(lm, batch)
             if progress is not None:
