@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import optuna
+
 from sections import section, write_section
 from steerlab.abliterate import AbliterateConfig, abliterate
 from steerlab.evaluate.compare import CompareConfig, compare_models
@@ -120,6 +122,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"comma-separated subset of {','.join(STEPS)}")
     parser.add_argument("--heretic-timeout", type=float, default=4 * 3600)
     parser.add_argument("--heldout-limit", type=int, default=48)
+    parser.add_argument("--kl-cap", type=float, default=0.1,
+                        help="the rule that picks each tool's trial: fewest validation "
+                             "refusals with first-token KL at most this")
     parser.add_argument("--write", action="store_true", help="write the BENCHMARKS.md section")
     args = parser.parse_args(argv)
     if args.trials < 1:
@@ -146,8 +151,10 @@ def run_steerlab(work: Path, files: dict[str, Path], args: argparse.Namespace) -
     target = work / "steerlab-model"
     if not target.exists():
         export_kernel(lm, result.spec, target, "hf")
-    return {"trial_seconds_median": seconds[len(seconds) // 2] if seconds else None,
-            "wall_s": wall, "choice": result.choice.score.to_dict()}
+    base = result.baseline
+    return {"trials": len(trials), "trial_seconds_median": median(seconds), "wall_s": wall,
+            "baseline_refusals": base.refusals,
+            "choice": {"number": result.choice.trial.number, **result.choice.score.to_dict()}}
 
 
 def run_heretic(work: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -165,7 +172,52 @@ def run_heretic(work: Path, args: argparse.Namespace) -> dict[str, Any]:
             if time.time() > deadline:
                 raise SystemExit(f"no heretic model in {target} after {args.heretic_timeout} s")
             time.sleep(30)
-    return {"command": shlex.join(cmd), "model": str(target)}
+    trials = heretic_trials(work / "heretic")
+    base = optuna_base_refusals(work / "heretic")
+    return {"command": shlex.join(cmd), "model": str(target), "trials": len(trials),
+            "trial_seconds_median": median([t["seconds"] for t in trials]),
+            "baseline_refusals": base, "choice": rule_choice(trials, args.kl_cap)}
+
+
+def heretic_trials(study_dir: Path) -> list[dict[str, Any]]:
+    """heretic's finished trials (validation refusals, KL, seconds) from its Optuna journal."""
+    files = sorted(study_dir.glob("*.jsonl"))
+    if not files:
+        raise SystemExit(f"no heretic study journal in {study_dir}")
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(files[0])))
+    name = storage.get_all_studies()[0].study_name
+    trials = optuna.load_study(study_name=name, storage=storage).get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return [{"number": t.user_attrs.get("index", t.number + 1),
+             "refusals": int(t.user_attrs["refusals"]),
+             "n_harmful": int(t.user_attrs["n_bad_prompts"]),
+             "kl": float(t.user_attrs["kl_divergence"]),
+             "seconds": (t.datetime_complete - t.datetime_start).total_seconds()
+             if t.datetime_complete and t.datetime_start else None} for t in trials]
+
+
+def optuna_base_refusals(study_dir: Path) -> int | None:
+    """heretic's own count of validation refusals of the unedited model."""
+    for line in next(iter(sorted(study_dir.glob("*.jsonl")))).read_text().splitlines():
+        attrs = json.loads(line).get("user_attr", {})
+        if "base_refusals" in attrs:
+            return int(attrs["base_refusals"])
+    return None
+
+
+def rule_choice(trials: list[dict[str, Any]], kl_cap: float) -> dict[str, Any]:
+    """steerlab's stated rule applied to any tool's trials: the fewest validation refusals
+    among trials with KL ≤ ``kl_cap`` (ties: lower KL, then the earlier trial)."""
+    under = [t for t in trials if t["kl"] <= kl_cap]
+    if not under:
+        raise SystemExit(f"no trial has KL ≤ {kl_cap}")
+    return min(under, key=lambda t: (t["refusals"], t["kl"], t["number"]))
+
+
+def median(values: list[float]) -> float | None:
+    values = sorted(v for v in values if v is not None)
+    return values[len(values) // 2] if values else None
 
 
 def score(work: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -176,6 +228,44 @@ def score(work: Path, args: argparse.Namespace) -> dict[str, Any]:
               "heretic": str(work / "heretic-model")}
     present = {k: v for k, v in models.items() if k == "unedited" or Path(v).is_dir()}
     return compare_models(present, cfg, out_dir=work / "comparison")
+
+
+def _rate(m: dict[str, Any]) -> str:
+    lo, hi = m["ci95"]
+    return f"{m['k']}/{m['n']} = {m['rate']:.0%} [{lo:.0%}, {hi:.0%}]"
+
+
+def _mean(m: dict[str, Any], digits: int = 3) -> str:
+    lo, hi = m["ci95"]
+    return f"{m['mean']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def table(record: dict[str, Any]) -> str:
+    """The section body: each tool's search, then one scorer's held-out table."""
+    lines = ["Search (each tool's own validation scorer; choice by the same rule: fewest "
+             "validation refusals with first-token KL ≤ the cap):", "",
+             "| tool | trials | median s/trial | validation refusals, unedited → chosen "
+             "| chosen trial's KL |", "| --- | --- | --- | --- | --- |"]
+    for tool in ("steerlab", "heretic"):
+        run = record.get(tool)
+        if not run or "choice" not in run:
+            continue
+        c = run["choice"]
+        secs = run.get("trial_seconds_median")
+        lines.append(f"| {tool} | {run['trials']} | {secs:.0f} | {run['baseline_refusals']} → "
+                     f"{c['refusals']}/{c['n_harmful']} (trial {c['number']}) | {c['kl']:.3f} |")
+    results = record.get("comparison", {})
+    if results:
+        lines += ["", "Held-out (steerlab's substring+degeneracy scorer on the built-in "
+                  "`paired:harmful` / `harmless` test splits, the same for every model; "
+                  "95% intervals):", "",
+                  "| model | refusal | over-refusal | first-token KL | capability |",
+                  "| --- | --- | --- | --- | --- |"]
+        for name, m in results.items():
+            lines.append(f"| {name} | {_rate(m['refusal_harmful'])} | "
+                         f"{_rate(m['over_refusal_harmless'])} | {_mean(m['kl_first_token'])} "
+                         f"| {_rate(m['capability_accuracy'])} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -193,8 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     (work / "benchmark.json").write_text(json.dumps(record, indent=2, default=str))
     print(json.dumps(record, indent=2, default=str))
     if args.write:
-        body = "```json\n" + json.dumps(record, indent=2, default=str) + "\n```"
-        write_section(SECTION, section(SECTION, WHAT, RERUN, body))
+        write_section(SECTION, section(SECTION, WHAT, RERUN, table(record)))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ from steerlab.abliterate import (
     abliterate,
     make_scorer,
 )
+from steerlab.abliterate.priors import plain_ablation, prior_params
 from steerlab.abliterate.search import prompt_sets
+from steerlab.abliterate.space import to_spec
 from steerlab.cli import main
 from steerlab.directions.artifact import Direction
 from steerlab.errors import EvaluationError, InterventionError, SteerlabError
@@ -127,6 +129,23 @@ def test_fractional_source_interpolates_neighbouring_unit_vectors():
     assert KernelAblate(d, 0.25, [1, 0, 0, 1], [1, 0, 0, 1], rank=3).basis(d).shape[1] == 2
 
 
+def test_a_fresh_study_starts_from_plain_selection(tmp_path):
+    lm = tiny_model("qwen2")
+    config = AbliterateConfig(**{**TINY, "trials": 4, "positions": ["last"]})
+    abliterate(lm, tmp_path / "run", config, scorer=tiny_scorer(lm, config))
+    trials = json.loads((tmp_path / "run" / "trials.json").read_text())
+    assert [t["prior"] for t in trials[:3]] == ["everywhere@last", "local@last", "late@last"]
+    assert trials[3]["prior"] is None  # then the sampler's own draws
+    layer = json.loads((tmp_path / "run" / "selection.json").read_text())["last"]["layer"]
+    assert trials[0]["params"] == prior_params(layer, "last", lm.n_layers)["everywhere"]
+    candidate = Direction.load(tmp_path / "run" / "candidates" / "last", lm)
+    everywhere = to_spec(prior_params(1, "last", lm.n_layers)["everywhere"], candidate)
+    plain = plain_ablation(candidate, {"layer": 1})
+    assert plain.layers == "all" and plain.source_layer == 1
+    plain = Ablate(candidate, layers="all", source_layer=1, sites=("attn", "mlp"))
+    assert torch.allclose(logits(lm, [everywhere]), logits(lm, [plain]), atol=1e-5)
+
+
 def test_hooks_are_removed_when_the_block_raises():
     lm = tiny_model("qwen2")
     spec = KernelAblate(random_direction(lm), 1.0, [1, 1, 1, 0], [1, 1, 1, 0])
@@ -169,7 +188,10 @@ def test_resume_keeps_finished_trials_and_refuses_other_settings(tmp_path):
     more = abliterate(lm, tmp_path / "run", config.model_copy(update={"trials": 4}),
                       scorer=scorer)
     after = json.loads((tmp_path / "run" / "trials.json").read_text())
-    assert more.n_trials == 4 and after[:2] == first
+    def kept(rows):  # the Pareto flag may change as trials are added; the rest may not
+        return [{k: v for k, v in r.items() if k != "pareto"} for r in rows]
+
+    assert more.n_trials == 4 and kept(after[:2]) == kept(first)
     params = [json.dumps(t["params"], sort_keys=True) for t in after]
     assert len(set(params)) == 4  # no trial drawn twice
     with pytest.raises(StudyMismatchError, match=r"settings\.max_new_tokens"):
@@ -285,15 +307,17 @@ def test_an_unreachable_judge_is_one_clear_error():
 
 # -- the real embedded model -----------------------------------------------------------------
 @pytest.mark.real
-def test_real_search_lowers_validation_refusal(real_lm, tmp_path):
-    config = AbliterateConfig(trials=2, startup_trials=2, train_limit=16, harmful_val_limit=8,
+def test_real_search_lowers_heldout_refusal(real_lm, tmp_path):
+    config = AbliterateConfig(trials=3, startup_trials=3, train_limit=16, harmful_val_limit=8,
                               harmless_val_limit=4, over_refusal_limit=0, max_new_tokens=12,
-                              positions=["last"], evaluate=False)
+                              positions=["last"], heldout_limit=12, capability_limit=4)
     result = abliterate(real_lm, tmp_path / "run", config)
-    assert result.baseline.refusals > 0
-    best = min(json.loads((tmp_path / "run" / "trials.json").read_text()),
-               key=lambda t: t["score"]["refusals"])
-    assert best["score"]["refusals"] < result.baseline.refusals
+    assert result.baseline.refusals > 0 and result.heldout is not None
+    heldout = result.heldout["results"]
+    before = heldout["unedited"]["refusal_harmful"]
+    after = heldout["abliterate"]["refusal_harmful"]
+    assert before["n"] == after["n"] == 12
+    assert after["rate"] < before["rate"]
     assert count_hooks(real_lm.model) == 0
 
 

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
 
 from steerlab.abliterate import AbliterateConfig
@@ -65,3 +66,44 @@ def test_both_tools_read_the_same_prompts(bench, tmp_path):
     assert str(tmp_path / "work" / "heretic-data" / "harmful_val") in cmd
     with pytest.raises(SystemExit, match="harmful_train"):
         bench.prompt_sets(tmp_path)
+
+
+def test_heretic_trials_are_read_from_its_journal_and_chosen_by_the_same_rule(bench, tmp_path):
+    path = tmp_path / "study" / "model.jsonl"
+    path.parent.mkdir()
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(path)))
+    study = optuna.create_study(study_name="heretic", storage=storage,
+                                directions=["minimize", "minimize"])
+    for i, (refusals, kl) in enumerate([(7, 0.14), (5, 0.07), (5, 0.05), (9, 0.008)]):
+        trial = study.ask()
+        for key, value in {"index": i + 1, "refusals": refusals, "kl_divergence": kl,
+                           "n_bad_prompts": 39, "base_refusals": 11}.items():
+            trial.set_user_attr(key, value)
+        study.tell(trial, [kl, refusals / 11])
+    trials = bench.heretic_trials(path.parent)
+    assert [(t["refusals"], t["kl"]) for t in trials] == [(7, 0.14), (5, 0.07), (5, 0.05),
+                                                          (9, 0.008)]
+    assert all(t["seconds"] >= 0 for t in trials)
+    assert bench.optuna_base_refusals(path.parent) == 11
+    assert bench.rule_choice(trials, 0.1)["number"] == 3  # fewest refusals, then lower KL
+    assert bench.rule_choice(trials, 0.01)["number"] == 4
+    with pytest.raises(SystemExit):
+        bench.rule_choice(trials, 0.001)
+
+
+def test_the_section_is_a_table_of_both_tools(bench):
+    rate = {"k": 2, "n": 48, "rate": 2 / 48, "ci95": [0.01, 0.14]}
+    mean = {"mean": 0.05, "ci95": [0.03, 0.07]}
+    measures = {"refusal_harmful": rate, "over_refusal_harmless": rate,
+                "kl_first_token": mean, "capability_accuracy": rate}
+    choice = {"number": 7, "refusals": 3, "n_harmful": 39, "kl": 0.04}
+    record = {"steerlab": {"trials": 40, "trial_seconds_median": 41.0,
+                           "baseline_refusals": 20, "choice": choice},
+              "heretic": {"trials": 40, "trial_seconds_median": 59.0,
+                          "baseline_refusals": 11, "choice": choice},
+              "comparison": {"unedited": measures, "steerlab": measures}}
+    text = bench.table(record)
+    assert "| steerlab | 40 | 41 | 20 → 3/39 (trial 7) | 0.040 |" in text
+    assert "| heretic | 40 | 59 |" in text
+    assert "| steerlab | 2/48 = 4% [1%, 14%] |" in text

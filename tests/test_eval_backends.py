@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from steerlab.errors import EvaluationError
-from steerlab.evaluate import InProcessBackend, OpenAIBackend
 from steerlab.evaluate._http import EndpointUnavailable, chat_url
+from steerlab.evaluate.backends import InProcessBackend, OpenAIBackend
 from tests.openai_stub import OpenAIStub, user_text
 
 PROMPTS = ["how do i make bread", "write a poem about the sky", "tell me a story",

@@ -101,6 +101,25 @@ def test_eos_stops_a_row_and_the_rest_of_the_batch_goes_on():
     assert [r.response for r in rows] == reference
 
 
+def test_a_stop_rule_cuts_only_its_rows_and_the_rest_match_full_generation(tmp_path):
+    lm = tiny_model("qwen2")
+    full = generate(lm, PROMPTS, max_new_tokens=8, batch_size=5)
+    _, tokens = _hf_greedy(lm, PROMPTS, 8)
+    cut_at = tokens[0][:3].tolist()
+    rows = generate(lm, PROMPTS, max_new_tokens=8, batch_size=5,
+                    stop_when=lambda ids: ids == cut_at)
+    for before, after in zip(full, rows, strict=True):
+        if after.finish_reason == "rule":
+            assert after.n_new_tokens == 3 and before.response.startswith(after.response)
+        else:
+            assert after.response == before.response
+    assert rows[0].finish_reason == "rule"
+    assert any(r.finish_reason != "rule" for r in rows)
+    with pytest.raises(GenerationError, match="out_jsonl"):
+        generate(lm, PROMPTS, stop_when=lambda ids: True, out_jsonl=tmp_path / "g.jsonl")
+    assert not (tmp_path / "g.jsonl").exists()
+
+
 def test_sampling_is_seeded_per_prompt_not_per_batch():
     lm = tiny_model("qwen2")
     kw = dict(max_new_tokens=10, do_sample=True, temperature=1.5, top_p=0.95)
@@ -310,7 +329,7 @@ def test_real_batched_greedy_equals_one_at_a_time(real_lm):
 
 @pytest.mark.real
 def test_real_model_answers_harmless_and_refuses_harmful(real_lm):
-    from steerlab.evaluate import is_refusal
+    from steerlab.evaluate.refusal import is_refusal
 
     # (this small coder model does explain pipe bombs; it refuses plainer harm)
     rows = generate(real_lm, ["What is the capital of France?",
@@ -384,7 +403,7 @@ def test_groups_share_batches_and_each_row_gets_only_its_own_steering() -> None:
 
 def test_a_bad_spec_fails_before_the_output_file_is_created(tmp_path: Path) -> None:
     from steerlab.errors import InterventionError
-    from steerlab.evaluate import InProcessBackend
+    from steerlab.evaluate.backends import InProcessBackend
 
     lm = tiny_model("qwen2")
     d = Direction(torch.randn(lm.n_layers, lm.d_model), tuple(range(lm.n_layers)),

@@ -152,6 +152,13 @@ class AbliterateConfig(FileConfig):
         default=True,
         description="Run the held-out evaluation after the search.",
     )
+    prior_trials: bool = Field(
+        default=True,
+        description=(
+            "Start a fresh study with trials built from plain selection's layer (see "
+            "steerlab.abliterate.priors); they count toward the budget."
+        ),
+    )
     sampler: Literal["tpe", "nsga2"] = Field(
         default="tpe",
         description="Optuna multi-objective sampler.",

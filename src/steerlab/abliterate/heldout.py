@@ -18,29 +18,13 @@ from typing import Any
 
 import steerlab.evaluate.compare as compare
 from steerlab.abliterate.config import AbliterateConfig
-from steerlab.directions.artifact import Direction
-from steerlab.directions.selection import select_direction
 from steerlab.evaluate.compare import CompareConfig, evaluate_model
-from steerlab.interventions.specs import Ablate, Spec
+from steerlab.interventions.specs import Spec
 from steerlab.interventions.steering import steer
 from steerlab.model.loading import LoadedModel
 from steerlab.store.atomic import atomic_open, write_json
 
 UNEDITED = "unedited"
-
-
-def plain_selection(lm: LoadedModel, direction: Direction, harmful: Sequence[str],
-                    harmless: Sequence[str], *, kl_cap: float, batch_size: int = 16
-                    ) -> tuple[Ablate, dict[str, Any]]:
-    """The layer Arditi-style selection picks among every 2nd layer of the middle 20–80% of
-    the model (on the validation prompts), as an ``Ablate`` at every layer, with its rule."""
-    n = lm.n_layers
-    layers = list(range(int(0.2 * n), int(0.8 * n) + 1, 2))
-    result = select_direction(lm, direction, list(harmful), list(harmless), layers=layers,
-                              kl_threshold=kl_cap, batch_size=batch_size)
-    layer, rule = result.choice()
-    return Ablate(direction, layers="all", source_layer=layer), {"layer": layer, "rule": rule,
-                                                                  "layers_tried": layers}
 
 
 def evaluate_heldout(lm: LoadedModel, conditions: Mapping[str, Sequence[Spec]],
@@ -80,8 +64,7 @@ def heldout_config(config: AbliterateConfig) -> CompareConfig:
 
 
 def run_heldout(lm: LoadedModel, run_dir: Path, config: AbliterateConfig, chosen: Spec,
-                chosen_trial: int, direction: Direction, val: Mapping[str, Sequence[str]]
-                ) -> dict[str, Any]:
+                chosen_trial: int, plain: Spec, selection: Mapping[str, Any]) -> dict[str, Any]:
     """Evaluate the chosen trial and plain selection's direction on held-out prompts and
     write ``heldout.json`` / ``heldout_rows.jsonl`` (reused when the choice and settings
     are unchanged)."""
@@ -91,11 +74,9 @@ def run_heldout(lm: LoadedModel, run_dir: Path, config: AbliterateConfig, chosen
         old = json.loads(path.read_text())
         if old.get("chosen_trial") == chosen_trial and old.get("config") == asdict(cfg):
             return dict(old)
-    plain, selection = plain_selection(lm, direction, val["harmful_val"], val["harmless_val"],
-                                       kl_cap=config.kl_cap, batch_size=config.batch_size)
     result, rows = evaluate_heldout(lm, {"abliterate": [chosen], "plain selection": [plain]},
                                     cfg)
-    result.update(chosen_trial=chosen_trial, plain_selection=selection)
+    result.update(chosen_trial=chosen_trial, plain_selection=dict(selection))
     with atomic_open(run_dir / HELDOUT_ROWS, "w") as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -104,4 +85,4 @@ def run_heldout(lm: LoadedModel, run_dir: Path, config: AbliterateConfig, chosen
 
 
 __all__ = ["HELDOUT_JSON", "HELDOUT_ROWS", "UNEDITED", "evaluate_heldout", "heldout_config",
-           "plain_selection", "run_heldout"]
+           "run_heldout"]

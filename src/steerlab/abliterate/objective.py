@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from steerlab.abliterate.scoring import RefusalScorer, Verdicts
+from steerlab.abliterate.scoring import RefusalScorer, Verdicts, stop_rule_of
 from steerlab.evaluate.kl import kl_from_logprobs, step_logprobs
 from steerlab.generation.generate import generate
 from steerlab.interventions.specs import Spec
@@ -76,7 +76,8 @@ class Objective:
     def responses(self, specs: Sequence[Spec]) -> tuple[list[str], list[str]]:
         """(harmful responses, over-refusal responses) under ``specs``, in one batched call."""
         texts = generate(self.lm, self.harmful + self.over_refusal, steer=list(specs),
-                         max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+                         max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
+                         stop_when=stop_rule_of(self.scorer, self.lm.tokenizer))
         out = [g.response for g in texts]
         return out[:len(self.harmful)], out[len(self.harmful):]
 

@@ -4,6 +4,11 @@ default, an LLM judge or a local classifier when one is given.
 A search minimises refusals, and broken text is what too strong an ablation
 produces; so a degenerate response counts against a trial exactly like a
 refusal ("not a usable answer"), and is also counted on its own.
+
+With the substring scorer a trial stops generating a row as soon as a refusal
+phrase appears (:meth:`SubstringScorer.stop_rule`): its verdict can no longer
+change, and refusing rows stop costing decode steps. Such a cut row counts as a
+refusal, not as degenerate.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from steerlab.errors import EvaluationError
 from steerlab.evaluate.classifier import LocalClassifier
 from steerlab.evaluate.judge import Judge
 from steerlab.evaluate.outcome import Outcome, classify
+from steerlab.evaluate.refusal import RefusalScorer as RefusalPhrases
+from steerlab.generation.generate import StopRule
 
 
 @dataclass(frozen=True)
@@ -39,7 +46,10 @@ class Verdicts:
 
 
 class RefusalScorer(Protocol):
-    """Scores (prompt, response) pairs; ``harmful`` says which kind of prompts they are."""
+    """Scores (prompt, response) pairs; ``harmful`` says which kind of prompts they are.
+
+    A scorer may also have ``stop_rule(tokenizer) -> StopRule | None`` (see
+    :func:`stop_rule_of`) to let generation stop rows whose verdict is settled."""
 
     def describe(self) -> dict[str, Any]: ...
     def __call__(self, pairs: Sequence[tuple[str, str]], *, harmful: bool) -> Verdicts: ...
@@ -50,6 +60,16 @@ class SubstringScorer:
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "substring+degeneracy"}
+
+    def stop_rule(self, tokenizer: Any) -> StopRule:
+        """Stop a row once a refusal phrase is in it: the text only grows, so the row
+        stays a failure (a refusal, or a degenerate one) whatever comes next."""
+        phrases = RefusalPhrases()
+
+        def settled(ids: list[int]) -> bool:
+            return phrases(tokenizer.decode(ids, skip_special_tokens=True)).refused
+
+        return settled
 
     def __call__(self, pairs: Sequence[tuple[str, str]], *, harmful: bool) -> Verdicts:
         return Verdicts([classify(response).outcome for _prompt, response in pairs])
@@ -64,6 +84,10 @@ class JudgeScorer:
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "judge", **self.judge.describe()}
+
+    def stop_rule(self, tokenizer: Any) -> None:
+        """None: the judge reads whole responses."""
+        return None
 
     def __call__(self, pairs: Sequence[tuple[str, str]], *, harmful: bool) -> Verdicts:
         scores = self.judge.score_many(list(pairs))
@@ -81,6 +105,10 @@ class ClassifierScorer:
     def describe(self) -> dict[str, Any]:
         return {"kind": "classifier", **self.classifier.describe()}
 
+    def stop_rule(self, tokenizer: Any) -> None:
+        """None: the classifier reads whole responses."""
+        return None
+
     def __call__(self, pairs: Sequence[tuple[str, str]], *, harmful: bool) -> Verdicts:
         base = SubstringScorer()(pairs, harmful=harmful)
         if not harmful:
@@ -88,6 +116,12 @@ class ClassifierScorer:
         scores = self.classifier.score_many(list(pairs))
         return Verdicts([o if o == "degenerate" else ("bypass" if s.flagged else "refusal")
                          for o, s in zip(base.outcomes, scores, strict=True)])
+
+
+def stop_rule_of(scorer: RefusalScorer, tokenizer: Any) -> StopRule | None:
+    """The scorer's early-stop rule, or None when it has none (it reads whole responses)."""
+    rule = getattr(scorer, "stop_rule", None)
+    return rule(tokenizer) if callable(rule) else None
 
 
 def make_scorer(judge_url: str | None, judge_model: str,
@@ -106,4 +140,4 @@ def make_scorer(judge_url: str | None, judge_model: str,
 
 
 __all__ = ["ClassifierScorer", "JudgeScorer", "RefusalScorer", "SubstringScorer", "Verdicts",
-           "make_scorer"]
+           "make_scorer", "stop_rule_of"]

@@ -30,6 +30,7 @@ from steerlab.abliterate.choice import Choice, choose, pareto_numbers
 from steerlab.abliterate.config import AbliterateConfig
 from steerlab.abliterate.heldout import run_heldout
 from steerlab.abliterate.objective import Objective, TrialScore
+from steerlab.abliterate.priors import enqueue_priors, plain_ablation, selections
 from steerlab.abliterate.progress import SearchDisplay, search_progress
 from steerlab.abliterate.report import write_report
 from steerlab.abliterate.scoring import RefusalScorer, make_scorer
@@ -162,8 +163,12 @@ def abliterate(lm: LoadedModel, out: str | Path, config: AbliterateConfig | None
         lm, run_dir, prompts["harmful_train"], prompts["harmless_train"], config.positions,
         batch_size=config.batch_size,
         datasets={"positive": config.harmful_train, "negative": config.harmless_train})
+    val = {"harmful": prompts["harmful_val"], "harmless": prompts["harmless_val"]}
     study = open_study(run_dir, sampler=config.sampler, seed=config.seed,
                        startup_trials=config.startup_trials)
+    if config.prior_trials:
+        enqueue_priors(study, selections(lm, run_dir, candidates, **val, kl_cap=config.kl_cap,
+                                         batch_size=config.batch_size), lm.n_layers)
     done = finished(study)
     with search_progress(progress) as bar:
         display = SearchDisplay(bar, config.trials, min(len(done), config.trials), config.kl_cap)
@@ -177,8 +182,10 @@ def abliterate(lm: LoadedModel, out: str | Path, config: AbliterateConfig | None
     heldout = None
     if config.evaluate:
         position = choice.trial.params["position"]
+        selection = selections(lm, run_dir, {position: candidates[position]}, **val,
+                               kl_cap=config.kl_cap, batch_size=config.batch_size)[position]
         heldout = run_heldout(lm, run_dir, config, spec, choice.trial.number,
-                              candidates[position], prompts)
+                              plain_ablation(candidates[position], selection), selection)
     write_report(run_dir)
     return AbliterateResult(run_dir, base, choice, spec, len(trials), heldout)
 
@@ -206,7 +213,8 @@ def write_result(lm: LoadedModel, run_dir: Path, config: AbliterateConfig, choic
     front = set(pareto_numbers(trials))
     write_json(run_dir / "trials.json", [
         {"number": t.number, "params": t.params, "score": score_of(t).to_dict(),
-         "seconds": t.user_attrs.get("seconds"), "pareto": t.number in front} for t in trials])
+         "seconds": t.user_attrs.get("seconds"), "prior": t.user_attrs.get("prior"),
+         "pareto": t.number in front} for t in trials])
     write_json(run_dir / "choice.json", {
         "trial": choice.trial.number, "rule": choice.rule, "params": choice.trial.params,
         "score": choice.score.to_dict(),

@@ -17,8 +17,9 @@ from typing import Any, Protocol
 from steerlab.directions.artifact import Direction
 from steerlab.interventions.kernel_ablate import KERNEL_SITES, Kernel, KernelAblate
 
-SOURCE_RANGE = (0.2, 0.9)
-"""Fraction of the depth the direction's source layer is searched in."""
+SOURCE_RANGE = (0.15, 0.9)
+"""Fraction of the depth the direction's source layer is searched in (it covers the layers
+plain selection tries, so its choice can be a trial)."""
 CENTER_RANGE = (0.2, 1.0)
 PEAK_RANGE = (0.4, 1.5)
 WIDTH_RANGE = (0.05, 0.7)

@@ -70,15 +70,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Evaluate a model (optionally steered) on a prompt set; write responses and summary."""
         from steerlab.errors import EvaluationError
-        from steerlab.evaluate import (
-            InProcessBackend,
-            Judge,
-            LocalClassifier,
-            OpenAIBackend,
-            RefusalScorer,
-            run_eval,
-        )
-        from steerlab.evaluate.run import eval_dir
+        from steerlab.evaluate.backends import InProcessBackend, OpenAIBackend
+        from steerlab.evaluate.classifier import LocalClassifier
+        from steerlab.evaluate.judge import Judge
+        from steerlab.evaluate.refusal import RefusalScorer
+        from steerlab.evaluate.run import eval_dir, run_eval
         from steerlab.interventions.specs import parse_steer_args
         from steerlab.prompts.sets import load_prompts
 
@@ -130,7 +126,6 @@ def register(app: typer.Typer) -> None:
             if isinstance(gen_backend, OpenAIBackend):
                 gen_backend.close()
         _print(summary, out)
-
 
 
 def _print(summary: dict[str, Any], out: Path) -> None:

@@ -89,28 +89,23 @@ def kl_table(title: str, kl: Mapping[str, Entry], k: int) -> Table:
     )
 
 
-def refusal_bars(path: Path, entries: Mapping[str, Mapping[str, Any]], names: Sequence[str], *,
-                 title: str) -> Path:
+def refusal_bars(path: Path, entries: Mapping[str, Mapping[str, Any]], names: Sequence[str],
+                 caption: str, *, title: str) -> Figure:
     """Bar chart of the refusal rate (95% Wilson CI) of the conditions ``names``."""
-    return plots.bars_with_ci(
+    return Figure(plots.bars_with_ci(
         path,
         list(names),
         [entries[n]["refusal_rate"] for n in names],
         [entries[n]["refusal_rate_ci95"] for n in names],
         title=title,
         ylabel="refusal rate",
-    )
+    ), caption)
 
 
-def cohens_d_figure(figs: Path, series: Mapping[str, Mapping[Any, float]], *, title: str,
-                    caption: str) -> Figure:
-    """The per-layer held-out Cohen's d chart every experiment shows (``cohens_d_by_layer.png``
-    in ``figs``), one curve per direction in ``series``."""
-    return Figure(
-        plots.lines_by_layer(figs / "cohens_d_by_layer.png", series, title=title,
-                             ylabel="Cohen's d"),
-        caption,
-    )
+def layer_lines(path: Path, series: Mapping[str, Mapping[Any, float]], caption: str, *,
+                title: str, ylabel: str) -> Figure:
+    """Per-layer curves on one axis (Cohen's d, cosines), with the figure's caption."""
+    return Figure(plots.lines_by_layer(path, series, title=title, ylabel=ylabel), caption)
 
 
 def layer_alpha_grid(path: Path, cells: Sequence[Mapping[str, Any]], layers: Sequence[int],

@@ -53,6 +53,8 @@ from steerlab.store.rowstore import Codec, RowStore, model_identity
 
 FirstLogitsFn = Callable[[list[int], torch.Tensor], None]
 """``on_first_logits(input-order row indices, first-token logits [B, V])``."""
+StopRule = Callable[[list[int]], bool]
+"""``stop_when(token_ids)``: True once a row's tokens so far settle what is measured."""
 GroupFirstLogitsFn = Callable[[list[tuple[int, int]], torch.Tensor], None]
 """``on_first_logits([(group, index within the group)], first-token logits [B, V])``."""
 
@@ -69,7 +71,8 @@ class GenerationError(SteerlabError):
 
 @dataclass(frozen=True)
 class Generation:
-    """One prompt's response. ``finish_reason`` is ``stop`` (EOS) or ``length``."""
+    """One prompt's response. ``finish_reason`` is ``stop`` (EOS), ``length`` or ``rule``
+    (cut by ``stop_when``)."""
 
     index: int
     prompt: str
@@ -119,6 +122,7 @@ class _Settings:
     seed: int
     eos: frozenset[int]
     pad: int
+    stop_when: StopRule | None = None
 
 
 # -- token choice ------------------------------------------------------------------------------
@@ -174,6 +178,8 @@ def _run_batch(lm: LoadedModel, rows: Sequence[_Row], group_specs: Sequence[Sequ
                 tokens[a].append(tok)
                 if len(tokens[a]) >= settings.max_new_tokens:
                     emit(rows[a], tokens[a], "length")
+                elif settings.stop_when is not None and settings.stop_when(tokens[a]):
+                    emit(rows[a], tokens[a], "rule")
                 else:
                     keep.append(j)
             on_tokens(len(active))
@@ -284,6 +290,7 @@ def generate(
     chat_template: str | None = None,
     on_first_logits: FirstLogitsFn | None = None,
     overwrite: bool = False,
+    stop_when: StopRule | None = None,
 ) -> list[Generation]:
     """Chat-generate a response to each prompt, steered by ``steer`` (specs, in order).
 
@@ -297,8 +304,15 @@ def generate(
 
     ``out_jsonl`` is resumed only when steerlab wrote it under the same model, dtype,
     steering and settings for the same prompts; ``overwrite`` starts it over instead.
+
+    ``stop_when(token_ids)`` ends a row early (``finish_reason`` ``rule``) once what it
+    has generated settles what the caller measures, e.g. a refusal phrase already
+    present; such cut responses are not stored, so it cannot go with ``out_jsonl``.
     """
-    settings = _settings(lm, max_new_tokens, do_sample, temperature, top_p, seed)
+    if stop_when is not None and out_jsonl is not None:
+        raise GenerationError("stop_when cuts responses short; it cannot write out_jsonl.")
+    settings = dataclasses.replace(
+        _settings(lm, max_new_tokens, do_sample, temperature, top_p, seed), stop_when=stop_when)
     rows = _as_rows(lm, prompts, system, chat_template)
     specs = resolve_specs(steer, lm=lm)
     steering.check_specs(lm, specs)  # a bad spec fails before out_jsonl is created

@@ -10,8 +10,8 @@ from steerlab.experiments.config import PersonaGatingConfig
 from steerlab.experiments.framework import Results
 from steerlab.experiments.reporting import (
     JUDGE_COLUMNS,
-    cohens_d_figure,
     layer_alpha_grid,
+    layer_lines,
     samples,
     write_report,
 )
@@ -119,23 +119,20 @@ def _main_figures(figs: Path, results: Results, analysis: dict[str, Any]) -> lis
             "Refusal rate per condition with 95% Wilson intervals; random conditions pooled "
             "over seeds.",
         ),
-        Figure(
-            plots.lines_by_layer(
-                figs / "cosine_by_layer.png",
-                {"refusal vs compliant persona": analysis["refusal_persona_cosine"],
-                 **{f"{a} vs persona": v
-                    for a, v in analysis["trait_cosine_with_persona"].items()}},
-                title="Cosine similarity by layer", ylabel="cosine",
-            ),
+        layer_lines(
+            figs / "cosine_by_layer.png",
+            {"refusal vs compliant persona": analysis["refusal_persona_cosine"],
+             **{f"{a} vs persona": v for a, v in analysis["trait_cosine_with_persona"].items()}},
             "Per-layer cosine between the refusal and compliant-persona directions, and between "
             "each relational-trait direction and the compliant-persona direction.",
+            title="Cosine similarity by layer", ylabel="cosine",
         ),
-        cohens_d_figure(
-            figs,
+        layer_lines(
+            figs / "cohens_d_by_layer.png",
             {"refusal (harmful vs harmless, held-out)": analysis["refusal_cohens_d"],
              "persona (compliant vs cautious, held-out)": analysis["persona_cohens_d"]},
-            title="Separability of the projections by layer (Cohen's d)",
-            caption="Cohen's d of the projection onto each layer's direction on held-out prompts.",
+            "Cohen's d of the projection onto each layer's direction on held-out prompts.",
+            title="Separability of the projections by layer (Cohen's d)", ylabel="Cohen's d",
         ),
     ]
 
