@@ -108,6 +108,14 @@ def layer_lines(path: Path, series: Mapping[str, Mapping[Any, float]], caption: 
     return Figure(plots.lines_by_layer(path, series, title=title, ylabel=ylabel), caption)
 
 
+def cohens_d_lines(figs: Path, series: Mapping[str, Mapping[Any, float]], caption: str, *,
+                   title: str) -> Figure:
+    """The held-out Cohen's d by layer that every experiment's report shows
+    (``cohens_d_by_layer.png`` in ``figs``), one curve per direction."""
+    return layer_lines(figs / "cohens_d_by_layer.png", series, caption, title=title,
+                       ylabel="Cohen's d")
+
+
 def layer_alpha_grid(path: Path, cells: Sequence[Mapping[str, Any]], layers: Sequence[int],
                      alphas: Sequence[float], key: str, *, title: str, col_label: str,
                      value_label: str) -> Path:

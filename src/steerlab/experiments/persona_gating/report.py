@@ -10,6 +10,7 @@ from steerlab.experiments.config import PersonaGatingConfig
 from steerlab.experiments.framework import Results
 from steerlab.experiments.reporting import (
     JUDGE_COLUMNS,
+    cohens_d_lines,
     layer_alpha_grid,
     layer_lines,
     samples,
@@ -127,12 +128,12 @@ def _main_figures(figs: Path, results: Results, analysis: dict[str, Any]) -> lis
             "each relational-trait direction and the compliant-persona direction.",
             title="Cosine similarity by layer", ylabel="cosine",
         ),
-        layer_lines(
-            figs / "cohens_d_by_layer.png",
+        cohens_d_lines(
+            figs,
             {"refusal (harmful vs harmless, held-out)": analysis["refusal_cohens_d"],
              "persona (compliant vs cautious, held-out)": analysis["persona_cohens_d"]},
             "Cohen's d of the projection onto each layer's direction on held-out prompts.",
-            title="Separability of the projections by layer (Cohen's d)", ylabel="Cohen's d",
+            title="Separability of the projections by layer (Cohen's d)",
         ),
     ]
 
