@@ -16,10 +16,9 @@ from typing import Any
 
 import typer
 
-from steerlab.cli.common import DTYPE_OPT, MODEL_ARG, console, load
+from steerlab.cli.common import DTYPE_OPT, MODEL_ARG, RUN_DIR_OPT, console, load
 from steerlab.store.outputs import clear_run_dir
 
-OUT_OPT = typer.Option(..., "--out", help="Run folder (resumes if it exists).")
 LIMIT_OPT = typer.Option(None, "--limit", help="Use the first N evaluation prompts.")
 JUDGE_OPT = typer.Option(None, "--judge", help="OpenAI-compatible judge URL (optional).")
 JUDGE_MODEL_OPT = typer.Option(None, "--judge-model", help="Judge model name.")
@@ -38,7 +37,7 @@ EVAL_OPT = typer.Option(
 
 def _shared_options(
     model: str = MODEL_ARG,
-    out: Path = OUT_OPT,
+    out: Path = RUN_DIR_OPT,
     limit: int | None = LIMIT_OPT,
     judge: str | None = JUDGE_OPT,
     judge_model: str | None = JUDGE_MODEL_OPT,
