@@ -15,8 +15,10 @@ from steerlab.interventions.kernel_ablate import KernelAblate
 from steerlab.interventions.specs import specs_to_json
 from steerlab.interventions.steering import steer
 from steerlab.store.rowstore import read_rows
-from steerlab.weights.export import ExportError, edit_record, export_hf, load_edited
+from steerlab.weights.export.common import ExportError, edit_record
+from steerlab.weights.export.hf import export_hf
 from steerlab.weights.export.kernel import export_kernel
+from steerlab.weights.export.lora import load_edited
 from steerlab.weights.orthogonalize import orthogonalize_spec
 from tests.tiny import save_tiny, tiny_model
 

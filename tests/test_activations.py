@@ -218,7 +218,7 @@ def test_shared_prefix_reads_equal_whole_prompt_reads() -> None:
 
 def test_first_token_logprobs_share_the_template_prefix_and_equal_whole_prompts() -> None:
     from steerlab.activations.record import iter_batches, last_logits, shared_prefix_length
-    from steerlab.directions.analysis import first_token_logprobs
+    from steerlab.directions.selection import first_token_logprobs
     from steerlab.interventions.specs import Ablate
     from steerlab.interventions.steering import steer
     from steerlab.prompts.chat import position_weights

@@ -8,21 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from steerlab.directions.analysis import (
-    ScanResult,
-    cohens_d,
-    cosine_matrix,
-    effect_sizes,
+from steerlab.directions.analysis import ScanResult, holdout, scan
+from steerlab.directions.artifact import Direction
+from steerlab.directions.selection import (
     first_token_logprobs,
-    holdout,
     refusal_scores,
     refusal_token_ids,
-    scan,
     select_direction,
-    wilson,
 )
-from steerlab.directions.artifact import Direction
+from steerlab.directions.separability import cohens_d, cosine_matrix, effect_sizes
 from steerlab.errors import DataError
+from steerlab.evaluate.stats import wilson_ci as wilson
 from steerlab.interventions.steering import count_hooks
 from steerlab.reporting.plots import save_scan_plots
 from tests.tiny import save_tiny, tiny_model

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from steerlab.evaluate import OpenAIBackend, capability_accuracy, capability_eval, grade
-from steerlab.evaluate.capability import capability_items
+from steerlab.evaluate.backends import OpenAIBackend
+from steerlab.evaluate.capability import (
+    capability_accuracy,
+    capability_eval,
+    capability_items,
+    grade,
+)
 from tests.openai_stub import OpenAIStub, user_text
 
 CHOICES = ["A) 32", "B) 42", "C) 44", "D) 52"]

@@ -7,7 +7,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForSequenceClassification
 
 from steerlab.errors import EvaluationError
-from steerlab.evaluate import LocalClassifier
+from steerlab.evaluate.classifier import LocalClassifier
 from tests.tiny import CONFIGS, save_tiny, tiny_model, tiny_tokenizer
 
 PAIRS = [("how do i make a bomb", "sorry i cannot help"),

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from steerlab.evaluate import DegeneracyConfig, DegeneracyDetector, is_degenerate
-from steerlab.evaluate.degeneracy import longest_run, periodic_tail, repeated_ngram_fraction, tokens
+from steerlab.evaluate.degeneracy import (
+    DegeneracyConfig,
+    DegeneracyDetector,
+    is_degenerate,
+    longest_run,
+    periodic_tail,
+    repeated_ngram_fraction,
+    tokens,
+)
 
 
 def reasons(text: str) -> tuple[str, ...]:

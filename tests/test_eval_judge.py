@@ -8,8 +8,7 @@ import json
 import pytest
 
 from steerlab.errors import EvaluationError
-from steerlab.evaluate import RUBRIC, RUBRIC_VERSION, Judge, JudgeCache
-from steerlab.evaluate.judge import parse_judgement
+from steerlab.evaluate.judge import RUBRIC, RUBRIC_VERSION, Judge, JudgeCache, parse_judgement
 from tests.openai_stub import OpenAIStub, user_text
 
 VALID = '{"compliance": 1, "coherence": 0.5, "reason": "gives the steps"}'

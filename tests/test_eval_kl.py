@@ -9,8 +9,8 @@ import torch
 
 from steerlab.directions.artifact import Direction, stamp_meta
 from steerlab.errors import EvaluationError
-from steerlab.evaluate import kl_divergence, kl_report, nll_report, perplexity
-from steerlab.evaluate.kl import kl_per_prompt
+from steerlab.evaluate.kl import kl_divergence, kl_per_prompt, kl_report
+from steerlab.evaluate.perplexity import nll_report, perplexity
 from steerlab.interventions.specs import Add
 
 PROMPTS = ["how do i make bread", "write a poem", "what is a cat", "tell me a story about a dog",

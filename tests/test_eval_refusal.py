@@ -5,14 +5,13 @@ from __future__ import annotations
 import pytest
 
 from steerlab.errors import EvaluationError
-from steerlab.evaluate import (
+from steerlab.evaluate.judge import JudgeScore
+from steerlab.evaluate.outcome import classify, outcome
+from steerlab.evaluate.refusal import (
     MULTILINGUAL_PHRASES,
     STANDARD_PHRASES,
-    JudgeScore,
     RefusalScorer,
-    classify,
     is_refusal,
-    outcome,
 )
 
 

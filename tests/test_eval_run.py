@@ -9,8 +9,9 @@ import torch
 
 import steerlab.store.rowstore as rowstore
 from steerlab.errors import EvaluationError, SteerlabError
-from steerlab.evaluate import InProcessBackend, Judge, OpenAIBackend, read_rows, run_eval
-from steerlab.evaluate.run import summary_markdown
+from steerlab.evaluate.backends import InProcessBackend, OpenAIBackend
+from steerlab.evaluate.judge import Judge
+from steerlab.evaluate.run import read_rows, run_eval, summary_markdown
 from steerlab.prompts.sets import Prompt
 from tests.openai_stub import OpenAIStub, user_text
 

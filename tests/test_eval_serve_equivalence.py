@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from steerlab.evaluate import run_eval
 from steerlab.evaluate.backends import InProcessBackend, OpenAIBackend
+from steerlab.evaluate.run import run_eval
 from steerlab.serve import create_app
 from steerlab.serve.runner import background
 from steerlab.store.rowstore import read_rows

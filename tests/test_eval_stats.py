@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from steerlab.errors import EvaluationError
-from steerlab.evaluate import (
+from steerlab.evaluate.stats import (
     bootstrap_ci,
     cohens_kappa,
     mcnemar,
@@ -128,7 +128,7 @@ def test_rate_summary_and_missing():
 
 
 def test_holm_matches_hand_computed_adjustment():
-    from steerlab.evaluate import holm
+    from steerlab.evaluate.stats import holm
 
     # sorted 0.01, 0.03, 0.04 -> 3*0.01, max(.03, 2*0.03), max(.06, 1*0.04)
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
@@ -137,7 +137,7 @@ def test_holm_matches_hand_computed_adjustment():
 
 
 def test_restored_share_is_the_undone_part_of_the_drop_with_a_paired_interval() -> None:
-    from steerlab.evaluate import restored_share
+    from steerlab.evaluate.stats import restored_share
 
     n = 40
     base = [True] * 30 + [False] * 10  # 75%

@@ -18,8 +18,9 @@ from steerlab.experiments.hydra import HydraConfig, reextract, run_hydra
 from steerlab.experiments.layer_transfer import LayerTransferConfig, _verdict, run_layer_transfer
 from steerlab.experiments.positions import PositionsConfig, run_positions
 from steerlab.experiments.subspace import SubspaceConfig, run_subspace
+from steerlab.interventions.compilers import orthonormal_basis
 from steerlab.interventions.specs import SubspaceAblate
-from steerlab.interventions.steering import count_hooks, orthonormal_basis, steer
+from steerlab.interventions.steering import count_hooks, steer
 from steerlab.prompts.chat import encode
 from steerlab.store.rowstore import read_rows
 from tests.tiny import save_tiny, tiny_model
@@ -136,7 +137,7 @@ def test_layer_selection_by_ablation_or_cohens_d() -> None:
 
 
 def test_selection_fallback_keeps_kl_then_requires_lowering_refusal() -> None:
-    from steerlab.directions.analysis import SelectionResult, SelectionRow
+    from steerlab.directions.selection import SelectionResult, SelectionRow
 
     def result(baseline: float) -> SelectionResult:
         rows = [
@@ -503,7 +504,7 @@ def test_kl_conditions_share_a_baseline_per_system_prompt_and_match_kl_report(
     tmp_path: Path,
 ) -> None:
     from steerlab.directions.artifact import stamp_meta
-    from steerlab.evaluate import kl_report
+    from steerlab.evaluate.kl import kl_report
     from steerlab.experiments.measure import kl_conditions
     from steerlab.experiments.runner import Condition, Runner
     from steerlab.interventions.specs import Add

@@ -22,15 +22,13 @@ from steerlab.errors import DirectionError
 from steerlab.interventions.specs import Add
 from steerlab.interventions.steering import steer
 from steerlab.prompts.chat import encode
-from steerlab.weights.export import (
-    ExportError,
+from steerlab.weights.export.common import ExportError, edit_record
+from steerlab.weights.export.gguf_cvec import export_gguf_cvec, read_gguf_cvec
+from steerlab.weights.export.hf import export_hf
+from steerlab.weights.export.lora import (
     adapter_cosines,
-    edit_record,
-    export_gguf_cvec,
-    export_hf,
     export_lora,
     load_edited,
-    read_gguf_cvec,
     read_lora_directions,
 )
 from steerlab.weights.orthogonalize import orthogonalize
@@ -112,7 +110,7 @@ def test_hf_export_refuses_up_front_when_the_disk_cannot_hold_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 
-    from steerlab.weights.export import checkpoint_bytes
+    from steerlab.weights.export.hf import checkpoint_bytes
 
     lm = tiny_model("llama")
     need = checkpoint_bytes(lm.model)
@@ -383,7 +381,7 @@ def test_real_hf_export_loads_in_a_fresh_process_and_answers_as_the_edited_model
     from steerlab.model.loading import load_model
     from steerlab.prompts.sets import load_prompts
     from steerlab.store.atomic import free_space_shortfall
-    from steerlab.weights.export import checkpoint_bytes
+    from steerlab.weights.export.hf import checkpoint_bytes
 
     direction = refusal_direction(real_lm, limit=8, layers=[12], select_split=None)
     prompts = [p.prompt for p in load_prompts("paired:harmful", split="test", limit=4)]
@@ -459,7 +457,7 @@ def test_real_gguf_cvec_in_llama_cpp_changes_refusal_like_steerlab(real_lm, tmp_
     """The control vector applied by llama.cpp to the embedded GGUF moves refusal the
     same way steerlab's Add hook does on the (dequantized) HF model."""
     from steerlab.directions.extraction import refusal_direction
-    from steerlab.evaluate import is_refusal
+    from steerlab.evaluate.refusal import is_refusal
     from steerlab.generation.generate import generate
     from steerlab.model.embedded import gguf_path
     from steerlab.prompts.chat import render

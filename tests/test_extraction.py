@@ -178,7 +178,7 @@ def test_persona_direction_sign_on_held_out_prompts(real_lm):
 
 @pytest.mark.real
 def test_refusal_direction_separates_held_out_pairs(real_lm):
-    from steerlab.directions.analysis import cohens_d
+    from steerlab.directions.separability import cohens_d
 
     direction = refusal_direction(real_lm, limit=8, select_split=None)
     harmful, harmless = paired_split("test", limit=8)

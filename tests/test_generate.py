@@ -329,7 +329,7 @@ def test_real_batched_greedy_equals_one_at_a_time(real_lm):
 
 @pytest.mark.real
 def test_real_model_answers_harmless_and_refuses_harmful(real_lm):
-    from steerlab.evaluate import is_refusal
+    from steerlab.evaluate.refusal import is_refusal
 
     # (this small coder model does explain pipe bombs; it refuses plainer harm)
     rows = generate(real_lm, ["What is the capital of France?",
@@ -403,7 +403,7 @@ def test_groups_share_batches_and_each_row_gets_only_its_own_steering() -> None:
 
 def test_a_bad_spec_fails_before_the_output_file_is_created(tmp_path: Path) -> None:
     from steerlab.errors import InterventionError
-    from steerlab.evaluate import InProcessBackend
+    from steerlab.evaluate.backends import InProcessBackend
 
     lm = tiny_model("qwen2")
     d = Direction(torch.randn(lm.n_layers, lm.d_model), tuple(range(lm.n_layers)),

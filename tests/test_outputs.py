@@ -15,7 +15,8 @@ import torch
 import steerlab.store.rowstore as rowstore
 from steerlab.cli import main
 from steerlab.errors import SteerlabError
-from steerlab.evaluate import OpenAIBackend, run_eval
+from steerlab.evaluate.backends import OpenAIBackend
+from steerlab.evaluate.run import run_eval
 from steerlab.generation.generate import generate
 from steerlab.prompts.sets import Prompt
 from steerlab.store.atomic import temp_dir, umask, write_json, write_text

@@ -15,11 +15,11 @@ import torch
 from steerlab.directions.artifact import Direction, DirectionMeta
 from steerlab.errors import InterventionError
 from steerlab.generation.decoding import forward_step as forward
+from steerlab.interventions.compilers import orthonormal_basis
 from steerlab.interventions.specs import Ablate, Add, Project, SubspaceAblate
 from steerlab.interventions.steering import (
     _Placed,
     count_hooks,
-    orthonormal_basis,
     steer,
     with_mean_norms,
 )
@@ -475,7 +475,7 @@ def test_refusal_direction_ablation_and_addition_move_refusal(real_lm):
     token, layer 14 of 24: ablating it lowers refusal on harmful prompts; adding it
     raises refusal on harmless ones (each against the same prompts unsteered)."""
     from steerlab.directions.extraction import extract_direction
-    from steerlab.evaluate import is_refusal
+    from steerlab.evaluate.refusal import is_refusal
     from steerlab.generation.generate import generate
     from steerlab.prompts.sets import load_prompts
 

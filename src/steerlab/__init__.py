@@ -13,15 +13,7 @@ from steerlab.activations.record import (
     project_activations,
     record_activations,
 )
-from steerlab.directions.analysis import (
-    ScanResult,
-    SelectionResult,
-    cohens_d,
-    cosine_matrix,
-    probe_accuracies,
-    scan,
-    select_direction,
-)
+from steerlab.directions.analysis import ScanResult, scan
 from steerlab.directions.artifact import Direction, DirectionMeta
 from steerlab.directions.extraction import (
     extract_direction,
@@ -30,6 +22,8 @@ from steerlab.directions.extraction import (
     register_method,
     trait_direction,
 )
+from steerlab.directions.selection import SelectionResult, select_direction
+from steerlab.directions.separability import cohens_d, cosine_matrix, probe_accuracies
 from steerlab.errors import (
     ArchitectureError,
     DataError,
@@ -40,29 +34,25 @@ from steerlab.errors import (
     ModelLoadError,
     SteerlabError,
 )
-from steerlab.evaluate import (
-    DegeneracyDetector,
-    InProcessBackend,
-    Judge,
-    JudgeScore,
-    LocalClassifier,
-    OpenAIBackend,
-    RefusalScorer,
+from steerlab.evaluate.backends import InProcessBackend, OpenAIBackend
+from steerlab.evaluate.capability import capability_accuracy
+from steerlab.evaluate.classifier import LocalClassifier
+from steerlab.evaluate.compare import CompareConfig, compare_models
+from steerlab.evaluate.degeneracy import DegeneracyDetector, is_degenerate
+from steerlab.evaluate.judge import Judge, JudgeScore
+from steerlab.evaluate.kl import kl_divergence
+from steerlab.evaluate.outcome import outcome
+from steerlab.evaluate.perplexity import perplexity
+from steerlab.evaluate.refusal import RefusalScorer, is_refusal
+from steerlab.evaluate.run import run_eval
+from steerlab.evaluate.stats import (
     bootstrap_ci,
-    capability_accuracy,
     cohens_kappa,
-    is_degenerate,
-    is_refusal,
-    kl_divergence,
     mcnemar,
-    outcome,
     paired_bootstrap,
-    perplexity,
     rate_summary,
-    run_eval,
     wilson_ci,
 )
-from steerlab.evaluate.compare import CompareConfig, compare_models
 from steerlab.generation.generate import Generation, GenerationError, generate
 from steerlab.interventions.specs import (
     Ablate,
@@ -81,14 +71,13 @@ from steerlab.model.loading import LoadedModel, load_model, model_fingerprint
 from steerlab.prompts.sets import Prompt, PromptSet, builtin_sets, load_prompts, persona_pairs
 from steerlab.reporting.plots import save_scan_plots
 from steerlab.version import __version__
-from steerlab.weights.export import (
-    ExportError,
+from steerlab.weights.export.common import ExportError
+from steerlab.weights.export.gguf_cvec import export_gguf_cvec, read_gguf_cvec
+from steerlab.weights.export.hf import export_hf
+from steerlab.weights.export.lora import (
     adapter_cosines,
-    export_gguf_cvec,
-    export_hf,
     export_lora,
     load_edited,
-    read_gguf_cvec,
     read_lora_directions,
 )
 from steerlab.weights.orthogonalize import OrthogonalizeResult, orthogonalize

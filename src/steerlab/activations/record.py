@@ -185,28 +185,24 @@ def shared_prefix_length(lm: LoadedModel, batch: ChatBatch, weights: torch.Tenso
     return shared if shared >= MIN_SHARED_PREFIX else 0
 
 
-def run_until_stop_sharing_prefix(lm: LoadedModel, batch: ChatBatch, shared: int,
-                                  in_prefix: list[bool]) -> torch.Tensor | None:
-    """Forward ``batch`` as its ``shared`` common leading tokens once, then every row's
-    rest against that prefix's KV cache repeated over the batch; return the rest's
-    last-position logits ``[B, V]`` (None when a ``stop_after`` hook ended it early).
+def forward_sharing_prefix(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, shared: int,
+                           in_prefix: list[bool], cache: Any = None) -> torch.Tensor | None:
+    """Forward left-padded ``ids``/``mask`` as their ``shared`` common leading tokens once
+    (``shared`` may be 0: one plain pass), then every row's rest against that prefix's KV
+    cache repeated over the batch; return the rest's last-position logits ``[B, V]`` (None
+    when a ``stop_after`` hook ended it early).
 
     The layer hooks see the prefix pass with ``in_prefix[0]`` True (they must skip it)
-    and then hidden states for columns ``shared:`` of the batch only. Why: chat prompts
-    share a template and often a system prompt (30 of the embedded model's ~46 tokens
-    per refusal prompt), and a prefill on a CPU costs per token.
+    and then hidden states for columns ``shared:`` only. ``cache`` (a new one by default)
+    then holds the prefix followed by each row's left-padded rest, up to the deepest layer
+    a ``stop_after`` hook read. Why: chat prompts share a template and often a system
+    prompt (30 of the embedded model's ~46 tokens per refusal prompt), and a prefill on a
+    CPU costs per token.
     """
-    from transformers import DynamicCache
+    if cache is None:
+        from transformers import DynamicCache
 
-    return forward_sharing_prefix(lm, batch.input_ids, batch.attention_mask, shared,
-                                  in_prefix, DynamicCache())
-
-
-def forward_sharing_prefix(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor,
-                           shared: int, in_prefix: list[bool], cache: Any) -> torch.Tensor | None:
-    """:func:`run_until_stop_sharing_prefix` on left-padded ``ids``/``mask`` into ``cache``
-    (``shared`` may be 0: one plain pass). The cache then holds the prefix followed by
-    each row's left-padded rest, up to the deepest layer a ``stop_after`` hook read."""
+        cache = DynamicCache()
     n_rows, width = ids.shape
     if shared:
         start = width - int(mask[0].sum())
@@ -237,7 +233,8 @@ def last_logits(lm: LoadedModel, batch: ChatBatch) -> torch.Tensor:
     """Next-token logits ``[B, V]`` after each row, the shared prefix computed once."""
     shared = shared_prefix_length(lm, batch, position_weights(batch, "last"))
     if shared:
-        logits = run_until_stop_sharing_prefix(lm, batch, shared, [False])
+        logits = forward_sharing_prefix(lm, batch.input_ids, batch.attention_mask, shared,
+                                        [False])
         assert logits is not None  # no stop_after hooks here
         return logits
     # An index tensor, not logits_to_keep=1: the int form feeds the LM head a
@@ -247,16 +244,32 @@ def last_logits(lm: LoadedModel, batch: ChatBatch) -> torch.Tensor:
     return forward_batch(lm, batch, logits_to_keep=last).logits[:, -1]
 
 
-def _forward_reading(lm: LoadedModel, batch: ChatBatch, weights: torch.Tensor,
-                     state: dict[str, Any]) -> None:
-    """Run ``batch`` for hooks that read ``state["weights"]`` (shared prefix when it pays)."""
-    shared = shared_prefix_length(lm, batch, weights)
-    if shared:
-        state["weights"] = weights[:, shared:]
-        run_until_stop_sharing_prefix(lm, batch, shared, state["in_prefix"])
-    else:
-        state["weights"] = weights
-        run_until_stop(lm, batch)
+def _read_batches(lm: LoadedModel, texts: list[str], layers: Sequence[int], position: str,
+                  read: Callable[[int, list[int], torch.Tensor], None], *,
+                  system: str | Sequence[str | None] | None, responses: Sequence[str] | None,
+                  batch_size: int, chat_template: str | None, progress: Progress | None) -> None:
+    """Forward ``texts`` batch by batch (stopped after the deepest of ``layers``, the shared
+    prefix once when it pays); ``read(layer, prompt indices, [B, d])`` gets each layer's
+    vectors at ``position``."""
+    state: dict[str, Any] = {"in_prefix": [False]}
+
+    def hook(layer: int, hidden: torch.Tensor) -> None:
+        if not state["in_prefix"][0]:
+            read(layer, state["idx"], _read_position(hidden, state["weights"]))
+
+    with layer_output_hooks(lm, layers, hook, stop_after=True):
+        for idx, batch in iter_batches(lm, texts, system=system, responses=responses,
+                                       batch_size=batch_size, chat_template=chat_template):
+            weights = position_weights(batch, position)
+            shared = shared_prefix_length(lm, batch, weights)
+            state.update(idx=idx, weights=weights[:, shared:])
+            if shared:
+                forward_sharing_prefix(lm, batch.input_ids, batch.attention_mask, shared,
+                                       state["in_prefix"])
+            else:
+                run_until_stop(lm, batch)
+            if progress is not None:
+                progress(len(idx))
 
 
 @contextmanager
@@ -341,19 +354,20 @@ class _Running:
     """Chan et al. parallel mean/variance in float64, one ``[d]`` row per layer."""
 
     def __init__(self, n_layers: int, d_model: int, device: torch.device) -> None:
-        self.count = 0
+        self.counts = [0] * n_layers
         self.mean = torch.zeros(n_layers, d_model, dtype=torch.float64, device=device)
         self.m2 = torch.zeros_like(self.mean)
 
-    def add(self, row: int, x: torch.Tensor, count_before: int) -> None:
+    def add(self, row: int, x: torch.Tensor) -> None:
         x = x.to(self.mean.device, torch.float64)
-        n_b = x.shape[0]
+        count_before, n_b = self.counts[row], x.shape[0]
         mean_b = x.mean(dim=0)
         m2_b = ((x - mean_b) ** 2).sum(dim=0)
         total = count_before + n_b
         delta = mean_b - self.mean[row]
         self.mean[row] += delta * (n_b / total)
         self.m2[row] += m2_b + delta**2 * (count_before * n_b / total)
+        self.counts[row] = total
 
 
 def _stats_device(lm: LoadedModel) -> torch.device:
@@ -389,31 +403,22 @@ def mean_activations(
     rows = {layer: r for r, layer in enumerate(chosen)}
     running = _Running(len(chosen), lm.d_model, _stats_device(lm))
     raw = torch.empty(len(texts), len(chosen), lm.d_model) if keep_raw else None
-    state: dict[str, Any] = {"in_prefix": [False]}
 
-    def read(layer: int, hidden: torch.Tensor) -> None:
-        if state["in_prefix"][0]:
-            return
-        x = _read_position(hidden, state["weights"])
+    def read(layer: int, idx: list[int], x: torch.Tensor) -> None:
         if not torch.isfinite(x).all():
             raise SteerlabError(
                 f"Layer {layer} produced non-finite activations (inf/nan); the model overflows "
                 f"in {lm.dtype}. Load it with dtype='float32' (--dtype float32)."
             )
-        running.add(rows[layer], x, state["seen"])
+        running.add(rows[layer], x)
         if raw is not None:
-            raw[state["idx"], rows[layer]] = x.float().cpu()
+            raw[idx, rows[layer]] = x.float().cpu()
 
-    with layer_output_hooks(lm, chosen, read, stop_after=True):
-        for idx, batch in iter_batches(lm, texts, system=system, responses=responses,
-                                       batch_size=batch_size, chat_template=chat_template):
-            state.update(idx=idx, seen=running.count)
-            _forward_reading(lm, batch, position_weights(batch, position), state)
-            running.count += len(idx)
-            if progress is not None:
-                progress(len(idx))
-    var = running.m2 / max(running.count, 1)
-    return ActivationStats(count=running.count, mean=running.mean.cpu(), var=var.cpu(),
+    _read_batches(lm, texts, chosen, position, read, system=system, responses=responses,
+                  batch_size=batch_size, chat_template=chat_template, progress=progress)
+    count = running.counts[0]
+    var = running.m2 / max(count, 1)
+    return ActivationStats(count=count, mean=running.mean.cpu(), var=var.cpu(),
                            layers=chosen, position=position, raw=raw)
 
 
@@ -441,19 +446,10 @@ def project_activations(
     units = {layer: direction.vector(layer, unit=True).double() for layer in chosen}
     out = torch.empty(len(texts), len(chosen), dtype=torch.float64)
     rows = {layer: r for r, layer in enumerate(chosen)}
-    state: dict[str, Any] = {"in_prefix": [False]}
 
-    def read(layer: int, hidden: torch.Tensor) -> None:
-        if state["in_prefix"][0]:
-            return
-        x = _read_position(hidden, state["weights"]).double()
-        out[state["idx"], rows[layer]] = (x @ units[layer].to(x.device)).cpu()
+    def read(layer: int, idx: list[int], x: torch.Tensor) -> None:
+        out[idx, rows[layer]] = (x.double() @ units[layer].to(x.device)).cpu()
 
-    with layer_output_hooks(lm, chosen, read, stop_after=True):
-        for idx, batch in iter_batches(lm, texts, system=system, responses=responses,
-                                       batch_size=batch_size, chat_template=chat_template):
-            state["idx"] = idx
-            _forward_reading(lm, batch, position_weights(batch, position), state)
-            if progress is not None:
-                progress(len(idx))
+    _read_batches(lm, texts, chosen, position, read, system=system, responses=responses,
+                  batch_size=batch_size, chat_template=chat_template, progress=progress)
     return out

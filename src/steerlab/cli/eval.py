@@ -12,6 +12,7 @@ import typer
 
 from steerlab.cli.common import (
     DTYPE_OPT,
+    RUN_DIR_OPT,
     SYSTEM_HELP,
     console,
     error_console,
@@ -63,22 +64,18 @@ def register(app: typer.Typer) -> None:
         capability: int | None = typer.Option(None, "--capability", help="Also measure accuracy "
                                               "on N built-in capability items (0 = all)."),
         seed: int = typer.Option(0, "--seed"),
-        out: Path = typer.Option(..., "--out", help="Run folder (resumes if it exists)."),
+        out: Path = RUN_DIR_OPT,
         overwrite: bool = typer.Option(False, "--overwrite", help="Start --out over instead of "
                                        "resuming it (or write into a folder steerlab did not)."),
         dtype: str = DTYPE_OPT,
     ) -> None:
         """Evaluate a model (optionally steered) on a prompt set; write responses and summary."""
         from steerlab.errors import EvaluationError
-        from steerlab.evaluate import (
-            InProcessBackend,
-            Judge,
-            LocalClassifier,
-            OpenAIBackend,
-            RefusalScorer,
-            run_eval,
-        )
-        from steerlab.evaluate.run import eval_dir
+        from steerlab.evaluate.backends import InProcessBackend, OpenAIBackend
+        from steerlab.evaluate.classifier import LocalClassifier
+        from steerlab.evaluate.judge import Judge
+        from steerlab.evaluate.refusal import RefusalScorer
+        from steerlab.evaluate.run import eval_dir, run_eval
         from steerlab.interventions.specs import parse_steer_args
         from steerlab.prompts.sets import load_prompts
 
@@ -130,7 +127,6 @@ def register(app: typer.Typer) -> None:
             if isinstance(gen_backend, OpenAIBackend):
                 gen_backend.close()
         _print(summary, out)
-
 
 
 def _print(summary: dict[str, Any], out: Path) -> None:

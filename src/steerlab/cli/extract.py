@@ -42,8 +42,6 @@ BATCH_OPT = typer.Option(32, "--batch-size", help="Prompts per forward pass.")
 OVERWRITE_OPT = typer.Option(False, "--overwrite", help="Replace what a non-empty --out holds.")
 
 
-
-
 @contextmanager
 def progress_bar(description: str, total: int) -> Iterator[Any]:
     """A rich progress bar counting prompts through forward passes; yields ``advance(n)``."""
@@ -54,16 +52,24 @@ def progress_bar(description: str, total: int) -> Iterator[Any]:
         yield lambda n: bar.update(task, advance=n)
 
 
-def _load_sets(positive: str | None, negative: str | None, split: str | None,
-               limit: int | None) -> tuple[Any, Any]:
+def _inputs(method: str, layers: str, positive: str | None, negative: str | None,
+            split: str | None, limit: int | None, system_positive: str | None,
+            system_negative: str | None) -> tuple[list[int] | None, Any, Any, Any, Any]:
+    """Every input extract and scan check before the model loads: (layers or None for all,
+    positive set, negative set, their system prompts); sets are None without --positive."""
+    from steerlab.directions.extraction import get_method
     from steerlab.prompts.sets import load_prompts
 
+    get_method(method)
+    parsed = parse_layers(layers)
     if (positive is None) != (negative is None):
         raise DataError("Give both --positive and --negative, or neither (built-in sets).")
-    if positive is None or negative is None:
-        return None, None
-    return (load_prompts(positive, split=split, limit=limit),
-            load_prompts(negative, split=split, limit=limit))
+    sets = (None, None) if positive is None or negative is None else (
+        load_prompts(positive, split=split, limit=limit),
+        load_prompts(negative, split=split, limit=limit))
+    return (None if parsed == "all" else list(parsed), *sets,
+            read_system(system_positive, "--system-positive"),
+            read_system(system_negative, "--system-negative"))
 
 
 def register(app: typer.Typer) -> None:
@@ -100,12 +106,8 @@ def register(app: typer.Typer) -> None:
         """
         import steerlab.directions.extraction as extraction
 
-        extraction.get_method(method)
-        parsed = parse_layers(layers)
-        chosen = None if parsed == "all" else list(parsed)
-        pos_set, neg_set = _load_sets(positive, negative, split, limit)
-        sys_pos = read_system(system_positive, "--system-positive")
-        sys_neg = read_system(system_negative, "--system-negative")
+        chosen, pos_set, neg_set, sys_pos, sys_neg = _inputs(
+            method, layers, positive, negative, split, limit, system_positive, system_negative)
         output_dir(out, overwrite=overwrite)  # before the model loads: fail fast
         lm = load(model, dtype)
         if pos_set is not None:
@@ -171,12 +173,8 @@ def register(app: typer.Typer) -> None:
         from steerlab.prompts.sets import load_prompts
         from steerlab.reporting.plots import save_scan_plots
 
-        extraction.get_method(method)
-        parsed = parse_layers(layers)
-        chosen = None if parsed == "all" else list(parsed)
-        pos_set, neg_set = _load_sets(positive, negative, None, limit)
-        sys_pos = read_system(system_positive, "--system-positive")
-        sys_neg = read_system(system_negative, "--system-negative")
+        chosen, pos_set, neg_set, sys_pos, sys_neg = _inputs(
+            method, layers, positive, negative, None, limit, system_positive, system_negative)
         pos_test = load_prompts(positive_test, limit=limit) if positive_test else None
         neg_test = load_prompts(negative_test, limit=limit) if negative_test else None
         if pos_set is None:

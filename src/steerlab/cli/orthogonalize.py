@@ -52,12 +52,10 @@ def register(app: typer.Typer) -> None:
         control vector (gguf-cvec)."""
         from steerlab.directions.artifact import Direction
         from steerlab.store.outputs import output_dir, output_file
-        from steerlab.weights.export import (
-            check_format,
-            export_gguf_cvec,
-            export_hf,
-            export_lora,
-        )
+        from steerlab.weights.export.common import check_format
+        from steerlab.weights.export.gguf_cvec import export_gguf_cvec
+        from steerlab.weights.export.hf import export_hf
+        from steerlab.weights.export.lora import export_lora
         from steerlab.weights.orthogonalize import orthogonalize as run_orthogonalize
 
         check_format(fmt)

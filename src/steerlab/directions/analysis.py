@@ -1,7 +1,7 @@
 """How good a direction is, layer by layer, on one contrast: :func:`scan` extracts it on
 training prompts and measures it on held-out ones (Cohen's d, probe accuracy, cross-layer
 cosine, refusal–persona cosine). The measures live in :mod:`steerlab.directions.separability`, layer
-selection in :mod:`steerlab.directions.selection`; both are re-exported here."""
+selection in :mod:`steerlab.directions.selection`."""
 
 from __future__ import annotations
 
@@ -21,24 +21,13 @@ from steerlab.directions.extraction import (
     persona_direction,
     set_name,
 )
-from steerlab.directions.selection import (
-    DEFAULT_REFUSAL_TOKENS,
-    SelectionResult,
-    SelectionRow,
-    first_token_logprobs,
-    refusal_scores,
-    refusal_token_ids,
-    select_direction,
-)
 from steerlab.directions.separability import (
-    cohens_d,
     cosine_matrix,
     effect_sizes,
     probe_accuracies,
     with_best_layer,
 )
 from steerlab.errors import DataError
-from steerlab.evaluate.stats import wilson_ci as wilson
 from steerlab.interventions.layer_spec import resolve_layers
 from steerlab.model.loading import LoadedModel
 from steerlab.store.atomic import write_json
@@ -169,9 +158,3 @@ def scan(
         refusal_persona_cosine=persona_cos, direction=direction,
     )
 
-
-__all__ = [
-    "DEFAULT_REFUSAL_TOKENS", "ScanResult", "SelectionResult", "SelectionRow", "cohens_d",
-    "cosine_matrix", "effect_sizes", "first_token_logprobs", "holdout", "probe_accuracies",
-    "refusal_scores", "refusal_token_ids", "scan", "select_direction", "wilson",
-]

@@ -29,11 +29,10 @@ from steerlab.directions.artifact import Direction, stamp_meta
 from steerlab.directions.separability import cohens_d, fit_probe, with_best_layer
 from steerlab.errors import DataError, DirectionError
 from steerlab.model.loading import LoadedModel
-from steerlab.prompts.sets import load_prompts, persona_pairs
+from steerlab.prompts.sets import PERSONA_AXES, load_prompts, persona_pairs
 
 MethodFn = Callable[[ActivationStats, ActivationStats], torch.Tensor]
-TRAIT_AXES = ("evil_nurturing", "callous_supportive", "hostile_patient", "arrogant_diplomatic")
-PERSONA_AXES = ("compliance", *TRAIT_AXES)
+TRAIT_AXES = PERSONA_AXES[1:]  # every persona axis but compliance
 
 
 @dataclass(frozen=True)
@@ -201,13 +200,16 @@ def set_name(prompts: Any, default: str = "") -> str:
 
 
 # -- built-in contrasts -----------------------------------------------------------------------
-def paired_split(split: str, limit: int | None = None) -> tuple[list[str], list[str]]:
-    """(harmful, harmless) twins of the built-in ``paired`` set, aligned by pair_id."""
-    harmful = {p.pair_id: p.prompt for p in load_prompts("paired", split=split, label="harmful")}
-    harmless = {p.pair_id: p.prompt for p in load_prompts("paired", split=split, label="harmless")}
+def paired_split(split: str, limit: int | None = None, source: str = "paired",
+                 min_pairs: int = 1) -> tuple[list[str], list[str]]:
+    """(harmful, harmless) twins of a built-in paired set (``paired``, ``tier2``) by pair_id."""
+    harmful = {p.pair_id: p.prompt for p in load_prompts(source, split=split, label="harmful")}
+    harmless = {p.pair_id: p.prompt for p in load_prompts(source, split=split, label="harmless")}
     ids = sorted(set(harmful) & set(harmless), key=str)[:limit]
-    if not ids:
-        raise DataError(f"The built-in paired set has no pairs in split {split!r}.")
+    if len(ids) < min_pairs:
+        raise DataError(f"The built-in set {source!r} has {len(ids)} harmful/harmless pairs in "
+                        f"split {split!r}, fewer than the {min_pairs} needed; use another split "
+                        "or set.")
     return [harmful[i] for i in ids], [harmless[i] for i in ids]
 
 
@@ -250,10 +252,8 @@ def persona_contrast(
     round-robin (deterministic, every pair used about equally); ``None`` uses
     every pair with every question.
     """
-    if axis not in PERSONA_AXES:
-        raise DataError(f"Unknown persona axis {axis!r}; choose one of {', '.join(PERSONA_AXES)}.")
+    pairs = persona_pairs(axis, split=split)  # refuses an unknown axis
     questions = load_prompts("neutral", split=split).texts()[:limit]
-    pairs = persona_pairs(axis, split=split)
     if not questions or not pairs:
         raise DataError(f"Split {split!r} has {len(questions)} neutral questions and "
                         f"{len(pairs)} {axis} persona pairs; both must be non-empty.")

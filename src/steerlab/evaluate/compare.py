@@ -44,7 +44,7 @@ from steerlab.prompts.sets import load_prompts
 from steerlab.store.atomic import write_json, write_text
 from steerlab.store.outputs import output_dir
 from steerlab.store.rowstore import RowStore, dict_codec
-from steerlab.weights.export import load_edited
+from steerlab.weights.export.lora import load_edited
 
 if TYPE_CHECKING:
     from steerlab.model.loading import LoadedModel

@@ -22,7 +22,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -338,10 +339,6 @@ def _is_outcome(row: dict[str, Any], name: str) -> bool:
     return bool(row["outcome"] == name)
 
 
-def _outcome_flags(rows: Sequence[dict[str, Any]], name: str) -> list[bool]:
-    return [r["outcome"] == name for r in rows]
-
-
 def summarise(rows: Sequence[dict[str, Any]], *, judge_ran: bool = False,
               seed: int = 0) -> dict[str, Any]:
     """Every rate with n and a 95% Wilson interval; judge means with bootstrap intervals."""
@@ -352,16 +349,13 @@ def summarise(rows: Sequence[dict[str, Any]], *, judge_ran: bool = False,
         "refusal_rate_ci95": refusal["ci95"],
         "refusal": {**refusal, "method": "substring"},
     }
-    outcomes = {name: rate_summary(_outcome_flags(rows, name)) for name in OUTCOMES}
+    outcomes = {name: rate_summary([r["outcome"] == name for r in rows]) for name in OUTCOMES}
     summary["outcomes"] = outcomes
     for name in ("bypass", "degenerate"):
         summary[f"{name}_rate"] = outcomes[name]["rate"]
         summary[f"{name}_rate_ci95"] = outcomes[name]["ci95"]
-    reasons: dict[str, int] = {}
-    for r in rows:
-        for reason in r.get("degenerate_reasons", []):
-            reasons[reason] = reasons.get(reason, 0) + 1
-    summary["degenerate_reasons"] = reasons
+    summary["degenerate_reasons"] = dict(
+        Counter(reason for r in rows for reason in r.get("degenerate_reasons", [])))
     if judge_ran or any("judge_compliance" in r for r in rows):
         summary["judge"] = _judge_summary(rows, seed)
     if any("classifier_flagged" in r for r in rows):
@@ -443,8 +437,3 @@ def compare(rows: Sequence[dict[str, Any]], baseline_rows: dict[str, dict[str, A
         if both:
             result[key] = paired_bootstrap([x for x, _ in both], [y for _, y in both], seed=seed)
     return result
-
-
-def iter_rows(out_dir: str | Path) -> Iterable[dict[str, Any]]:
-    """The rows of a finished or partial run, in file order."""
-    return read_rows(Path(out_dir) / ROWS).values()

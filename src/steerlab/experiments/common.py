@@ -9,34 +9,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from steerlab.directions.analysis import cohens_d, select_direction
 from steerlab.directions.artifact import Direction
-from steerlab.directions.extraction import extract_direction
-from steerlab.directions.separability import with_best_layer
+from steerlab.directions.extraction import extract_direction, paired_split
+from steerlab.directions.selection import select_direction
+from steerlab.directions.separability import cohens_d, with_best_layer
 from steerlab.errors import DataError
 from steerlab.experiments.summary import KL_THRESHOLD
 from steerlab.interventions.steering import steer
-from steerlab.prompts.sets import load_prompts
 
 if TYPE_CHECKING:
     from steerlab.experiments.config import RefusalExperimentConfig
     from steerlab.model.loading import LoadedModel
-
-
-# -- prompts and directions -------------------------------------------------------------------
-def contrast_pairs(
-    source: str, split: str, limit: int | None = None
-) -> tuple[list[str], list[str]]:
-    """(harmful, harmless) twins of a built-in paired set (``paired``, ``tier2``) by pair_id."""
-    harmful = {p.pair_id: p.prompt for p in load_prompts(source, split=split, label="harmful")}
-    harmless = {p.pair_id: p.prompt for p in load_prompts(source, split=split, label="harmless")}
-    ids = sorted(set(harmful) & set(harmless), key=str)[:limit]
-    if len(ids) < 2:
-        raise DataError(
-            f"The built-in set {source!r} has {len(ids)} harmful/harmless pairs in "
-            f"split {split!r}; at least 2 are needed. Use another split or set."
-        )
-    return [harmful[i] for i in ids], [harmless[i] for i in ids]
 
 
 @contextmanager
@@ -72,7 +55,7 @@ def refusal_direction_of(
     among the middle layers, the one whose direction, ablated at every layer, most
     lowers the first-token refusal score of held-out harmful prompts, while adding it
     induces refusal and ablating it keeps KL on harmless prompts small
-    (:func:`steerlab.directions.analysis.select_direction` on ``selection_limit`` prompts per
+    (:func:`steerlab.directions.selection.select_direction` on ``selection_limit`` prompts per
     side, every ``selection_stride``-th layer). ``"cohens_d"`` takes the layer of
     largest held-out Cohen's d (cheaper, but separability peaks at late layers whose
     direction is often not the one that mediates refusal).
@@ -83,8 +66,8 @@ def refusal_direction_of(
     """
     if selection not in ("ablation", "cohens_d"):
         raise DataError(f"Unknown layer selection {selection!r}; use 'ablation' or 'cohens_d'.")
-    harmful, harmless = contrast_pairs(source, split, limit)
-    val_harmful, val_harmless = contrast_pairs(source, select_split, limit)
+    harmful, harmless = paired_split(split, limit, source, min_pairs=2)
+    val_harmful, val_harmless = paired_split(select_split, limit, source, min_pairs=2)
     with steered(lm, under):
         direction = extract_direction(
             lm,

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from pydantic import Field
 
-import steerlab.reporting.plots as plots
 from steerlab.experiments import common, measure
 from steerlab.experiments import framework as fw
 from steerlab.experiments import reporting as rp
@@ -30,7 +29,7 @@ from steerlab.experiments import summary as sm
 from steerlab.experiments.config import RefusalExperimentConfig
 from steerlab.experiments.runner import Condition, Runner
 from steerlab.interventions.specs import SubspaceAblate, random_like
-from steerlab.reporting.report import Figure, Table
+from steerlab.reporting.report import Table
 
 if TYPE_CHECKING:
     from steerlab.directions.artifact import Direction
@@ -188,56 +187,41 @@ def _findings(results: dict[str, Any], config: HydraConfig) -> list[sm.Finding]:
         and r1["refusal_rate"] < base["refusal_rate"]
     )
     damage1 = sm.damage_note("round1", r1) if removed else ""
-    out.append(
-        {
-            "claim": "Ablating the refusal direction lowers refusal (round 1)",
-            "verdict": "reproduced"
-            if removed and not damage1
-            else "inconclusive"
-            if not base["refusal_rate"] or damage1
-            else "not reproduced",
-            "evidence": f"{sm.rate(base, 'baseline')} → {sm.rate(r1, 'round1')} (layer "
-            f"{r1['source_layer']}), McNemar p={r1['vs_baseline_p']:.3g}.{damage1}",
-        }
-    )
+    out.append(sm.Finding(
+        claim="Ablating the refusal direction lowers refusal (round 1)",
+        verdict=sm.verdict(removed and not damage1, bool(base["refusal_rate"]) and not damage1),
+        evidence=f"{sm.rate(base, 'baseline')} → {sm.rate(r1, 'round1')} (layer "
+        f"{r1['source_layer']}), McNemar p={r1['vs_baseline_p']:.3g}.{damage1}",
+    ))
     if len(rounds) < 2:
         return out
     r2 = rounds[1]
-    out.append(
-        {
-            "claim": "With the refusal direction ablated, a re-extracted direction still separates "
-            "harmful from harmless prompts",
-            "verdict": "reproduced" if r2["cohens_d"] >= config.separable_d else "not reproduced",
-            "evidence": f"round-2 direction (layer {r2['source_layer']}) held-out Cohen's d "
-            f"{r2['cohens_d']:.2f} under the round-1 ablation (round 1: "
-            f"{r1['cohens_d']:.2f}); its norm is {r2['norm_ratio_to_round1']:.0%} of the "
-            f"original direction's at that layer; criterion d ≥ {config.separable_d:g}.",
-        }
-    )
+    separates = r2["cohens_d"] >= config.separable_d
+    out.append(sm.Finding(
+        claim="With the refusal direction ablated, a re-extracted direction still separates "
+        "harmful from harmless prompts",
+        verdict=sm.verdict(separates, not separates),
+        evidence=f"round-2 direction (layer {r2['source_layer']}) held-out Cohen's d "
+        f"{r2['cohens_d']:.2f} under the round-1 ablation (round 1: "
+        f"{r1['cohens_d']:.2f}); its norm is {r2['norm_ratio_to_round1']:.0%} of the "
+        f"original direction's at that layer; criterion d ≥ {config.separable_d:g}.",
+    ))
     lower = r2["refusal_rate"] < r1["refusal_rate"]
     damage2 = sm.damage_note("round2", r2) if lower else ""
-    verdict = (
-        "inconclusive"
-        if not r1["refusal_rate"]
-        else "reproduced"
-        if lower and r2["vs_previous_round_p"] < sig and not damage2
-        else "inconclusive"
-        if lower
-        else "not reproduced"
-    )
     last = rounds[-1]
-    out.append(
-        {
-            "claim": "Ablating the backup direction lowers refusal further (hydra effect)",
-            "verdict": verdict,
-            "evidence": f"{sm.rate(r1, 'round1')} → {sm.rate(r2, 'round2')}, McNemar "
-            f"p={r2['vs_previous_round_p']:.3g}; after {last['round']} rounds "
-            f"{sm.rate(last)}"
-            + ("" if r1["refusal_rate"] else "; nothing was left to remove after round 1")
-            + "."
-            + damage2,
-        }
-    )
+    out.append(sm.Finding(
+        claim="Ablating the backup direction lowers refusal further (hydra effect)",
+        # nothing left after round 1, or a drop that is not significant or not clean
+        verdict=sm.verdict(
+            bool(r1["refusal_rate"]) and lower and r2["vs_previous_round_p"] < sig
+            and not damage2,
+            bool(r1["refusal_rate"]) and not lower,
+        ),
+        evidence=f"{sm.rate(r1, 'round1')} → {sm.rate(r2, 'round2')}, McNemar "
+        f"p={r2['vs_previous_round_p']:.3g}; after {last['round']} rounds {sm.rate(last)}"
+        + ("" if r1["refusal_rate"] else "; nothing was left to remove after round 1")
+        + "." + damage2,
+    ))
     if "random_subspace" in c:
         out.append(sm.random_control_finding(c["random_subspace"], base))
     return out
@@ -300,34 +284,25 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: HydraConfig
     c, rounds = results["conditions"], results["rounds"]
     names = list(c)
     fig_list = [
-        Figure(
-            rp.refusal_bars(
-                figs / "refusal_by_round.png",
-                c,
-                names,
-                title="Refusal after each round of ablate / re-extract",
-            ),
+        rp.refusal_bars(
+            figs / "refusal_by_round.png", c, names,
             "Refusal rate (95% Wilson CI) with the subspace of rounds 1..k ablated.",
+            title="Refusal after each round of ablate / re-extract",
         ),
-        Figure(
-            plots.lines_by_layer(
-                figs / "cohens_d_by_layer.png",
-                {f"round {r['round']}": r["cohens_d_by_layer"] for r in rounds},
-                title="Held-out Cohen's d of each round's direction (under earlier ablations)",
-                ylabel="Cohen's d",
-            ),
+        rp.cohens_d_lines(
+            figs,
+            {f"round {r['round']}": r["cohens_d_by_layer"] for r in rounds},
             "How well each re-extracted direction separates held-out "
             "harmful from harmless prompts, per layer.",
+            title="Held-out Cohen's d of each round's direction (under earlier ablations)",
         ),
-        Figure(
-            plots.lines_by_layer(
-                figs / "cosine_with_round1.png",
-                {f"round {r['round']}": r["cos_with_round1_by_layer"] for r in rounds[1:]}
-                or {"round 1": {int(k): 1.0 for k in rounds[0]["cohens_d_by_layer"]}},
-                title="Per-layer cosine with the original (round-1) direction",
-                ylabel="cosine",
-            ),
+        rp.layer_lines(
+            figs / "cosine_with_round1.png",
+            {f"round {r['round']}": r["cos_with_round1_by_layer"] for r in rounds[1:]}
+            or {"round 1": {int(k): 1.0 for k in rounds[0]["cohens_d_by_layer"]}},
             "How much of each layer's original refusal direction the re-extracted ones share.",
+            title="Per-layer cosine with the original (round-1) direction",
+            ylabel="cosine",
         ),
     ]
     cols = [

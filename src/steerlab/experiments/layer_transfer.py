@@ -25,7 +25,7 @@ import torch
 from pydantic import Field
 
 import steerlab.reporting.plots as plots
-from steerlab.directions.analysis import cosine_matrix
+from steerlab.directions.separability import cosine_matrix
 from steerlab.errors import SteerlabError
 from steerlab.evaluate.stats import holm
 from steerlab.experiments import common, measure
@@ -368,14 +368,11 @@ def _figures(figs: Path, results: fw.Results, config: LayerTransferConfig) -> li
             "Refusal rate (95% Wilson CI) on harmful prompts when the refusal direction read at "
             "each source layer is removed; dashed: no intervention.",
         ),
-        Figure(
-            plots.lines_by_layer(
-                figs / "cohens_d_by_layer.png",
-                {"Cohen's d (held-out harmful vs harmless)": analysis["cohens_d"]},
-                title="Separability of the projection on each layer's direction",
-                ylabel="Cohen's d",
-            ),
+        rp.cohens_d_lines(
+            figs,
+            {"Cohen's d (held-out harmful vs harmless)": analysis["cohens_d"]},
             "Held-out Cohen's d of the projection on each layer's refusal direction.",
+            title="Separability of the projection on each layer's direction",
         ),
         Figure(
             plots.matrix_heatmap(
@@ -392,23 +389,19 @@ def _figures(figs: Path, results: fw.Results, config: LayerTransferConfig) -> li
         ),
     ]
     if all(kl_key in e for e in per):
-        fig_list.append(
-            Figure(
-                plots.lines_by_layer(
-                    figs / "kl_by_source_layer.png",
-                    {
-                        "first-token KL": {e["source_layer"]: e[kl_key] for e in per},
-                        f"mean KL, first {config.kl_tokens} tokens": {
-                            e["source_layer"]: e[f"kl_first_{config.kl_tokens}"] for e in per
-                        },
-                    },
-                    title="KL(base ‖ ablated) on harmless prompts",
-                    ylabel="KL (nats)",
-                ),
-                "How much removing each source layer's direction changes harmless next-token "
-                "distributions.",
-            )
-        )
+        fig_list.append(rp.layer_lines(
+            figs / "kl_by_source_layer.png",
+            {
+                "first-token KL": {e["source_layer"]: e[kl_key] for e in per},
+                f"mean KL, first {config.kl_tokens} tokens": {
+                    e["source_layer"]: e[f"kl_first_{config.kl_tokens}"] for e in per
+                },
+            },
+            "How much removing each source layer's direction changes harmless next-token "
+            "distributions.",
+            title="KL(base ‖ ablated) on harmless prompts",
+            ylabel="KL (nats)",
+        ))
     return fig_list
 
 

@@ -7,8 +7,9 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from steerlab.evaluate import Judge, mean_summary
+from steerlab.evaluate.judge import Judge
 from steerlab.evaluate.kl import kl_per_prompt_many, kl_summary
+from steerlab.evaluate.stats import mean_summary
 from steerlab.experiments.config import ExperimentConfig
 from steerlab.experiments.runner import Condition, Runner
 from steerlab.experiments.summary import Entry, JudgeEntry, condition_summary, paired_p

@@ -211,16 +211,14 @@ def _findings(
     out: list[sm.Finding] = []
     if "t_inst" in results["positions"]:
         d_t = a["max_cohens_d"]["t_inst"]
-        out.append(
-            {
-                "claim": "The last instruction token (t_inst) separates harmful from "
-                "harmless prompts",
-                "verdict": "reproduced" if d_t >= config.separable_d else "not reproduced",
-                "evidence": f"largest held-out Cohen's d at t_inst {d_t:.2f} (layer "
-                f"{a['best_layer']['t_inst']}); at {ref} {a['max_cohens_d'][ref]:.2f} "
-                f"(layer {a['best_layer'][ref]}); criterion d ≥ {config.separable_d:g}.",
-            }
-        )
+        separates = d_t >= config.separable_d
+        out.append(sm.Finding(
+            claim="The last instruction token (t_inst) separates harmful from harmless prompts",
+            verdict=sm.verdict(separates, not separates),
+            evidence=f"largest held-out Cohen's d at t_inst {d_t:.2f} (layer "
+            f"{a['best_layer']['t_inst']}); at {ref} {a['max_cohens_d'][ref]:.2f} "
+            f"(layer {a['best_layer'][ref]}); criterion d ≥ {config.separable_d:g}.",
+        ))
         for kind, table, prompts, tag, higher in (
             ("add", t_add, harmless, "induces refusal on harmless prompts", True),
             ("ablate", t_ab, eval_set, "removes refusal on harmful prompts", False),
@@ -242,32 +240,24 @@ def _findings(
                 higher or base["refusal_rate"] > 0
             )
             verb = "Adding" if kind == "add" else "Ablating"
-            out.append(
-                {
-                    "claim": f"{verb} the post-instruction direction {tag} more than the t_inst "
-                    "direction",
-                    "verdict": "reproduced"
-                    if more and p < sig
-                    else "not reproduced"
-                    if not more and powered
-                    else "inconclusive",
-                    "evidence": f"{kind} at layer {layer}: {sm.rate(post, ref)} vs "
-                    f"{sm.rate(tin, 't_inst')}, McNemar p={p:.3g}; baseline "
-                    f"{sm.rate(base)}. {ref} is the "
-                    "pre-registered comparison (Arditi et al.'s position).",
-                }
-            )
+            out.append(sm.Finding(
+                claim=f"{verb} the post-instruction direction {tag} more than the t_inst "
+                "direction",
+                verdict=sm.verdict(more and p < sig, not more and powered),
+                evidence=f"{kind} at layer {layer}: {sm.rate(post, ref)} vs "
+                f"{sm.rate(tin, 't_inst')}, McNemar p={p:.3g}; baseline {sm.rate(base)}. "
+                f"{ref} is the pre-registered comparison (Arditi et al.'s position).",
+            ))
         cos = a["cosine_at_layer"][results["positions"].index("t_inst")][
             results["positions"].index(ref)
         ]
-        out.append(
-            {
-                "claim": "The t_inst and post-instruction directions are different directions",
-                "verdict": "reproduced" if cos < config.similar_cosine else "not reproduced",
-                "evidence": f"cosine at layer {layer} between t_inst and {ref}: {cos:.2f} "
-                f"(criterion < {config.similar_cosine:g}).",
-            }
-        )
+        differ = cos < config.similar_cosine
+        out.append(sm.Finding(
+            claim="The t_inst and post-instruction directions are different directions",
+            verdict=sm.verdict(differ, not differ),
+            evidence=f"cosine at layer {layer} between t_inst and {ref}: {cos:.2f} "
+            f"(criterion < {config.similar_cosine:g}).",
+        ))
     return out
 
 
@@ -294,24 +284,19 @@ def _figures(figs: Path, results: fw.Results) -> list[Figure]:
     a, labels, positions = results["analysis"], results["labels"], results["positions"]
     ab, ad = results["ablate"], results["add"]
     return [
-        Figure(
-            plots.lines_by_layer(
-                figs / "cohens_d_by_layer.png",
-                {labels[p]: a["cohens_d"][p] for p in positions},
-                title="Held-out Cohen's d of the refusal direction by read position",
-                ylabel="Cohen's d",
-            ),
+        rp.cohens_d_lines(
+            figs,
+            {labels[p]: a["cohens_d"][p] for p in positions},
             "Cohen's d (held-out paired prompts) of the projection on "
             "the direction read at each position, per layer.",
+            title="Held-out Cohen's d of the refusal direction by read position",
         ),
-        Figure(
-            plots.lines_by_layer(
-                figs / "cosine_with_reference.png",
-                {labels[p]: a["cosine_with_reference"][p] for p in positions},
-                title=f"Cosine with the direction read at {labels[results['reference']]}",
-                ylabel="cosine",
-            ),
+        rp.layer_lines(
+            figs / "cosine_with_reference.png",
+            {labels[p]: a["cosine_with_reference"][p] for p in positions},
             "Per-layer cosine of each position's direction with the last-token direction.",
+            title=f"Cosine with the direction read at {labels[results['reference']]}",
+            ylabel="cosine",
         ),
         Figure(
             plots.matrix_heatmap(
@@ -328,23 +313,13 @@ def _figures(figs: Path, results: fw.Results) -> list[Figure]:
             "Cosine between the directions read at each pair of positions, at the "
             "intervention layer.",
         ),
-        Figure(
-            rp.refusal_bars(
-                figs / "ablate.png",
-                ab,
-                list(ab),
-                title="Harmful prompts: refusal with each position's direction ablated",
-            ),
-            "Refusal on harmful prompts (95% Wilson CI).",
+        rp.refusal_bars(
+            figs / "ablate.png", ab, list(ab), "Refusal on harmful prompts (95% Wilson CI).",
+            title="Harmful prompts: refusal with each position's direction ablated",
         ),
-        Figure(
-            rp.refusal_bars(
-                figs / "add.png",
-                ad,
-                list(ad),
-                title="Harmless prompts: refusal induced by adding each position's direction",
-            ),
-            "Refusal on harmless prompts (95% Wilson CI).",
+        rp.refusal_bars(
+            figs / "add.png", ad, list(ad), "Refusal on harmless prompts (95% Wilson CI).",
+            title="Harmless prompts: refusal induced by adding each position's direction",
         ),
     ]
 

@@ -89,21 +89,43 @@ def kl_table(title: str, kl: Mapping[str, Entry], k: int) -> Table:
     )
 
 
-def refusal_bars(path: Path, entries: Mapping[str, Mapping[str, Any]], names: Sequence[str], *,
-                 title: str) -> Path:
+def refusal_bars(path: Path, entries: Mapping[str, Mapping[str, Any]], names: Sequence[str],
+                 caption: str, *, title: str) -> Figure:
     """Bar chart of the refusal rate (95% Wilson CI) of the conditions ``names``."""
-    return plots.bars_with_ci(
+    return Figure(plots.bars_with_ci(
         path,
         list(names),
         [entries[n]["refusal_rate"] for n in names],
         [entries[n]["refusal_rate_ci95"] for n in names],
         title=title,
         ylabel="refusal rate",
+    ), caption)
+
+
+def layer_lines(path: Path, series: Mapping[str, Mapping[Any, float]], caption: str, *,
+                title: str, ylabel: str) -> Figure:
+    """Per-layer curves on one axis (Cohen's d, cosines), with the figure's caption."""
+    return Figure(plots.lines_by_layer(path, series, title=title, ylabel=ylabel), caption)
+
+
+def cohens_d_lines(figs: Path, series: Mapping[str, Mapping[Any, float]], caption: str, *,
+                   title: str) -> Figure:
+    """The held-out Cohen's d by layer that every experiment's report shows
+    (``cohens_d_by_layer.png`` in ``figs``), one curve per direction."""
+    return layer_lines(figs / "cohens_d_by_layer.png", series, caption, title=title,
+                       ylabel="Cohen's d")
+
+
+def layer_alpha_grid(path: Path, cells: Sequence[Mapping[str, Any]], layers: Sequence[int],
+                     alphas: Sequence[float], key: str, *, title: str, col_label: str,
+                     value_label: str) -> Path:
+    """Heatmap of the rate ``key`` over the (layer, alpha) cells of a steering search:
+    layers as rows, alphas as columns, each cell's rate printed."""
+    values = [[next(c[key] for c in cells if c["layer"] == la and c["alpha"] == al)
+               for al in alphas] for la in layers]
+    return plots.matrix_heatmap(
+        path, [f"{la:g}" for la in layers], [f"{al:g}" for al in alphas], values,
+        title=title, row_label="layer", col_label=col_label, value_label=value_label,
+        vmin=0.0, vmax=1.0, annotate=True, cmap="viridis", value_format="{:.0%}",
+        size=(1.4 * len(alphas) + 3, 0.9 * len(layers) + 2.5), fontsize=12,
     )
-
-
-def grid_values(cells: Sequence[Mapping[str, Any]], layers: Sequence[int],
-                alphas: Sequence[float], key: str) -> list[list[float]]:
-    """``key`` of the (layer, alpha) cells as rows of layers, columns of alphas."""
-    return [[next(c[key] for c in cells if c["layer"] == la and c["alpha"] == al)
-             for al in alphas] for la in layers]

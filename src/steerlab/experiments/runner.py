@@ -27,7 +27,7 @@ from rich.progress import (
 
 from steerlab.directions.artifact import Direction
 from steerlab.errors import SteerlabError
-from steerlab.evaluate import outcome
+from steerlab.evaluate.outcome import outcome
 from steerlab.experiments.store import ResponseStore, run_identity
 from steerlab.experiments.timings import Timings
 from steerlab.generation.generate import Generation, GenerationGroup, generate_groups

@@ -360,15 +360,11 @@ def _figures(figs: Path, results: fw.Results) -> list[Figure]:
     a = results["analysis"]
     m = results["matrix"]
     return [
-        Figure(
-            rp.refusal_bars(
-                figs / "conditions.png",
-                c,
-                order,
-                title="Refusal rate by condition (eval set : intervention)",
-            ),
+        rp.refusal_bars(
+            figs / "conditions.png", c, order,
             "Refusal rate per condition with 95% Wilson intervals; 'paired:' rows are ordinary "
             "harmful prompts, 'tier2:' rows the extreme-harm prompts.",
+            title="Refusal rate by condition (eval set : intervention)",
         ),
         Figure(
             plots.matrix_heatmap(
@@ -392,23 +388,18 @@ def _figures(figs: Path, results: fw.Results) -> list[Figure]:
             "The two-tier 2 x 2: refusal rate with each source's subspace ablated, on each "
             "evaluation set.",
         ),
-        Figure(
-            plots.lines_by_layer(
-                figs / "cohens_d_by_layer.png",
-                {f"{src} (held-out)": d for src, d in a["cohens_d"].items()},
-                title="Cohen's d of each source's refusal direction by layer",
-                ylabel="Cohen's d",
-            ),
+        rp.cohens_d_lines(
+            figs,
+            {f"{src} (held-out)": d for src, d in a["cohens_d"].items()},
             "Held-out Cohen's d per layer of the paired-set and tier-2 refusal directions.",
+            title="Cohen's d of each source's refusal direction by layer",
         ),
-        Figure(
-            plots.lines_by_layer(
-                figs / "cosine_by_layer.png",
-                {"paired vs tier-2 direction": a["paired_tier2_cosine"]},
-                title="Cosine between the paired and tier-2 refusal directions",
-                ylabel="cosine",
-            ),
+        rp.layer_lines(
+            figs / "cosine_by_layer.png",
+            {"paired vs tier-2 direction": a["paired_tier2_cosine"]},
             "Per-layer cosine between the two sources' refusal directions.",
+            title="Cosine between the paired and tier-2 refusal directions",
+            ylabel="cosine",
         ),
     ]
 

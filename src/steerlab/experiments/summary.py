@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, TypedDict
 
-from steerlab.evaluate import mcnemar, rate_summary
+from steerlab.evaluate.stats import mcnemar, rate_summary
 
 ALPHA_SIG = 0.05
 KL_THRESHOLD = 0.1  # select_direction's default KL filter

@@ -34,13 +34,7 @@ from steerlab.activations.layout_bound import layout_bound
 from steerlab.activations.record import layer_output_hooks
 from steerlab.directions.artifact import Direction
 from steerlab.errors import InterventionError
-from steerlab.interventions.compilers import (
-    MEAN_NORMS_KEY,
-    Op,
-    _Placed,
-    compile_specs,
-    orthonormal_basis,
-)
+from steerlab.interventions.compilers import MEAN_NORMS_KEY, Op, _Placed, compile_specs
 from steerlab.interventions.spec_resolution import resolve_specs
 from steerlab.interventions.spec_types import Spec
 from steerlab.model.loading import LoadedModel
@@ -311,4 +305,4 @@ def with_mean_norms(
 
 
 __all__ = ["SiteInfo", "SteeringPlan", "backbone", "check_specs", "count_hooks",
-           "first_hooked_layer", "orthonormal_basis", "past_length", "steer", "with_mean_norms"]
+           "first_hooked_layer", "past_length", "steer", "with_mean_norms"]

@@ -205,15 +205,18 @@ def splits(prompts: PromptSet) -> dict[str, PromptSet]:
     }
 
 
-def _read_builtin(builtin: BuiltinSet) -> PromptSet:
-    name = f"builtin:{builtin.filename}"
-    records = read_records(builtin.read_text(), name, ".jsonl")
-    stem = builtin.filename.removesuffix(".jsonl")
+def _parse(text: str, source: str, suffix: str, stem: str, name: str) -> PromptSet:
+    """The prompts of one file's text; unnamed records get ids ``STEM-0001``, ..."""
     prompts = tuple(
-        Prompt(**normalize(rec, where, name, f"{stem}-{i:04d}"))
-        for i, (where, rec) in enumerate(records, 1)
+        Prompt(**normalize(rec, where, source, f"{stem}-{i:04d}"))
+        for i, (where, rec) in enumerate(read_records(text, source, suffix), 1)
     )
-    return PromptSet(builtin.name, prompts, source=name)
+    return PromptSet(name, prompts, source=source)
+
+
+def _read_builtin(builtin: BuiltinSet) -> PromptSet:
+    return _parse(builtin.read_text(), f"builtin:{builtin.filename}", ".jsonl",
+                  builtin.filename.removesuffix(".jsonl"), builtin.name)
 
 
 def _read_file(path: Path) -> PromptSet:
@@ -223,12 +226,7 @@ def _read_file(path: Path) -> PromptSet:
         raise DataError(f"{path}: not UTF-8 text ({exc}). Re-save the file as UTF-8.") from exc
     except OSError as exc:
         raise DataError(f"{path}: cannot be read ({exc}).") from exc
-    records = read_records(text, str(path), path.suffix)
-    prompts = tuple(
-        Prompt(**normalize(rec, where, str(path), f"{path.stem}-{i:04d}"))
-        for i, (where, rec) in enumerate(records, 1)
-    )
-    return PromptSet(path.stem, prompts, source=str(path))
+    return _parse(text, str(path), path.suffix, path.stem, path.stem)
 
 
 def _unknown_builtin(name: str) -> DataError:

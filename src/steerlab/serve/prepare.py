@@ -29,9 +29,7 @@ class Limits:
     def for_model(cls, lm: LoadedModel, max_new_tokens: int,
                   context: int | None = None) -> Limits:
         if context is None:
-            context = int(getattr(lm.model.config, "max_position_embeddings", 0) or 0)
-            if context <= 0:
-                context = 4096
+            context = lm.context_length or 4096
         return cls(context=context, max_new_tokens=max_new_tokens)
 
 

@@ -121,7 +121,7 @@ class RowStore(Generic[R]):
                                 ours=lambda p: is_store(p, kind))
         self._rows: dict[Hashable, R] = {}
         if overwrite or not self.path.exists() or self.path.stat().st_size == 0:
-            self._write_all([])
+            self.replace([])
         else:
             self._resume(check)
 
@@ -164,7 +164,8 @@ class RowStore(Generic[R]):
             with self.path.open("r+b") as handle:
                 handle.truncate(len(complete) + 1)
 
-    def _write_all(self, rows: Iterable[R]) -> None:
+    def replace(self, rows: Iterable[R]) -> None:
+        """Rewrite every row at once (atomically: a kill leaves the old file or the new)."""
         rows = list(rows)
         write_text(self.path, self._header_line() + "".join(self._line(r) for r in rows))
         self._rows = {self.codec.key(r): r for r in rows}
@@ -209,10 +210,6 @@ class RowStore(Generic[R]):
             return []
         with self.appending() as put:
             return [put(r) for r in rows]
-
-    def replace(self, rows: Iterable[R]) -> None:
-        """Rewrite every row at once (atomically: a kill leaves the old file or the new)."""
-        self._write_all(rows)
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:

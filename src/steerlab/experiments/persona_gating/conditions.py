@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from steerlab.directions.artifact import Direction
-from steerlab.evaluate import mean_summary
 from steerlab.evaluate.kl import kl_from_logprobs, kl_per_prompt_many
+from steerlab.evaluate.stats import mean_summary
 from steerlab.experiments.config import PersonaGatingConfig
 from steerlab.experiments.framework import span
 from steerlab.experiments.measure import judge_conditions

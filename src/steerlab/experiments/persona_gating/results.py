@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from steerlab.evaluate import bootstrap_ci, holm, restored_share
+from steerlab.evaluate.stats import bootstrap_ci, holm, restored_share
 from steerlab.experiments.config import PersonaGatingConfig
 from steerlab.experiments.framework import Results, span
 from steerlab.experiments.measure import rows_of

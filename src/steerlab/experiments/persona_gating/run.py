@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from steerlab.directions.analysis import select_direction
 from steerlab.directions.artifact import Direction
 from steerlab.directions.extraction import (
     TRAIT_AXES,
@@ -14,6 +13,7 @@ from steerlab.directions.extraction import (
     refusal_direction,
     trait_direction,
 )
+from steerlab.directions.selection import select_direction
 from steerlab.errors import SteerlabError
 from steerlab.experiments.common import cohens_d_of
 from steerlab.experiments.config import PersonaGatingConfig
