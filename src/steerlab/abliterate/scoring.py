@@ -85,9 +85,6 @@ class JudgeScorer:
     def describe(self) -> dict[str, Any]:
         return {"kind": "judge", **self.judge.describe()}
 
-    def stop_rule(self, tokenizer: Any) -> None:
-        """None: the judge reads whole responses."""
-        return None
 
     def __call__(self, pairs: Sequence[tuple[str, str]], *, harmful: bool) -> Verdicts:
         scores = self.judge.score_many(list(pairs))
@@ -105,9 +102,6 @@ class ClassifierScorer:
     def describe(self) -> dict[str, Any]:
         return {"kind": "classifier", **self.classifier.describe()}
 
-    def stop_rule(self, tokenizer: Any) -> None:
-        """None: the classifier reads whole responses."""
-        return None
 
     def __call__(self, pairs: Sequence[tuple[str, str]], *, harmful: bool) -> Verdicts:
         base = SubstringScorer()(pairs, harmful=harmful)
