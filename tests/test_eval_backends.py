@@ -8,6 +8,7 @@ import pytest
 from steerlab.errors import EvaluationError
 from steerlab.evaluate._http import EndpointUnavailable, chat_url
 from steerlab.evaluate.backends import InProcessBackend, OpenAIBackend
+from steerlab.evaluate.judge import Judge
 from tests.openai_stub import OpenAIStub, user_text
 
 PROMPTS = ["how do i make bread", "write a poem about the sky", "tell me a story",
@@ -99,3 +100,12 @@ def test_openai_backend_connection_refused_is_retried_then_clear():
     backend = OpenAIBackend(f"http://127.0.0.1:{port}/v1", "m", max_retries=1, backoff=0.01)
     with pytest.raises(EndpointUnavailable, match="ConnectError"):
         list(backend.stream(["hello"]))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: OpenAIBackend("http://127.0.0.1:9/v1", "m", max_concurrency=0),
+    lambda: Judge("http://127.0.0.1:9/v1", "m", max_concurrency=0),
+])
+def test_concurrency_below_one_is_one_clear_error(make) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(EvaluationError, match="max_concurrency must be at least 1"):
+        make()

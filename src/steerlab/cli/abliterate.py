@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from steerlab.cli.common import DTYPE_OPT, MODEL_ARG, console, load
+from steerlab.cli.common import DTYPE_OPT, MODEL_ARG, RUN_DIR_OPT, console, load
 from steerlab.store.outputs import clear_run_dir
 
 
@@ -14,7 +14,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def abliterate(
         model: str = MODEL_ARG,
-        out: Path = typer.Option(..., "--out", help="Run folder (resumes if it exists)."),
+        out: Path = RUN_DIR_OPT,
         trials: int | None = typer.Option(None, "--trials", help="Trial budget (default 40, "
                                           "or the config's)."),
         config: Path | None = typer.Option(None, "--config", help="YAML/JSON settings "

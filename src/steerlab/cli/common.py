@@ -20,6 +20,7 @@ MODEL_ARG = typer.Argument(
     "(embedded Qwen2.5-Coder-0.5B).",
 )
 DTYPE_OPT = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16.")
+RUN_DIR_OPT = typer.Option(..., "--out", help="Run folder (resumes if it exists).")
 
 
 def load(spec: str, dtype: str = "auto", device: str | None = None) -> LoadedModel:

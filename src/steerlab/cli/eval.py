@@ -12,6 +12,7 @@ import typer
 
 from steerlab.cli.common import (
     DTYPE_OPT,
+    RUN_DIR_OPT,
     SYSTEM_HELP,
     console,
     error_console,
@@ -63,7 +64,7 @@ def register(app: typer.Typer) -> None:
         capability: int | None = typer.Option(None, "--capability", help="Also measure accuracy "
                                               "on N built-in capability items (0 = all)."),
         seed: int = typer.Option(0, "--seed"),
-        out: Path = typer.Option(..., "--out", help="Run folder (resumes if it exists)."),
+        out: Path = RUN_DIR_OPT,
         overwrite: bool = typer.Option(False, "--overwrite", help="Start --out over instead of "
                                        "resuming it (or write into a folder steerlab did not)."),
         dtype: str = DTYPE_OPT,

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from steerlab.cli.common import DTYPE_OPT, MODEL_ARG, console, load
+from steerlab.cli.common import DTYPE_OPT, MODEL_ARG, RUN_DIR_OPT, console, load
 from steerlab.store.outputs import clear_run_dir
 
-OUT_OPT = typer.Option(..., "--out", help="Run folder (resumes if it exists).")
 LIMIT_OPT = typer.Option(None, "--limit", help="Use the first N evaluation prompts.")
 JUDGE_OPT = typer.Option(None, "--judge", help="OpenAI-compatible judge URL (optional).")
 JUDGE_MODEL_OPT = typer.Option(None, "--judge-model", help="Judge model name.")
@@ -38,7 +37,7 @@ EVAL_OPT = typer.Option(
 
 def _shared_options(
     model: str = MODEL_ARG,
-    out: Path = OUT_OPT,
+    out: Path = RUN_DIR_OPT,
     limit: int | None = LIMIT_OPT,
     judge: str | None = JUDGE_OPT,
     judge_model: str | None = JUDGE_MODEL_OPT,
@@ -77,39 +76,58 @@ def _run(model: str, out: Path, dtype: str, module: str, config_file: Path | Non
     console.print(f"report: {out / 'report.html'}  results: {out / 'results.json'}")
 
 
-def experiment_command(
-    group: typer.Typer, name: str, module: str
-) -> Callable[[Callable[..., dict[str, Any]]], Callable[..., dict[str, Any]]]:
-    """Register ``NAME`` in ``group`` from a function of the experiment's own options.
+def own_option(name: str, kind: type, flag: str, help: str) -> inspect.Parameter:
+    """An option particular to one experiment: ``None`` unless given, and then it overrides
+    the config field ``name``."""
+    return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                             default=typer.Option(None, flag, help=help), annotation=kind | None)
 
-    The decorated function declares only what is particular to the experiment and
-    returns those options as config overrides; the command gets the
-    :func:`_shared_options` around them (``--dtype`` last) and runs the
-    ``EXPERIMENT`` of ``steerlab.experiments.MODULE``, imported only when the
-    command runs so ``--help`` stays fast. ``steerlab experiment NAME`` and
-    ``steerlab reproduce NAME`` both come through here.
+
+def experiment_command(group: typer.Typer, name: str, module: str, doc: str,
+                       own: Sequence[inspect.Parameter]) -> None:
+    """Register ``NAME`` in ``group``: the :func:`_shared_options` around the experiment's
+    ``own`` options (``--dtype`` last), running the ``EXPERIMENT`` of
+    ``steerlab.experiments.MODULE``, imported only when the command runs so ``--help``
+    stays fast. ``steerlab experiment NAME`` and ``steerlab reproduce NAME`` both come
+    through here.
     """
     shared = list(inspect.signature(_shared_options, eval_str=True).parameters.values())
 
-    def decorate(own: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
-        own_params = list(inspect.signature(own, eval_str=True).parameters.values())
+    def command(**values: Any) -> None:
+        given = {p.name: values.pop(p.name) for p in shared}
+        _run(given["model"], given["out"], given["dtype"], module, given["config"],
+             given["eval_prompts"], given["overwrite"], limit=given["limit"],
+             judge_url=given["judge"], judge_model=given["judge_model"], seed=given["seed"],
+             max_new_tokens=given["max_new_tokens"], **values)
 
-        def command(**values: Any) -> None:
-            given = {p.name: values.pop(p.name) for p in shared}
-            _run(given["model"], given["out"], given["dtype"], module, given["config"],
-                 given["eval_prompts"], given["overwrite"], limit=given["limit"],
-                 judge_url=given["judge"], judge_model=given["judge_model"], seed=given["seed"],
-                 max_new_tokens=given["max_new_tokens"], **own(**values))
+    command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [*shared[:-1], *own, shared[-1]]
+    )
+    command.__doc__ = doc
+    command.__name__ = module
+    group.command(name)(command)
 
-        command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-            [*shared[:-1], *own_params, shared[-1]]
-        )
-        command.__doc__ = own.__doc__
-        command.__name__ = own.__name__
-        group.command(name)(command)
-        return own
 
-    return decorate
+# Each experiment command: its name, module, help and own options.
+EXPERIMENTS = (
+    ("layer-transfer", "layer_transfer",
+     "Each layer's refusal direction ablated everywhere: one direction or a subspace?",
+     [own_option("source_layers", str, "--source-layers",
+                 "Source layers to test, e.g. '4-20' (default: all)."),
+      own_option("layer_stride", int, "--layer-stride", "Test every k-th layer."),
+      own_option("mode", str, "--mode", "ablate (default) or subtract.")]),
+    ("subspace", "subspace",
+     "Ablate a multi-layer refusal subspace; test the two-tier refusal hypothesis.",
+     [own_option("layers", str, "--layers",
+                 "Basis layers, e.g. '7-10' (default: 4 around the best).")]),
+    ("positions", "positions",
+     "Directions read at t_inst vs each post-instruction token: harmfulness vs refusal.",
+     [own_option("layer", int, "--layer",
+                 "Layer of the interventions (default: best last-token layer).")]),
+    ("hydra", "hydra",
+     "Ablate, re-extract on the ablated model, repeat: do backup directions take over?",
+     [own_option("rounds", int, "--rounds", "Ablate / re-extract rounds (default 3).")]),
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -119,43 +137,5 @@ def register(app: typer.Typer) -> None:
         no_args_is_help=True,
     )
     app.add_typer(group, name="experiment")
-
-    @experiment_command(group, "layer-transfer", "layer_transfer")
-    def layer_transfer(
-        source_layers: str | None = typer.Option(
-            None, "--source-layers", help="Source layers to test, e.g. '4-20' (default: all)."
-        ),
-        layer_stride: int | None = typer.Option(
-            None, "--layer-stride", help="Test every k-th layer."
-        ),
-        mode: str | None = typer.Option(None, "--mode", help="ablate (default) or subtract."),
-    ) -> dict[str, Any]:
-        """Each layer's refusal direction ablated everywhere: one direction or a subspace?"""
-        return {"source_layers": source_layers, "layer_stride": layer_stride, "mode": mode}
-
-    @experiment_command(group, "subspace", "subspace")
-    def subspace(
-        layers: str | None = typer.Option(
-            None, "--layers", help="Basis layers, e.g. '7-10' (default: 4 around the best)."
-        ),
-    ) -> dict[str, Any]:
-        """Ablate a multi-layer refusal subspace; test the two-tier refusal hypothesis."""
-        return {"layers": layers}
-
-    @experiment_command(group, "positions", "positions")
-    def positions(
-        layer: int | None = typer.Option(
-            None, "--layer", help="Layer of the interventions (default: best last-token layer)."
-        ),
-    ) -> dict[str, Any]:
-        """Directions read at t_inst vs each post-instruction token: harmfulness vs refusal."""
-        return {"layer": layer}
-
-    @experiment_command(group, "hydra", "hydra")
-    def hydra(
-        rounds: int | None = typer.Option(
-            None, "--rounds", help="Ablate / re-extract rounds (default 3)."
-        ),
-    ) -> dict[str, Any]:
-        """Ablate, re-extract on the ablated model, repeat: do backup directions take over?"""
-        return {"rounds": rounds}
+    for name, module, doc, own in EXPERIMENTS:
+        experiment_command(group, name, module, doc, own)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import typer
 
-from steerlab.cli.experiment import experiment_command
+from steerlab.cli.experiment import experiment_command, own_option
 
 
 def register(app: typer.Typer) -> None:
@@ -15,13 +13,10 @@ def register(app: typer.Typer) -> None:
     )
     app.add_typer(group, name="reproduce")
 
-    @experiment_command(group, "persona-gating", "persona_gating")
-    def persona_gating(
-        refusal_direction: str | None = typer.Option(
-            None, "--refusal-direction",
-            help="Ablate and re-add this saved refusal direction (an extract folder or an "
-            "abliterate run) at its best layer, instead of extracting and selecting one.",
-        ),
-    ) -> dict[str, Any]:
-        """Persona gates refusal (arXiv 2606.26161): steer, re-add, project, random controls."""
-        return {"refusal_direction": refusal_direction}
+    experiment_command(
+        group, "persona-gating", "persona_gating",
+        "Persona gates refusal (arXiv 2606.26161): steer, re-add, project, random controls.",
+        [own_option("refusal_direction", str, "--refusal-direction",
+                    "Ablate and re-add this saved refusal direction (an extract folder or an "
+                    "abliterate run) at its best layer, instead of extracting and selecting one.")],
+    )

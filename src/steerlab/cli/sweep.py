@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from steerlab.cli.common import DTYPE_OPT, console, load
+from steerlab.cli.common import DTYPE_OPT, RUN_DIR_OPT, console, load
 
 
 def register(app: typer.Typer) -> None:
@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
             "harmless", "--harmless", help="Harmless prompts for KL ('' to skip)."
         ),
         max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
-        out: Path = typer.Option(..., "--out", help="Run folder (resumes if it exists)."),
+        out: Path = RUN_DIR_OPT,
         dtype: str = DTYPE_OPT,
     ) -> None:
         """Refusal, degenerate rate and KL for every (layer, alpha) cell, with heatmaps."""

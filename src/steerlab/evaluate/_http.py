@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -46,12 +47,16 @@ class ChatClient:
     """Thread-safe POSTs to one chat-completions endpoint, with retries.
 
     ``requests`` counts HTTP requests actually sent (retries included), which
-    is what caching tests and cost estimates need.
+    is what caching tests and cost estimates need. ``max_concurrency`` bounds
+    both the open connections and the workers of :meth:`pool`.
     """
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, *,
                  timeout: float = 120.0, max_retries: int = 4, backoff: float = 0.5,
-                 max_backoff: float = 16.0, max_connections: int = 8) -> None:
+                 max_backoff: float = 16.0, max_concurrency: int = 8) -> None:
+        if max_concurrency < 1:
+            raise EvaluationError("max_concurrency must be at least 1.")
+        self.max_concurrency = max_concurrency
         self.url = chat_url(base_url)
         self.model = model
         self.max_retries = max_retries
@@ -60,14 +65,18 @@ class ChatClient:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.Client(
             timeout=timeout, headers=headers,
-            limits=httpx.Limits(max_connections=max_connections,
-                                max_keepalive_connections=max_connections),
+            limits=httpx.Limits(max_connections=max_concurrency,
+                                max_keepalive_connections=max_concurrency),
         )
         self._lock = threading.Lock()
         self.requests = 0
 
     def close(self) -> None:
         self._client.close()
+
+    def pool(self, name: str) -> ThreadPoolExecutor:
+        """Worker threads for concurrent requests, as many as the client allows in flight."""
+        return ThreadPoolExecutor(self.max_concurrency, thread_name_prefix=name)
 
     def _sleep(self, attempt: int) -> None:
         delay = min(self.max_backoff, self.backoff * 2**attempt)

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, as_completed
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from steerlab.errors import EvaluationError
 from steerlab.evaluate._http import ChatClient, message_text
 from steerlab.generation.generate import generate
 from steerlab.interventions.specs import specs_to_json
@@ -119,17 +118,14 @@ class OpenAIBackend:
                  max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = 0, max_concurrency: int = 4, timeout: float = 300.0,
                  max_retries: int = 4, backoff: float = 0.5) -> None:
-        if max_concurrency < 1:
-            raise EvaluationError("max_concurrency must be at least 1.")
+        self.client = ChatClient(base_url, model, api_key, timeout=timeout,
+                                 max_retries=max_retries, backoff=backoff,
+                                 max_concurrency=max_concurrency)
         self.model = model
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.top_p = top_p
         self.seed = seed
-        self.max_concurrency = max_concurrency
-        self.client = ChatClient(base_url, model, api_key, timeout=timeout,
-                                 max_retries=max_retries, backoff=backoff,
-                                 max_connections=max_concurrency)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "openai", "url": self.client.url, "model": self.model,
@@ -150,7 +146,7 @@ class OpenAIBackend:
         return text, finish, int(tokens) if isinstance(tokens, int) else None
 
     def stream(self, prompts: Sequence[str], system: str | None = None) -> Iterator[Completion]:
-        pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="steerlab-openai")
+        pool = self.client.pool("steerlab-openai")
         futures: dict[Future[tuple[str, str | None, int | None]], int] = {}
         try:
             futures = {pool.submit(self.complete, p, system): i for i, p in enumerate(prompts)}

@@ -167,21 +167,18 @@ class Judge:
                  max_retries: int = 4, max_parse_retries: int = 2, backoff: float = 0.5,
                  timeout: float = 120.0, temperature: float = 0.0, max_tokens: int = 200,
                  rubric: str = RUBRIC, rubric_version: str = RUBRIC_VERSION) -> None:
-        if max_concurrency < 1:
-            raise ValueError("max_concurrency must be at least 1")
+        self.client = ChatClient(base_url, model, api_key, timeout=timeout,
+                                 max_retries=max_retries, backoff=backoff,
+                                 max_concurrency=max_concurrency)
         self.model = model
         self.base_url = base_url
         self.rubric = rubric
         self.rubric_version = rubric_version
-        self.max_concurrency = max_concurrency
         self.max_parse_retries = max_parse_retries
         self.temperature = temperature
         self.max_tokens = max_tokens
         cache = cache if cache is not None else cache_path  # cache_path: alias
         self.cache = cache if isinstance(cache, JudgeCache) or cache is None else JudgeCache(cache)
-        self.client = ChatClient(base_url, model, api_key, timeout=timeout,
-                                 max_retries=max_retries, backoff=backoff,
-                                 max_connections=max_concurrency)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._inflight: dict[str, Future[JudgeScore]] = {}
@@ -256,8 +253,7 @@ class Judge:
             if pending is not None:
                 return pending
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.max_concurrency,
-                                                thread_name_prefix="steerlab-judge")
+                self._pool = self.client.pool("steerlab-judge")
             future = self._pool.submit(self.score, prompt, response)
             self._inflight[key] = future
         future.add_done_callback(lambda _f: self._forget(key, _f))

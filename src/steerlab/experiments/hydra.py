@@ -289,13 +289,12 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: HydraConfig
             "Refusal rate (95% Wilson CI) with the subspace of rounds 1..k ablated.",
             title="Refusal after each round of ablate / re-extract",
         ),
-        rp.layer_lines(
-            figs / "cohens_d_by_layer.png",
+        rp.cohens_d_lines(
+            figs,
             {f"round {r['round']}": r["cohens_d_by_layer"] for r in rounds},
             "How well each re-extracted direction separates held-out "
             "harmful from harmless prompts, per layer.",
             title="Held-out Cohen's d of each round's direction (under earlier ablations)",
-            ylabel="Cohen's d",
         ),
         rp.layer_lines(
             figs / "cosine_with_round1.png",

@@ -365,12 +365,11 @@ def _figures(figs: Path, results: fw.Results, config: LayerTransferConfig) -> li
             "Refusal rate (95% Wilson CI) on harmful prompts when the refusal direction read at "
             "each source layer is removed; dashed: no intervention.",
         ),
-        rp.layer_lines(
-            figs / "cohens_d_by_layer.png",
+        rp.cohens_d_lines(
+            figs,
             {"Cohen's d (held-out harmful vs harmless)": analysis["cohens_d"]},
             "Held-out Cohen's d of the projection on each layer's refusal direction.",
             title="Separability of the projection on each layer's direction",
-            ylabel="Cohen's d",
         ),
         Figure(
             plots.matrix_heatmap(

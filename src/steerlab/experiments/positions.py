@@ -284,13 +284,12 @@ def _figures(figs: Path, results: fw.Results) -> list[Figure]:
     a, labels, positions = results["analysis"], results["labels"], results["positions"]
     ab, ad = results["ablate"], results["add"]
     return [
-        rp.layer_lines(
-            figs / "cohens_d_by_layer.png",
+        rp.cohens_d_lines(
+            figs,
             {labels[p]: a["cohens_d"][p] for p in positions},
             "Cohen's d (held-out paired prompts) of the projection on "
             "the direction read at each position, per layer.",
             title="Held-out Cohen's d of the refusal direction by read position",
-            ylabel="Cohen's d",
         ),
         rp.layer_lines(
             figs / "cosine_with_reference.png",

@@ -108,8 +108,24 @@ def layer_lines(path: Path, series: Mapping[str, Mapping[Any, float]], caption: 
     return Figure(plots.lines_by_layer(path, series, title=title, ylabel=ylabel), caption)
 
 
-def grid_values(cells: Sequence[Mapping[str, Any]], layers: Sequence[int],
-                alphas: Sequence[float], key: str) -> list[list[float]]:
-    """``key`` of the (layer, alpha) cells as rows of layers, columns of alphas."""
-    return [[next(c[key] for c in cells if c["layer"] == la and c["alpha"] == al)
-             for al in alphas] for la in layers]
+def cohens_d_lines(figs: Path, series: Mapping[str, Mapping[Any, float]], caption: str, *,
+                   title: str) -> Figure:
+    """The held-out Cohen's d by layer that every experiment's report shows
+    (``cohens_d_by_layer.png`` in ``figs``), one curve per direction."""
+    return layer_lines(figs / "cohens_d_by_layer.png", series, caption, title=title,
+                       ylabel="Cohen's d")
+
+
+def layer_alpha_grid(path: Path, cells: Sequence[Mapping[str, Any]], layers: Sequence[int],
+                     alphas: Sequence[float], key: str, *, title: str, col_label: str,
+                     value_label: str) -> Path:
+    """Heatmap of the rate ``key`` over the (layer, alpha) cells of a steering search:
+    layers as rows, alphas as columns, each cell's rate printed."""
+    values = [[next(c[key] for c in cells if c["layer"] == la and c["alpha"] == al)
+               for al in alphas] for la in layers]
+    return plots.matrix_heatmap(
+        path, [f"{la:g}" for la in layers], [f"{al:g}" for al in alphas], values,
+        title=title, row_label="layer", col_label=col_label, value_label=value_label,
+        vmin=0.0, vmax=1.0, annotate=True, cmap="viridis", value_format="{:.0%}",
+        size=(1.4 * len(alphas) + 3, 0.9 * len(layers) + 2.5), fontsize=12,
+    )

@@ -388,12 +388,11 @@ def _figures(figs: Path, results: fw.Results) -> list[Figure]:
             "The two-tier 2 x 2: refusal rate with each source's subspace ablated, on each "
             "evaluation set.",
         ),
-        rp.layer_lines(
-            figs / "cohens_d_by_layer.png",
+        rp.cohens_d_lines(
+            figs,
             {f"{src} (held-out)": d for src, d in a["cohens_d"].items()},
             "Held-out Cohen's d per layer of the paired-set and tier-2 refusal directions.",
             title="Cohen's d of each source's refusal direction by layer",
-            ylabel="Cohen's d",
         ),
         rp.layer_lines(
             figs / "cosine_by_layer.png",

@@ -11,10 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import steerlab.reporting.plots as plots
 from steerlab.errors import InterventionError
 from steerlab.experiments.measure import kl_conditions
-from steerlab.experiments.reporting import grid_values, write_report
+from steerlab.experiments.reporting import layer_alpha_grid, write_report
 from steerlab.experiments.runner import Condition, Job, Runner
 from steerlab.experiments.summary import condition_summary, paired_p
 from steerlab.interventions.specs import parse_steer
@@ -112,15 +111,9 @@ def _report(
     cells = results["cells"]
     figs = [
         Figure(
-            plots.grid_heatmap(
-                out / "figures" / f"{key}.png",
-                list(layers),
-                list(alphas),
-                grid_values(cells, layers, alphas, key),
-                title=title,
-                row_label="layer",
-                col_label="alpha",
-                value_label=key,
+            layer_alpha_grid(
+                out / "figures" / f"{key}.png", cells, layers, alphas, key,
+                title=title, col_label="alpha", value_label=key,
             ),
             title,
         )

@@ -5,7 +5,7 @@ Two families share one frame (:func:`_figure`: style, tight layout, atomic write
 - layer-analysis plots (``plot_*``, :func:`save_scan_plots`, large fonts,
   :data:`STYLE`) for ``steerlab extract --scan``;
 - experiment-report figures (:func:`rate_by_layer`, :func:`bars_with_ci`,
-  :func:`lines_by_layer`, :func:`grid_heatmap`, :func:`matrix_heatmap`,
+  :func:`lines_by_layer`, :func:`matrix_heatmap`,
   :data:`REPORT_STYLE`) for the experiment reports.
 
 Each function takes measured numbers, writes one PNG and returns its path;
@@ -245,31 +245,6 @@ def lines_by_layer(
     return Path(path)
 
 
-def grid_heatmap(
-    path: str | Path,
-    rows: Sequence[float],
-    cols: Sequence[float],
-    values: Sequence[Sequence[float]],
-    *,
-    title: str,
-    row_label: str,
-    col_label: str,
-    value_label: str,
-) -> Path:
-    """A labelled heatmap of rates with the value printed in each cell."""
-    with _figure(path, 1.4 * len(cols) + 3, 0.9 * len(rows) + 2.5, REPORT_STYLE) as (fig, ax):
-        image = ax.imshow(values, cmap="viridis", vmin=0, vmax=1, aspect="auto")
-        ax.set_xticks(range(len(cols)), [f"{c:g}" for c in cols])
-        ax.set_yticks(range(len(rows)), [f"{r:g}" for r in rows])
-        for i, row in enumerate(values):
-            for j, v in enumerate(row):
-                ax.text(j, i, f"{v:.0%}", ha="center", va="center",
-                        color="white" if v < 0.5 else "black", fontsize=12)
-        ax.set(title=title, xlabel=col_label, ylabel=row_label)
-        fig.colorbar(image, ax=ax, label=value_label)
-    return Path(path)
-
-
 def matrix_heatmap(
     path: str | Path,
     rows: Sequence[str],
@@ -285,14 +260,17 @@ def matrix_heatmap(
     annotate: bool | None = None,
     cmap: str = "RdBu_r",
     value_format: str = "{:.2f}",
+    size: tuple[float, float] | None = None,
+    fontsize: float = 9,
 ) -> Path:
-    """A square-ish matrix (e.g. cosines between layers) on a diverging scale.
+    """A square-ish matrix (e.g. cosines between layers, or rates over a grid with
+    ``cmap="viridis"``); ``size`` (inches) defaults to one that grows with the matrix.
 
     Values are printed in the cells when ``annotate`` (default: up to 12x12).
     """
     n_r, n_c = len(rows), len(cols)
-    width = min(14, max(7.0, 0.45 * n_c + 3.5))
-    height = min(12, max(4.5, 0.4 * n_r + 2.5))
+    width, height = size or (min(14, max(7.0, 0.45 * n_c + 3.5)),
+                             min(12, max(4.5, 0.4 * n_r + 2.5)))
     with _figure(path, width, height, REPORT_STYLE) as (fig, ax):
         image = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
         crowded = sum(len(str(c)) for c in cols) > 50
@@ -304,8 +282,8 @@ def matrix_heatmap(
                 for j, v in enumerate(row):
                     dark = (abs(v) > 0.6 * max(abs(vmin), abs(vmax)) if cmap == "RdBu_r"
                             else v < (vmin + vmax) / 2)
-                    ax.text(j, i, value_format.format(v), ha="center", va="center", fontsize=9,
-                            color="white" if dark else "black")
+                    ax.text(j, i, value_format.format(v), ha="center", va="center",
+                            fontsize=fontsize, color="white" if dark else "black")
         ax.set(title=title, xlabel=col_label, ylabel=row_label)
         fig.colorbar(image, ax=ax, label=value_label)
     return Path(path)

@@ -9,7 +9,7 @@ silently run an unsteered model.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
@@ -217,6 +217,9 @@ class CompletionRequest(SamplingFields):
 
 
 # -- responses ----------------------------------------------------------------------------------
+ChoiceT = TypeVar("ChoiceT", bound=BaseModel)
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -235,14 +238,22 @@ class ChatChoice(BaseModel):
     logprobs: None = None
 
 
-class ChatCompletion(BaseModel):
+class _Response(BaseModel, Generic[ChoiceT]):
+    """The envelope of every completion response, in OpenAI's field order; each response
+    names its ``object`` (and the chat completion requires ``usage``)."""
+
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
+    object: str
     created: int
     model: str
-    choices: list[ChatChoice]
-    usage: Usage
+    choices: list[ChoiceT]
+    usage: Usage | None = None
     system_fingerprint: str | None = None
+
+
+class ChatCompletion(_Response[ChatChoice]):
+    object: Literal["chat.completion"] = "chat.completion"
+    usage: Usage
 
 
 class Delta(BaseModel):
@@ -257,14 +268,8 @@ class ChatChunkChoice(BaseModel):
     logprobs: None = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(_Response[ChatChunkChoice]):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = None
-    system_fingerprint: str | None = None
 
 
 class TextChoice(BaseModel):
@@ -274,14 +279,8 @@ class TextChoice(BaseModel):
     logprobs: None = None
 
 
-class Completion(BaseModel):
-    id: str
+class Completion(_Response[TextChoice]):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[TextChoice]
-    usage: Usage | None = None
-    system_fingerprint: str | None = None
 
 
 class ModelCard(BaseModel):

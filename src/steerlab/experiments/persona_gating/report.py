@@ -10,7 +10,8 @@ from steerlab.experiments.config import PersonaGatingConfig
 from steerlab.experiments.framework import Results
 from steerlab.experiments.reporting import (
     JUDGE_COLUMNS,
-    grid_values,
+    cohens_d_lines,
+    layer_alpha_grid,
     layer_lines,
     samples,
     write_report,
@@ -127,12 +128,12 @@ def _main_figures(figs: Path, results: Results, analysis: dict[str, Any]) -> lis
             "each relational-trait direction and the compliant-persona direction.",
             title="Cosine similarity by layer", ylabel="cosine",
         ),
-        layer_lines(
-            figs / "cohens_d_by_layer.png",
+        cohens_d_lines(
+            figs,
             {"refusal (harmful vs harmless, held-out)": analysis["refusal_cohens_d"],
              "persona (compliant vs cautious, held-out)": analysis["persona_cohens_d"]},
             "Cohen's d of the projection onto each layer's direction on held-out prompts.",
-            title="Separability of the projections by layer (Cohen's d)", ylabel="Cohen's d",
+            title="Separability of the projections by layer (Cohen's d)",
         ),
     ]
 
@@ -141,12 +142,11 @@ def _grid_figure(figs: Path, sel: dict[str, Any]) -> Figure:
     layers = sorted({cell["layer"] for cell in sel["cells"]})
     alphas = sorted({cell["alpha"] for cell in sel["cells"]})
     return Figure(
-        plots.grid_heatmap(
-            figs / "selection_grid.png", layers, alphas,
-            grid_values(sel["cells"], layers, alphas, "refusal_rate"),
+        layer_alpha_grid(
+            figs / "selection_grid.png", sel["cells"], layers, alphas, "refusal_rate",
             title=f"Validation refusal rate (n={sel['n_val']}), chosen: layer {sel['layer']}, "
             f"alpha {sel['alpha']:g}",
-            row_label="layer", col_label="alpha (x raw vector)", value_label="refusal rate",
+            col_label="alpha (x raw vector)", value_label="refusal rate",
         ),
         "The persona layer/strength search on the validation split (never the evaluation "
         "prompts).",
