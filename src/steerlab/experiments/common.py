@@ -1,5 +1,5 @@
-"""Refusal directions as the refusal-structure experiments extract them: contrast sets,
-directions read on the model *as it is under an intervention*, held-out layer choice."""
+"""Refusal directions as the refusal-structure experiments extract them: read on the model
+*as it is under an intervention*, with a held-out layer choice."""
 
 from __future__ import annotations
 
