@@ -162,7 +162,8 @@ class Judge:
     """
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, *,
-                 cache: str | Path | JudgeCache | None = None, max_concurrency: int = 4,
+                 cache: str | Path | JudgeCache | None = None,
+                 cache_path: str | Path | None = None, max_concurrency: int = 4,
                  max_retries: int = 4, max_parse_retries: int = 2, backoff: float = 0.5,
                  timeout: float = 120.0, temperature: float = 0.0, max_tokens: int = 200,
                  rubric: str = RUBRIC, rubric_version: str = RUBRIC_VERSION) -> None:
@@ -176,6 +177,7 @@ class Judge:
         self.max_parse_retries = max_parse_retries
         self.temperature = temperature
         self.max_tokens = max_tokens
+        cache = cache if cache is not None else cache_path  # cache_path: alias
         self.cache = cache if isinstance(cache, JudgeCache) or cache is None else JudgeCache(cache)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
