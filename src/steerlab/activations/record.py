@@ -305,7 +305,6 @@ def iter_batches(
     system: str | Sequence[str | None] | None = None,
     responses: Sequence[str] | None = None,
     batch_size: int = 32,
-    sort: bool = True,
     chat_template: str | None = None,
 ) -> Iterator[tuple[list[int], ChatBatch]]:
     """Yield ``(prompt indices, ChatBatch on lm.device)``, grouped by length to cut padding.
@@ -320,12 +319,11 @@ def iter_batches(
     full = encode(lm.tokenizer, prompts, system, responses=responses, chat_template=chat_template,
                   max_length=lm.context_length)
     lengths = full.attention_mask.sum(dim=1)
-    order = (torch.argsort(lengths, descending=True, stable=True) if sort
-             else torch.arange(len(prompts)))
+    order = torch.argsort(lengths, descending=True, stable=True)
     groups: dict[str | None, list[int]] = {}
     systems = None if system is None or isinstance(system, str) else list(system)
     for i in order.tolist():
-        groups.setdefault(systems[i] if systems is not None and sort else None, []).append(i)
+        groups.setdefault(systems[i] if systems is not None else None, []).append(i)
     for members in groups.values():
         for start in range(0, len(members), batch_size):
             idx = torch.tensor(members[start:start + batch_size], dtype=torch.long)

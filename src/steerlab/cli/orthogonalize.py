@@ -61,9 +61,9 @@ def register(app: typer.Typer) -> None:
         check_format(fmt)
         if (direction is None) == (steer is None):
             raise InterventionError("Give --direction DIR or --steer SPEC (one of the two).")
+        cvec_file = out if out.suffix == ".gguf" else out / "control_vector.gguf"
         if fmt == "gguf-cvec":
-            output_file(out if out.suffix == ".gguf" else out / "control_vector.gguf",
-                        overwrite=overwrite)
+            output_file(cvec_file, overwrite=overwrite)
         else:
             output_dir(out, overwrite=overwrite)  # a wrong --out fails before the model loads
         lm = load(model, dtype)
@@ -79,8 +79,7 @@ def register(app: typer.Typer) -> None:
         if fmt == "gguf-cvec":
             if scale not in ("raw", "unit"):
                 raise InterventionError(f"--scale must be raw or unit, got {scale!r}.")
-            target = out if out.suffix == ".gguf" else out / "control_vector.gguf"
-            path = export_gguf_cvec(vec, target, alpha=alpha, layers=chosen,
+            path = export_gguf_cvec(vec, cvec_file, alpha=alpha, layers=chosen,
                                     source_layer=source_layer, lm=lm,
                                     scale="unit" if scale == "unit" else "raw")
         elif fmt == "lora":

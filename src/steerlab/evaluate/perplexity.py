@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -33,10 +32,7 @@ def nll_report(lm: LoadedModel, texts: Sequence[str], specs: Sequence[Any] = (),
     tok = lm.tokenizer
     per_text: list[dict[str, float]] = []
     total_nll, total_tokens = 0.0, 0
-    ctx: Any = nullcontext()
-    if specs:
-        ctx = steer(lm, list(specs))
-    with ctx:
+    with steer(lm, list(specs)):  # no specs: no hooks
         for start in range(0, len(texts), batch_size):
             chunk = list(texts[start : start + batch_size])
             enc = tok(chunk, return_tensors="pt", padding=True, truncation=True,

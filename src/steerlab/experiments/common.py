@@ -1,10 +1,9 @@
-"""Refusal directions as the refusal-structure experiments extract them: contrast sets,
-directions read on the model *as it is under an intervention*, held-out layer choice."""
+"""Refusal directions as the refusal-structure experiments extract them: read on the model
+*as it is under an intervention*, with a held-out layer choice."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -20,16 +19,6 @@ from steerlab.interventions.steering import steer
 if TYPE_CHECKING:
     from steerlab.experiments.config import RefusalExperimentConfig
     from steerlab.model.loading import LoadedModel
-
-
-@contextmanager
-def steered(lm: LoadedModel, specs: Sequence[Any]) -> Iterator[None]:
-    """``steer(lm, specs)`` when there are specs, else nothing (the unhooked model)."""
-    if not specs:
-        yield
-        return
-    with steer(lm, list(specs)):
-        yield
 
 
 def refusal_direction_of(
@@ -68,7 +57,7 @@ def refusal_direction_of(
         raise DataError(f"Unknown layer selection {selection!r}; use 'ablation' or 'cohens_d'.")
     harmful, harmless = paired_split(split, limit, source, min_pairs=2)
     val_harmful, val_harmless = paired_split(select_split, limit, source, min_pairs=2)
-    with steered(lm, under):
+    with steer(lm, list(under)):  # no specs: the unhooked model
         direction = extract_direction(
             lm,
             harmful,

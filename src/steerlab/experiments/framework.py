@@ -50,13 +50,12 @@ def open_runner(lm: LoadedModel, out_dir: str | Path, config: ExperimentConfig,
     )
 
 
-def eval_prompts(config: ExperimentConfig, held_out_of: Sequence[str] = ("paired", "tier2")
-                 ) -> PromptSet:
+def eval_prompts(config: ExperimentConfig) -> PromptSet:
     """The evaluation prompts, checked to share none with the built-in sets' train and
     validation splits, where the experiments extract directions and choose layers."""
     prompts = load_prompts(config.eval_prompts, split=config.eval_split, limit=config.limit)
     check_held_out(prompts, [(role, load_prompts(name, split=split))
-                             for name in held_out_of
+                             for name in ("paired", "tier2")
                              for role, split in (("extraction", "train"),
                                                  ("validation", "val"))])
     return prompts

@@ -163,9 +163,7 @@ class TransferVerdict(TypedDict):
     working_layers: list[int]
     disruptive_layers: list[int]
     best_source_layer: int
-    removed_share: float | None
     rank_of_working: dict[str, float]
-    min_cosine_working: float | None
     holm_p: dict[int, float]
 
 
@@ -211,8 +209,7 @@ def _verdict(
     return TransferVerdict(
         answer=_answer(scan, config)[0], findings=findings, working_layers=scan.works,
         disruptive_layers=scan.disruptive, best_source_layer=scan.best["source_layer"],
-        removed_share=scan.removed, rank_of_working=scan.rank, min_cosine_working=scan.min_cos,
-        holm_p=scan.holm_p,
+        rank_of_working=scan.rank, holm_p=scan.holm_p,
     )
 
 

@@ -63,24 +63,21 @@ class ResponseStore:
     without one it only reads what is there (a report, a test).
     """
 
-    def __init__(self, path: str | Path, identity: Mapping[str, Any] | None = None, *,
-                 overwrite: bool = False) -> None:
+    def __init__(self, path: str | Path, identity: Mapping[str, Any] | None = None) -> None:
         self.path = Path(path)
         self._store: RowStore[dict[str, Any]] | None = None
         if identity is None:
             self._rows = {ROW_CODEC.key(r): r for r in rowstore.read_rows(self.path)}
         else:
-            self._store = RowStore(self.path, "experiment", identity, ROW_CODEC,
-                                   overwrite=overwrite)
+            self._store = RowStore(self.path, "experiment", identity, ROW_CODEC)
 
     @classmethod
-    def open_run(cls, out_dir: str | Path, identity: Mapping[str, Any], *,
-                 overwrite: bool = False) -> ResponseStore:
+    def open_run(cls, out_dir: str | Path, identity: Mapping[str, Any]) -> ResponseStore:
         """The store of run folder ``out_dir``, which must be empty or hold a run of this
-        identity."""
-        out = output_dir(out_dir, overwrite=overwrite, what="steerlab experiment",
+        identity (``--overwrite`` empties it first, with ``clear_run_dir``)."""
+        out = output_dir(out_dir, what="steerlab experiment",
                          ours=lambda p: rowstore.is_store(p / ROWS, "experiment"))
-        return cls(out / ROWS, identity, overwrite=overwrite)
+        return cls(out / ROWS, identity)
 
     def _all(self) -> list[dict[str, Any]]:
         return self._store.rows() if self._store is not None else list(self._rows.values())
@@ -92,9 +89,6 @@ class ResponseStore:
     def rows(self, condition: str | None = None) -> list[dict[str, Any]]:
         """Rows of one condition (or all), in insertion order."""
         return [r for r in self._all() if condition is None or r["condition"] == condition]
-
-    def conditions(self) -> list[str]:
-        return list(dict.fromkeys(r["condition"] for r in self._all()))
 
     def append(self, rows: Iterable[dict[str, Any]]) -> None:
         if self._store is None:

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from steerlab.prompts.chat import left_pad
+
 if TYPE_CHECKING:
     from steerlab.model.loading import LoadedModel
 
@@ -109,22 +111,6 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> to
         sorted_p = sorted_p.masked_fill(cum - sorted_p > top_p, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
     return probs
-
-
-def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and attention mask ``[B, T]``, padded on the left (CPU tensors).
-
-    Left padding puts every prompt's last token in the last column, where the
-    next token's logits are read.
-    """
-    width = max(len(ids) for ids in prompt_ids)
-    ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-    for b, row in enumerate(prompt_ids):
-        n = len(row)
-        ids[b, width - n:] = torch.tensor(list(row), dtype=torch.long)
-        mask[b, width - n:] = 1
-    return ids, mask
 
 
 def decode_loop(lm: LoadedModel, prompt_ids: Sequence[Sequence[int]], pad_id: int,

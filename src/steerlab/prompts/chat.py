@@ -162,17 +162,27 @@ def encode(
         rows.append(ids)
         ends.append(end)
         texts.append(text)
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    prompt_end = torch.empty(len(rows), dtype=torch.long)
-    for b, (ids, end) in enumerate(zip(rows, ends, strict=True)):
-        offset = width - len(ids)
-        input_ids[b, offset:] = torch.tensor(ids, dtype=torch.long)
-        mask[b, offset:] = 1
-        prompt_end[b] = offset + end
+    input_ids, mask = left_pad(rows, tokenizer.pad_token_id or 0)
+    width = input_ids.shape[1]
+    prompt_end = torch.tensor([width - len(ids) + end for ids, end in zip(rows, ends, strict=True)],
+                              dtype=torch.long)
     return ChatBatch(input_ids, mask, prompt_end, n_post, texts)
+
+
+def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask ``[B, T]``, padded on the left (CPU tensors).
+
+    Left padding puts every prompt's last token in the last column, where the
+    next token's logits are read.
+    """
+    width = max(len(ids) for ids in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for b, row in enumerate(prompt_ids):
+        n = len(row)
+        ids[b, width - n:] = torch.tensor(list(row), dtype=torch.long)
+        mask[b, width - n:] = 1
+    return ids, mask
 
 
 def check_context(n_tokens: int, max_length: int | None, what: str) -> None:

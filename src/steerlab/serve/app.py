@@ -32,11 +32,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from steerlab.directions.artifact import Direction
 from steerlab.errors import SteerlabError
+from steerlab.generation.generate import eos_ids
 from steerlab.interventions.steering import check_specs, steer
 from steerlab.model.loading import LoadedModel
 from steerlab.serve import schemas as S
 from steerlab.serve.batcher import Batcher, Event, Job
-from steerlab.serve.engine import Row, SamplingParams, decode, eos_token_ids
+from steerlab.serve.engine import Row, SamplingParams, decode
 from steerlab.serve.guard import Guard
 from steerlab.serve.logs import LOG_KEY, AccessLog, Metrics
 from steerlab.serve.prepare import (
@@ -116,7 +117,7 @@ def create_app(
             raise SteerlabError("Direction names must not be empty.")
 
     check_specs(lm, default_steer)  # a bad default fails at startup, not on every request
-    eos = eos_token_ids(lm)
+    eos = eos_ids(lm)
 
     def run_group(jobs: list[Job], held: list[Callable[[], None]]) -> int:
         return _run_group(lm, jobs, eos, held)
@@ -168,7 +169,7 @@ def _run_group(lm: LoadedModel, jobs: list[Job], eos: frozenset[int],
         for job in jobs:
             job.emit(Event("start"))
         try:
-            return decode(lm, [Row(j.prompt_ids, j.params, j) for j in jobs], eos_ids=eos,
+            return decode(lm, [Row(j.prompt_ids, j.params, j) for j in jobs], eos=eos,
                           held=held)
         except SteerlabError as exc:
             for job in jobs:

@@ -57,12 +57,6 @@ class Row:
     sink: RowSink
 
 
-def eos_token_ids(lm: LoadedModel) -> frozenset[int]:
-    """Every token id that ends a turn (the same set offline generation stops on)."""
-
-    return eos_ids(lm)
-
-
 class TextTracker:
     """Turns a growing list of token ids into text deltas, honouring stop sequences.
 
@@ -138,7 +132,7 @@ def _choose(logits: torch.Tensor, states: Sequence[_State]) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def decode(lm: LoadedModel, rows: Sequence[Row], *, eos_ids: frozenset[int] | None = None,
+def decode(lm: LoadedModel, rows: Sequence[Row], *, eos: frozenset[int] | None = None,
            held: list[Callable[[], None]] | None = None) -> int:
     """Generate every row to its end; return the number of forward passes run.
 
@@ -153,7 +147,7 @@ def decode(lm: LoadedModel, rows: Sequence[Row], *, eos_ids: frozenset[int] | No
     live = [r for r in rows if not r.sink.cancelled()]
     if not live:
         return 0
-    eos = eos_token_ids(lm) if eos_ids is None else eos_ids
+    eos = eos_ids(lm) if eos is None else eos  # the set offline generation stops on
     tok = lm.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     states = [_State(r, TextTracker(tok, r.params.stop), _seed(r.params)) for r in live]

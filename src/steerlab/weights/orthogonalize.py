@@ -270,16 +270,10 @@ def untie_embeddings(lm: LoadedModel) -> None:
     """Give ``lm_head`` its own copy of the embedding matrix and record it in the config."""
     head = lm.model.get_output_embeddings()
     head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-    for config in {id(c): c for c in _configs(lm.model.config)}.values():
-        config.tie_word_embeddings = False
-
-
-def _configs(config: Any) -> list[Any]:
-    found = [config]
-    get_text = getattr(config, "get_text_config", None)
-    if callable(get_text):
-        found.append(get_text())
-    return found
+    config = lm.model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for each in {id(config): config, id(text): text}.values():  # a composite model has two
+        each.tie_word_embeddings = False
 
 
 @torch.no_grad()

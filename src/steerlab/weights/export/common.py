@@ -60,7 +60,6 @@ def commit_dir(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
-
 def check_format(fmt: str) -> str:
     if fmt not in FORMATS:
         raise ExportError(f"Unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}.")
