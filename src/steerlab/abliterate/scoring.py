@@ -56,7 +56,7 @@ class RefusalScorer(Protocol):
 
 
 class SubstringScorer:
-    """Refusal phrases plus the degeneracy detector (:func:`steerlab.evaluate.classify`)."""
+    """Refusal phrases plus the degeneracy detector (:func:`steerlab.evaluate.outcome.classify`)."""
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "substring+degeneracy"}
@@ -77,7 +77,7 @@ class SubstringScorer:
 
 class JudgeScorer:
     """An LLM judge's compliance and coherence decide; a missing score falls back to
-    the substrings (as in :func:`steerlab.evaluate.classify`)."""
+    the substrings (as in :func:`steerlab.evaluate.outcome.classify`)."""
 
     def __init__(self, judge: Judge) -> None:
         self.judge = judge

@@ -55,7 +55,7 @@ _CHECKED: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 #: tokens of an 8B model, stored up to its top layer, fit in 2 GiB).
 STATE_BUDGET_BYTES = 2 * 1024**3
 #: On a GPU a chunk also takes at most this share of the free memory, so that the stored
-#: states and a batch's own KV cache (``generate.auto_batch_size`` plans on 60% of the free
+#: states and a batch's own KV cache (``batch_size.auto_batch_size`` plans on 60% of the free
 #: memory) fit together: an 8B model on a 24 GB card leaves only ~6 GB free.
 GPU_FREE_SHARE = 0.2
 

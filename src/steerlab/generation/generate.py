@@ -45,6 +45,7 @@ import torch
 import steerlab.interventions.steering as steering
 from steerlab.activations.shared_prefill import BatchPlan, SharedPrefill
 from steerlab.errors import DataError, SteerlabError
+from steerlab.generation.batch_size import auto_batch_size, is_oom
 from steerlab.generation.decoding import decode_loop, prompt_generator, sampling_probs
 from steerlab.generation.progress import generation_progress
 from steerlab.interventions.specs import Spec, resolve_specs, specs_to_json
@@ -60,9 +61,6 @@ GroupFirstLogitsFn = Callable[[list[tuple[int, int]], torch.Tensor], None]
 
 if TYPE_CHECKING:
     from steerlab.model.loading import LoadedModel
-
-CPU_AUTO_BATCH = 64
-GPU_MAX_AUTO_BATCH = 256
 
 
 class GenerationError(SteerlabError):
@@ -190,34 +188,6 @@ def _run_batch(lm: LoadedModel, rows: Sequence[_Row], group_specs: Sequence[Sequ
 
         decode_loop(lm, [r.ids for r in rows], settings.pad, step,
                     prefill=None if plan is None else plan.prefill)
-
-
-# -- batch size --------------------------------------------------------------------------------
-def _is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and (
-        "out of memory" in text or "can't allocate memory" in text
-    )
-
-
-def auto_batch_size(lm: LoadedModel, n_prompts: int, max_tokens: int) -> int:
-    """A starting batch size: 64 on CPU (a decode step has a fixed cost, mostly reading
-    the weights, that a larger batch shares: 48 prompts of the embedded model generate
-    17% faster in one batch than in three of 16), on a GPU what the free memory holds
-    for the KV cache of ``max_tokens`` per row, with headroom; :func:`generate` halves
-    it on out-of-memory."""
-    device = lm.device
-    if device.type != "cuda":
-        return max(1, min(n_prompts, CPU_AUTO_BATCH))
-    free, _ = torch.cuda.mem_get_info(device)
-    config = lm.model.config
-    elem = torch.finfo(lm.dtype).bits // 8
-    per_row = lm.n_layers * lm.kv_bytes_per_token * max_tokens
-    per_row += 4 * config.vocab_size * 3 + 16 * config.hidden_size * max_tokens * elem
-    fits = int(0.6 * free // max(per_row, 1))
-    return max(1, min(n_prompts, GPU_MAX_AUTO_BATCH, fits))
 
 
 # -- output file -------------------------------------------------------------------------------
@@ -465,7 +435,7 @@ def _generate_batches(lm: LoadedModel, pending: list[_Row], group_specs: Sequenc
             if on_batch is not None:
                 on_batch(batch, time.perf_counter() - started)
         except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
-            if not _is_oom(exc):
+            if not is_oom(exc):
                 raise
             if size == 1:
                 raise GenerationError(
