@@ -30,10 +30,12 @@ import shlex
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.storages.journal import JournalFileBackend
 
 from sections import section, write_section
 from steerlab.abliterate import AbliterateConfig, abliterate
@@ -130,6 +132,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the rule that picks each tool's trial: fewest validation "
                              "refusals with first-token KL at most this")
     parser.add_argument("--write", action="store_true", help="write the BENCHMARKS.md section")
+    parser.add_argument("--timed-since", default="",
+                        help="TOOL=UTC_ISO_TIME[,TOOL=...]: per-trial medians over that tool's "
+                             "trials started after the time (when it had the machine to itself)")
     args = parser.parse_args(argv)
     if args.trials < 1:
         parser.error("--trials must be at least 1")
@@ -138,6 +143,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown or not steps:
         parser.error(f"unknown --steps {unknown or '(none)'}; choose from {', '.join(STEPS)}")
     args.steps = steps
+    try:
+        args.timed_since = dict(item.split("=", 1) for item in args.timed_since.split(",") if item)
+    except ValueError:
+        parser.error("--timed-since takes TOOL=TIME pairs, e.g. steerlab=2026-12-06T23:51:00")
     if "heretic" in steps and not args.peers_python:
         parser.error("the heretic step needs --peers-python PY or $STEERLAB_PEERS_PYTHON")
     return args
@@ -189,17 +198,34 @@ def heretic_trials(study_dir: Path) -> list[dict[str, Any]]:
     files = sorted(study_dir.glob("*.jsonl"))
     if not files:
         raise SystemExit(f"no heretic study journal in {study_dir}")
-    storage = optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(files[0])))
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(files[0])))
     name = storage.get_all_studies()[0].study_name
     trials = optuna.load_study(study_name=name, storage=storage).get_trials(
         deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    return [{"number": t.user_attrs.get("index", t.number + 1),
+    return [{"number": t.user_attrs.get("index", t.number + 1), "start": t.datetime_start,
              "refusals": int(t.user_attrs["refusals"]),
              "n_harmful": int(t.user_attrs["n_bad_prompts"]),
              "kl": float(t.user_attrs["kl_divergence"]),
              "seconds": (t.datetime_complete - t.datetime_start).total_seconds()
              if t.datetime_complete and t.datetime_start else None} for t in trials]
+
+
+def steerlab_trial_times(work: Path) -> list[dict[str, Any]]:
+    """Start and seconds of each finished trial of steerlab's study."""
+    storage = optuna.storages.RDBStorage(f"sqlite:///{(work / 'steerlab' / 'study.db')}")
+    study = optuna.load_study(study_name="abliterate", storage=storage)
+    return [{"start": t.datetime_start, "seconds": t.user_attrs.get("seconds")}
+            for t in study.get_trials(deepcopy=False,
+                                      states=(optuna.trial.TrialState.COMPLETE,))]
+
+
+def timing(trials: list[dict[str, Any]], since: str | None) -> dict[str, Any]:
+    """Median seconds per trial over the trials started at or after ``since`` (UTC, ISO;
+    the trials that ran with the machine to themselves), or over all."""
+    start = datetime.fromisoformat(since) if since else None
+    kept = [t["seconds"] for t in trials
+            if t["seconds"] is not None and (start is None or t["start"] >= start)]
+    return {"median_s": median(kept), "n": len(kept), "since": since}
 
 
 def optuna_base_refusals(study_dir: Path) -> int | None:
@@ -246,18 +272,29 @@ def _mean(m: dict[str, Any], digits: int = 3) -> str:
     return f"{m['mean']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
+def timing_note(record: dict[str, Any]) -> str:
+    """Which trials the median is over, when not all."""
+    timed = {tool: t for tool, t in record.get("timing", {}).items() if t.get("since")}
+    if not timed:
+        return ""
+    return " (over the trials that ran with the machine otherwise idle: " + "; ".join(
+        f"{tool}'s {t['n']} started after {t['since']} UTC" for tool, t in timed.items()) + ")"
+
+
 def table(record: dict[str, Any]) -> str:
     """The section body: each tool's search, then one scorer's held-out table."""
     lines = ["Search (each tool's own validation scorer; choice by the same rule: fewest "
              "validation refusals with first-token KL ≤ the cap):", "",
-             "| tool | trials | median s/trial | validation refusals, unedited → chosen "
+             f"| tool | trials | median s/trial{timing_note(record)} | validation refusals, "
+             "unedited → chosen "
              "| chosen trial's KL |", "| --- | --- | --- | --- | --- |"]
     for tool in ("steerlab", "heretic"):
         run = record.get(tool)
         if not run or "choice" not in run:
             continue
         c = run["choice"]
-        secs = run.get("trial_seconds_median")
+        timed = record.get("timing", {}).get(tool, {})
+        secs = timed.get("median_s", run.get("trial_seconds_median"))
         lines.append(f"| {tool} | {run['trials']} | {secs:.0f} | {run['baseline_refusals']} → "
                      f"{c['refusals']}/{c['n_harmful']} (trial {c['number']}) | {c['kl']:.3f} |")
     results = record.get("comparison", {})
@@ -290,6 +327,10 @@ def main(argv: list[str] | None = None) -> None:
     saved.write_text(json.dumps(record, indent=2, default=str))
     print(json.dumps(record, indent=2, default=str))
     if args.write:
+        record["timing"] = {
+            "steerlab": timing(steerlab_trial_times(work), args.timed_since.get("steerlab")),
+            "heretic": timing(heretic_trials(work / "heretic"), args.timed_since.get("heretic"))}
+        saved.write_text(json.dumps(record, indent=2, default=str))
         write_section(SECTION, section(SECTION, WHAT, RERUN, table(record)))
 
 

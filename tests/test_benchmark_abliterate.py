@@ -49,6 +49,12 @@ def test_arguments(bench, monkeypatch):
         bench.parse_args(["--steps", "heretic", "--peers-python", ""])
     assert bench.parse_args(["--steps", "heretic", "--peers-python", "/x/bin/python"]).steps \
         == ["heretic"]
+    assert bench.parse_args(["--steps", "score", "--timed-since",
+                             "steerlab=2026-12-06T23:51,heretic=2026-12-07"]
+                            ).timed_since == {"steerlab": "2026-12-06T23:51",
+                                              "heretic": "2026-12-07"}
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--steps", "score", "--timed-since", "steerlab"])
 
 
 def test_both_tools_read_the_same_prompts(bench, tmp_path):
@@ -85,6 +91,11 @@ def test_heretic_trials_are_read_from_its_journal_and_chosen_by_the_same_rule(be
     assert [(t["refusals"], t["kl"]) for t in trials] == [(7, 0.14), (5, 0.07), (5, 0.05),
                                                           (9, 0.008)]
     assert all(t["seconds"] >= 0 for t in trials)
+    assert bench.timing(trials, None)["n"] == 4
+    later = max(t["start"] for t in trials).isoformat()
+    assert bench.timing(trials, later)["n"] == 1  # only trials started at or after it
+    assert bench.timing(trials, "2999-01-01T00:00:00") == {"median_s": None, "n": 0,
+                                                           "since": "2999-01-01T00:00:00"}
     assert bench.optuna_base_refusals(path.parent) == 11
     assert bench.rule_choice(trials, 0.1)["number"] == 3  # fewest refusals, then lower KL
     assert bench.rule_choice(trials, 0.01)["number"] == 4
@@ -105,5 +116,10 @@ def test_the_section_is_a_table_of_both_tools(bench):
               "comparison": {"unedited": measures, "steerlab": measures}}
     text = bench.table(record)
     assert "| steerlab | 40 | 41 | 20 → 3/39 (trial 7) | 0.040 |" in text
+    record["timing"] = {"steerlab": {"median_s": 22.0, "n": 36, "since": "2026-12-06T23:51"},
+                        "heretic": {"median_s": 48.0, "n": 9, "since": "2026-12-06T23:51"}}
+    timed = bench.table(record)
+    assert "heretic's 9 started after 2026-12-06T23:51 UTC" in timed
+    assert "| steerlab | 40 | 22 |" in timed and "| heretic | 40 | 48 |" in timed
     assert "| heretic | 40 | 59 |" in text
     assert "| steerlab | 2/48 = 4% [1%, 14%] |" in text
