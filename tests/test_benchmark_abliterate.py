@@ -123,3 +123,34 @@ def test_the_section_is_a_table_of_both_tools(bench):
     assert "| steerlab | 40 | 22 |" in timed and "| heretic | 40 | 48 |" in timed
     assert "| heretic | 40 | 59 |" in text
     assert "| steerlab | 2/48 = 4% [1%, 14%] |" in text
+
+
+def test_head_to_head_pairs_the_two_tools_on_the_same_prompts(bench, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    lines = [{"format": "steerlab.rows", "version": 1, "kind": "compare", "identity": {}}]
+    outcomes = {"steerlab": ["bypass", "refusal", "bypass", "bypass"],
+                "heretic": ["refusal", "refusal", "refusal", "degenerate"]}
+    for model, outs in outcomes.items():
+        lines += [{"model": model, "set": "harmful", "id": f"p{i}", "outcome": o}
+                  for i, o in enumerate(outs)]
+        lines.append({"model": model, "set": "harmless", "id": "h0", "outcome": "refusal"})
+    rows.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    duel = bench.head_to_head(rows)
+    assert duel["n"] == 4 and (duel["only_a"], duel["only_b"], duel["both"]) == (0, 3, 1)
+    assert duel["p"] == pytest.approx(0.25)
+    record = {"head_to_head": duel}
+    assert "refused by steerlab only: 0, by heretic only: 3" in bench.table(record)
+
+
+def test_targets_are_stated_from_the_numbers(bench):
+    def measures(k: int, kl: float) -> dict:
+        return {"refusal_harmful": {"k": k, "n": 48, "rate": k / 48},
+                "kl_first_token": {"mean": kl}}
+
+    record = {"comparison": {"steerlab": measures(2, 0.05), "heretic": measures(3, 0.05)},
+              "timing": {"steerlab": {"median_s": 22.0}, "heretic": {"median_s": 48.0}}}
+    text = "\n".join(bench.targets(record))
+    assert "strictly better on one: met" in text and "≤ 0.1: met (4% at KL 0.050)" in text
+    assert "per trial ≤ heretic's: met (22 s vs 48 s)" in text
+    record["comparison"]["steerlab"] = measures(2, 0.06)  # fewer refusals but more KL
+    assert "strictly better on one: not met" in "\n".join(bench.targets(record))
