@@ -28,14 +28,27 @@ def register(app: typer.Typer) -> None:
             "harmless", "--harmless", help="Harmless prompts for KL ('' to skip)."
         ),
         max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
+        steer: list[str] | None = typer.Option(
+            None, "--steer", "-s",
+            help="Fixed intervention under every cell and the baseline (repeatable), e.g. an "
+            "abliterate run's spec.json: sweep a grid on the edited model.",
+        ),
         out: Path = RUN_DIR_OPT,
         dtype: str = DTYPE_OPT,
+        overwrite: bool = typer.Option(
+            False, "--overwrite", help="Delete the run folder's earlier run and start over."
+        ),
     ) -> None:
         """Refusal, degenerate rate and KL for every (layer, alpha) cell, with heatmaps."""
         from steerlab.experiments.sweep import run_sweep
         from steerlab.interventions.layer_spec import parse_layers
+        from steerlab.interventions.specs import parse_steer_args, resolve_specs
         from steerlab.prompts.sets import load_prompts
+        from steerlab.store.outputs import clear_run_dir
 
+        fixed = parse_steer_args(steer)  # before loading the model: fail fast on typos
+        if overwrite:
+            clear_run_dir(out)
         lm = load(model, dtype)
         prompt_set = load_prompts(
             prompts, split=None if Path(prompts).exists() else split, limit=limit
@@ -50,6 +63,7 @@ def register(app: typer.Typer) -> None:
             prompts=prompt_set,
             harmless=harmless_set,
             max_new_tokens=max_new_tokens,
+            steer=resolve_specs(fixed, lm=lm),
         )
         best = min(results["cells"], key=lambda c: c["refusal_rate"])
         console.print(
