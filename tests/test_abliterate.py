@@ -136,7 +136,9 @@ def test_a_fresh_study_starts_from_plain_selection(tmp_path):
     trials = json.loads((tmp_path / "run" / "trials.json").read_text())
     assert [t["prior"] for t in trials[:3]] == ["everywhere@last", "local@last", "late@last"]
     assert trials[3]["prior"] is None  # then the sampler's own draws
-    layer = json.loads((tmp_path / "run" / "selection.json").read_text())["last"]["layer"]
+    selection = json.loads((tmp_path / "run" / "selection.json").read_text())["last"]
+    layer = selection["layer"]
+    assert selection["kl_cap"] == config.kl_cap
     assert trials[0]["params"] == prior_params(layer, "last", lm.n_layers)["everywhere"]
     candidate = Direction.load(tmp_path / "run" / "candidates" / "last", lm)
     everywhere = to_spec(prior_params(1, "last", lm.n_layers)["everywhere"], candidate)

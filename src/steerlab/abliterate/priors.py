@@ -47,7 +47,7 @@ def plain_selection(lm: LoadedModel, direction: Direction, harmful: Sequence[str
     result = select_direction(lm, direction, list(harmful), list(harmless), layers=layers,
                               kl_threshold=kl_cap, batch_size=batch_size)
     layer, rule = result.choice()
-    return {"layer": layer, "rule": rule, "layers_tried": layers}
+    return {"layer": layer, "rule": rule, "layers_tried": layers, "kl_cap": kl_cap}
 
 
 def plain_ablation(direction: Direction, selection: Mapping[str, Any]) -> Ablate:
@@ -58,10 +58,11 @@ def plain_ablation(direction: Direction, selection: Mapping[str, Any]) -> Ablate
 def selections(lm: LoadedModel, run_dir: Path, candidates: Mapping[str, Direction],
                harmful: Sequence[str], harmless: Sequence[str], *, kl_cap: float,
                batch_size: int = 16) -> dict[str, dict[str, Any]]:
-    """Plain selection per candidate position, computed once per run folder."""
+    """Plain selection per candidate position, computed once per run folder (again when the
+    KL cap, which its filter uses, has changed since)."""
     path = run_dir / SELECTION_JSON
     done: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else {}
-    missing = [p for p in candidates if p not in done]
+    missing = [p for p in candidates if done.get(p, {}).get("kl_cap") != kl_cap]
     for position in missing:
         done[position] = plain_selection(lm, candidates[position], harmful, harmless,
                                          kl_cap=kl_cap, batch_size=batch_size)
