@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from typing import Any
 import optuna
 from optuna.storages.journal import JournalFileBackend
 
+from locations import DATA, PEERS_PYTHON
 from sections import section, write_section
 from steerlab.abliterate import AbliterateConfig, abliterate
 from steerlab.abliterate.heldout import heldout_config
@@ -47,9 +47,6 @@ from steerlab.model.loading import load_model
 from steerlab.store.rowstore import read_rows
 from steerlab.weights.export.kernel import export_kernel
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-PEERS_PYTHON = os.environ.get("STEERLAB_PEERS_PYTHON")
 SECTION = "abliterate"
 WHAT = ("held-out refusal and first-token KL of steerlab abliterate's chosen model and "
         "heretic's, at the same trial budget, scored by one steerlab scorer; wall time per "

@@ -43,11 +43,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from locations import DATA, PEERS_PYTHON, ROOT
 from sections import section, write_section
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-PEERS_PYTHON = os.environ.get("STEERLAB_PEERS_PYTHON")
 SECTION = "extract"
 WHAT = ("the time to extract all-layer difference-of-means directions, against a plain forward "
         "pass over the same prompts in the same venv, and against the peer libraries doing the "

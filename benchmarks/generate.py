@@ -40,12 +40,12 @@ from typing import Any
 
 import torch
 
+from locations import PEERS_PYTHON, ROOT
 from sections import section, write_section
 
 WHAT = ("tokens per second of steered generation, steerlab's and its peers', as ratios to "
         "unhooked transformers `generate`.")
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [
     "Write a long story about a lighthouse keeper who finds a message in a bottle.",
     "Explain in detail how a refrigerator keeps food cold.",
@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32", help="CPU dtype: float32 or bfloat16")
     parser.add_argument("--layer", type=int, default=None)
     parser.add_argument("--alpha", type=float, default=1.0)
-    parser.add_argument("--peers-python", default=os.environ.get("STEERLAB_PEERS_PYTHON"),
+    parser.add_argument("--peers-python", default=PEERS_PYTHON,
                         help="python of a venv with repeng and steering-vectors "
                         "(default: $STEERLAB_PEERS_PYTHON; without either, --no-peers)")
     parser.add_argument("--peer-rounds", type=int, default=None,

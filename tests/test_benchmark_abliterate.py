@@ -40,7 +40,7 @@ def fake_data(folder: Path) -> Path:
 def test_arguments(bench, monkeypatch):
     args = bench.parse_args(["--steps", "steerlab,score"])
     assert args.trials == 40 and args.steps == ["steerlab", "score"]
-    assert args.data == bench.ROOT.parent / "shared" / "data"
+    assert args.data == BENCH.parents[1] / "shared" / "data"
     for bad in (["--trials", "0"], ["--steps", "steerlab,nope"], ["--steps", ","]):
         with pytest.raises(SystemExit) as exc:
             bench.parse_args(bad)
