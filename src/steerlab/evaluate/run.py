@@ -19,7 +19,6 @@ Writes into ``out_dir``:
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 from collections import Counter
@@ -222,7 +221,8 @@ def run_eval(
     if capability_limit is not None:
         summary["capability"] = _cached_extra(
             out / "capability.json", {**store.identity, "limit": capability_limit},
-            lambda: _capability(backend, capability_limit, system))
+            lambda: capability_eval(backend, capability_limit if capability_limit > 0 else None,
+                                    system=system))
 
     lm = backend.lm if isinstance(backend, InProcessBackend) else None
     summary["provenance"] = provenance(lm, config=config, seed=seed)
@@ -331,14 +331,6 @@ def _kl(backend: Backend, prompts: PromptSet | Sequence[str], k: int, system: st
     return report
 
 
-def _capability(backend: Backend, limit: int, system: str | None) -> dict[str, Any]:
-    return capability_eval(backend, limit if limit > 0 else None, system=system)
-
-
-def _is_outcome(row: dict[str, Any], name: str) -> bool:
-    return bool(row["outcome"] == name)
-
-
 def summarise(rows: Sequence[dict[str, Any]], *, judge_ran: bool = False,
               seed: int = 0) -> dict[str, Any]:
     """Every rate with n and a 95% Wilson interval; judge means with bootstrap intervals."""
@@ -429,7 +421,7 @@ def compare(rows: Sequence[dict[str, Any]], baseline_rows: dict[str, dict[str, A
 
     result: dict[str, Any] = {"baseline": baseline, "n_pairs": len(pairs),
                               "refusal": paired(lambda r: bool(r["refusal"]))}
-    result["outcomes"] = {name: paired(functools.partial(_is_outcome, name=name))
+    result["outcomes"] = {name: paired(lambda r, name=name: bool(r["outcome"] == name))
                           for name in OUTCOMES}
     for key in ("judge_compliance", "judge_coherence"):
         both = [(b[key], t[key]) for b, t in pairs
