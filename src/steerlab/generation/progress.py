@@ -29,13 +29,12 @@ class _Rates(ProgressColumn):
                     style="cyan")
 
 
-def generation_progress(enabled: bool) -> Progress | None:
-    """A bar counting prompts with their rates (update its ``tokens`` field), or None."""
-    if not enabled:
-        return None
+def generation_progress(enabled: bool) -> Progress:
+    """A bar counting prompts with their rates (update its ``tokens`` field); drawn only
+    when ``enabled``."""
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     _Rates(), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=Console(stderr=True), transient=False)
+                    console=Console(stderr=True), transient=False, disable=not enabled)
 
 
 __all__ = ["generation_progress"]
