@@ -7,16 +7,10 @@ from contextlib import contextmanager
 
 from optuna.trial import FrozenTrial
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from steerlab.abliterate.objective import TrialScore
+from steerlab.generation.progress import counting_bar
 
 
 class SearchDisplay:
@@ -55,10 +49,9 @@ def search_progress(enabled: bool, console: Console | None = None) -> Iterator[P
     if not enabled:
         yield None
         return
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[best]}"), TimeElapsedColumn(),
-                        TextColumn("left"), TimeRemainingColumn(),
-                        console=console or Console(stderr=True), refresh_per_second=2)
+    progress = counting_bar(TextColumn("{task.fields[best]}"), TimeElapsedColumn(),
+                            TextColumn("left"), TimeRemainingColumn(), console=console,
+                            refresh_per_second=2)
     with progress:
         yield progress
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from steerlab.cli.common import (
@@ -16,11 +16,11 @@ from steerlab.cli.common import (
     MODEL_ARG,
     SYSTEM_HELP,
     console,
-    error_console,
     load,
     read_system,
 )
 from steerlab.errors import DataError
+from steerlab.generation.progress import counting_bar
 from steerlab.interventions.layer_spec import parse_layers
 from steerlab.store.outputs import output_dir
 
@@ -45,9 +45,7 @@ OVERWRITE_OPT = typer.Option(False, "--overwrite", help="Replace what a non-empt
 @contextmanager
 def progress_bar(description: str, total: int) -> Iterator[Any]:
     """A rich progress bar counting prompts through forward passes; yields ``advance(n)``."""
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("prompts"), TimeElapsedColumn())
-    with Progress(*columns, console=error_console, transient=False) as bar:
+    with counting_bar(TextColumn("prompts"), TimeElapsedColumn(), transient=False) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.update(task, advance=n)
 

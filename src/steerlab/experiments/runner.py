@@ -16,14 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich import get_console
+from rich.progress import TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from steerlab.directions.artifact import Direction
 from steerlab.errors import SteerlabError
@@ -31,6 +25,7 @@ from steerlab.evaluate.outcome import outcome
 from steerlab.experiments.store import ResponseStore, run_identity
 from steerlab.experiments.timings import Timings
 from steerlab.generation.generate import Generation, GenerationGroup, generate_groups
+from steerlab.generation.progress import counting_bar
 from steerlab.store.atomic import write_json
 
 if TYPE_CHECKING:
@@ -89,13 +84,11 @@ class Runner:
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.timings = Timings.load(self.out / "timings.json")
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
+        self.progress = counting_bar(
             TimeElapsedColumn(),
             TextColumn("eta"),
             TimeRemainingColumn(),
+            console=get_console(),  # the experiment's own output stream
             disable=not show_progress,
             transient=False,
             refresh_per_second=PROGRESS_REFRESH_PER_SECOND,

@@ -1,9 +1,12 @@
-"""The progress bar of a generation run: prompts done, prompts/s and tokens/s, ETA.
+"""steerlab's progress bars: one counting bar every long run starts from, and the bar of a
+generation run (prompts done, prompts/s and tokens/s, ETA).
 
-Drawn on stderr, so a command's stdout stays clean for its results.
+Drawn on stderr by default, so a command's stdout stays clean for its results.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from rich.console import Console
 from rich.progress import (
@@ -29,12 +32,19 @@ class _Rates(ProgressColumn):
                     style="cyan")
 
 
+def counting_bar(*columns: str | ProgressColumn, console: Console | None = None,
+                 **options: Any) -> Progress:
+    """A rich bar showing the task's name, the bar and done/total, then ``columns``; on
+    ``console`` (default: stderr), with ``options`` passed on to :class:`rich.progress.Progress`."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    *columns, console=console or Console(stderr=True), **options)
+
+
 def generation_progress(enabled: bool) -> Progress:
     """A bar counting prompts with their rates (update its ``tokens`` field); drawn only
     when ``enabled``."""
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    _Rates(), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=Console(stderr=True), transient=False, disable=not enabled)
+    return counting_bar(_Rates(), TimeElapsedColumn(), TimeRemainingColumn(), transient=False,
+                        disable=not enabled)
 
 
-__all__ = ["generation_progress"]
+__all__ = ["counting_bar", "generation_progress"]

@@ -235,6 +235,29 @@ def _through_norm_basis(norm: nn.Module, basis: torch.Tensor, where: str) -> tor
     return q.float()
 
 
+def plan_orthogonalization(lm: LoadedModel, direction_or_subspace: DirectionLike, alpha: float,
+                           layers: Iterable[int] | None, components: Sequence[str], *,
+                           source_layer: int | None, allow_approximate: bool
+                           ) -> tuple[list[EditTarget], OrthogonalizeResult]:
+    """The modules an orthogonalization edits (see :func:`plan_edits`) and the record of the
+    edit, made before any weight changes: the in-place edit and the LoRA export share both."""
+    basis, name, used_layer = direction_basis(direction_or_subspace, source_layer=source_layer,
+                                              d_model=lm.d_model)
+    targets = plan_edits(lm, basis, layers=layers, components=components,
+                         allow_approximate=allow_approximate)
+    return targets, OrthogonalizeResult(
+        alpha=float(alpha),
+        rank=int(basis.shape[1]),
+        components=tuple(c for c in COMPONENTS if c in components),
+        layers=tuple(sorted({t.layer for t in targets if t.layer is not None})),
+        modules=tuple(t.name for t in targets),
+        untied=False,
+        approximate=lm.arch.post_norm and any(t.component != "embed" for t in targets),
+        direction=name,
+        source_layer=used_layer,
+    )
+
+
 def module_weight(module: nn.Module) -> torch.Tensor:
     """The ``weight`` tensor of a Linear/Embedding-like module (typed for mypy)."""
     weight = getattr(module, "weight", None)
@@ -302,12 +325,10 @@ def orthogonalize(
     """
     if not torch.isfinite(torch.tensor(float(alpha))):
         raise InterventionError(f"alpha must be a finite number, got {alpha}.")
-    basis, name, used_layer = direction_basis(direction_or_subspace, source_layer=source_layer,
-                                              d_model=lm.d_model)
-    targets = plan_edits(lm, basis, layers=layers, components=components,
-                         allow_approximate=allow_approximate)
-    untied = False
-    if "embed" in components and embeddings_tied(lm):
+    targets, result = plan_orthogonalization(lm, direction_or_subspace, alpha, layers, components,
+                                             source_layer=source_layer,
+                                             allow_approximate=allow_approximate)
+    if "embed" in result.components and embeddings_tied(lm):
         if tied == "error":
             raise InterventionError(
                 "This model ties lm_head to the input embedding; editing the embedding would also "
@@ -315,22 +336,11 @@ def orthogonalize(
                 "to give lm_head its own copy, or leave 'embed' out of components."
             )
         untie_embeddings(lm)
-        untied = True
+        result = dataclasses.replace(result, untied=True)
     for target in targets:
         apply_edit(target, float(alpha), chunk_elements=chunk_elements)
     lm.fingerprint = model_fingerprint(lm.model)
-    chosen_layers = tuple(sorted({t.layer for t in targets if t.layer is not None}))
-    return OrthogonalizeResult(
-        alpha=float(alpha),
-        rank=int(basis.shape[1]),
-        components=tuple(c for c in COMPONENTS if c in components),
-        layers=chosen_layers,
-        modules=tuple(t.name for t in targets),
-        untied=untied,
-        approximate=lm.arch.post_norm and any(t.component != "embed" for t in targets),
-        direction=name,
-        source_layer=used_layer,
-    )
+    return result
 
 
 def kernel_edits(lm: LoadedModel, spec: KernelAblate, *,

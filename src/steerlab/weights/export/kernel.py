@@ -15,8 +15,8 @@ from steerlab.interventions.kernel_ablate import KernelAblate
 from steerlab.model.loading import LoadedModel
 from steerlab.weights.export.common import ExportError
 from steerlab.weights.export.hf import export_hf
-from steerlab.weights.export.lora import _linear_coeffs, write_lora
-from steerlab.weights.orthogonalize import kernel_edits, module_weight, orthogonalize_spec
+from steerlab.weights.export.lora import lora_pair, write_lora
+from steerlab.weights.orthogonalize import kernel_edits, orthogonalize_spec
 
 
 @torch.no_grad()
@@ -27,16 +27,7 @@ def kernel_lora_tensors(lm: LoadedModel, spec: KernelAblate, *,
     tensors: dict[str, torch.Tensor] = {}
     edits = kernel_edits(lm, spec, allow_approximate=allow_approximate)
     for target, weight in edits:
-        matrix = module_weight(target.module)
-        bias = getattr(target.module, "bias", None)
-        q = target.basis.to(matrix.device)
-        if isinstance(bias, torch.Tensor) and float((q.T @ bias.float()).norm()) > 1e-6 * max(
-                float(bias.float().norm()), 1e-12):
-            raise ExportError(f"{target.name} has a bias along the direction; LoRA cannot edit "
-                              "biases. Export with --format hf instead.")
-        prefix = f"base_model.model.{target.name}"
-        tensors[f"{prefix}.lora_A.weight"] = _linear_coeffs(matrix, q).contiguous().cpu()
-        tensors[f"{prefix}.lora_B.weight"] = (-weight * q).contiguous().cpu()
+        tensors.update(lora_pair(target, weight))
     if not edits:
         raise ExportError("The spec's kernels are zero at every layer; there is nothing to export.")
     info = {"rank": int(edits[0][0].basis.shape[1]), "alpha": 1.0,

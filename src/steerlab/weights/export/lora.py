@@ -31,10 +31,11 @@ from steerlab.weights.export.common import (
 from steerlab.weights.orthogonalize import (
     COMPONENTS,
     DirectionLike,
-    direction_basis,
+    EditTarget,
+    OrthogonalizeResult,
     embeddings_tied,
     module_weight,
-    plan_edits,
+    plan_orthogonalization,
 )
 
 LORA_WEIGHTS = "adapter_model.safetensors"
@@ -42,26 +43,15 @@ LORA_CONFIG = "adapter_config.json"
 
 
 @torch.no_grad()
-def lora_tensors(
-    lm: LoadedModel,
-    direction_or_subspace: DirectionLike,
-    alpha: float = 1.0,
-    layers: Iterable[int] | None = None,
-    components: Sequence[str] = COMPONENTS,
-    *,
-    source_layer: int | None = None,
-    allow_approximate: bool = False,
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """PEFT-named LoRA tensors for the orthogonalization of the UNEDITED ``lm``.
+def lora_tensors(lm: LoadedModel, targets: Sequence[EditTarget], edit: OrthogonalizeResult
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """PEFT-named LoRA tensors for the orthogonalization of the UNEDITED ``lm`` that
+    :func:`~steerlab.weights.orthogonalize.plan_orthogonalization` planned.
 
     Returns (state dict keyed like PEFT's ``adapter_model.safetensors``,
     a description with rank, target modules and the edit).
     """
-    basis, name, used_layer = direction_basis(direction_or_subspace, source_layer=source_layer,
-                                              d_model=lm.d_model)
-    targets = plan_edits(lm, basis, layers=layers, components=components,
-                         allow_approximate=allow_approximate)
-    if "embed" in components and embeddings_tied(lm):
+    if "embed" in edit.components and embeddings_tied(lm):
         raise ExportError(
             "This model ties lm_head to the input embedding, and a LoRA on the embedding would "
             "also change lm_head when merged. Export with --format hf (which unties), or leave "
@@ -69,34 +59,38 @@ def lora_tensors(
         )
     tensors: dict[str, torch.Tensor] = {}
     for t in targets:
-        weight = module_weight(t.module)
-        q = t.basis.to(weight.device)
-        prefix = f"base_model.model.{t.name}"
-        if t.component == "embed":
-            tensors[f"{prefix}.lora_embedding_A"] = _embed_coeffs(weight, q).T.contiguous().cpu()
-            tensors[f"{prefix}.lora_embedding_B"] = (-alpha * q).contiguous().cpu()
-            continue
-        bias = getattr(t.module, "bias", None)
-        if isinstance(bias, torch.Tensor):
-            leak = float((q.T @ bias.float()).norm())
-            if leak > 1e-6 * max(float(bias.float().norm()), 1e-12):
-                raise ExportError(
-                    f"{t.name} has a bias with a component along the direction; LoRA cannot edit "
-                    "biases. Export with --format hf instead."
-                )
-        tensors[f"{prefix}.lora_A.weight"] = _linear_coeffs(weight, q).contiguous().cpu()
-        tensors[f"{prefix}.lora_B.weight"] = (-alpha * q).contiguous().cpu()
+        tensors.update(lora_pair(t, edit.alpha))
     info = {
-        "rank": int(basis.shape[1]),
-        "alpha": float(alpha),
-        "direction": name,
-        "source_layer": used_layer,
-        "components": [c for c in COMPONENTS if c in components],
-        "layers": sorted({t.layer for t in targets if t.layer is not None}),
-        "target_modules": [t.name for t in targets],
-        "approximate": lm.arch.post_norm and any(t.component != "embed" for t in targets),
+        "rank": edit.rank,
+        "alpha": edit.alpha,
+        "direction": edit.direction,
+        "source_layer": edit.source_layer,
+        "components": list(edit.components),
+        "layers": list(edit.layers),
+        "target_modules": list(edit.modules),
+        "approximate": edit.approximate,
     }
     return tensors, info
+
+
+def lora_pair(target: EditTarget, scale: float) -> dict[str, torch.Tensor]:
+    """PEFT's A and B of one residual writer, ``B = −scale·Q``: ``lora_A = QᵀW`` for a Linear
+    (refused when its bias has a component along ``Q``: LoRA cannot edit biases), and
+    ``lora_embedding_A = (E Q)ᵀ`` for the embedding."""
+    weight = module_weight(target.module)
+    q = target.basis.to(weight.device)
+    prefix = f"base_model.model.{target.name}"
+    b = (-scale * q).contiguous().cpu()
+    if target.component == "embed":
+        return {f"{prefix}.lora_embedding_A": _embed_coeffs(weight, q).T.contiguous().cpu(),
+                f"{prefix}.lora_embedding_B": b}
+    bias = getattr(target.module, "bias", None)
+    if isinstance(bias, torch.Tensor) and float((q.T @ bias.float()).norm()) > 1e-6 * max(
+            float(bias.float().norm()), 1e-12):
+        raise ExportError(f"{target.name} has a bias with a component along the direction; LoRA "
+                          "cannot edit biases. Export with --format hf instead.")
+    return {f"{prefix}.lora_A.weight": _linear_coeffs(weight, q).contiguous().cpu(),
+            f"{prefix}.lora_B.weight": b}
 
 
 def _hub_name(lm: LoadedModel) -> str:
@@ -141,8 +135,9 @@ def export_lora(
     Example:
         >>> export_lora(lm, Direction.load("refusal"), "refusal-lora")   # doctest: +SKIP
     """
-    tensors, info = lora_tensors(lm, direction_or_subspace, alpha, layers, components,
-                                 source_layer=source_layer, allow_approximate=allow_approximate)
+    tensors, info = lora_tensors(lm, *plan_orthogonalization(
+        lm, direction_or_subspace, alpha, layers, components, source_layer=source_layer,
+        allow_approximate=allow_approximate))
     return write_lora(lm, tensors, info, out, overwrite=overwrite)
 
 
