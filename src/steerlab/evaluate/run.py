@@ -19,6 +19,7 @@ Writes into ``out_dir``:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections import Counter
@@ -331,6 +332,10 @@ def _kl(backend: Backend, prompts: PromptSet | Sequence[str], k: int, system: st
     return report
 
 
+def _is_outcome(row: dict[str, Any], name: str) -> bool:
+    return bool(row["outcome"] == name)
+
+
 def summarise(rows: Sequence[dict[str, Any]], *, judge_ran: bool = False,
               seed: int = 0) -> dict[str, Any]:
     """Every rate with n and a 95% Wilson interval; judge means with bootstrap intervals."""
@@ -421,7 +426,7 @@ def compare(rows: Sequence[dict[str, Any]], baseline_rows: dict[str, dict[str, A
 
     result: dict[str, Any] = {"baseline": baseline, "n_pairs": len(pairs),
                               "refusal": paired(lambda r: bool(r["refusal"]))}
-    result["outcomes"] = {name: paired(lambda r, name=name: bool(r["outcome"] == name))
+    result["outcomes"] = {name: paired(functools.partial(_is_outcome, name=name))
                           for name in OUTCOMES}
     for key in ("judge_compliance", "judge_coherence"):
         both = [(b[key], t[key]) for b, t in pairs
