@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from steerlab.evaluate.judge import Judge
-from steerlab.evaluate.kl import kl_per_prompt_many, kl_summary
+from steerlab.evaluate.kl import kl_per_prompt_many
 from steerlab.evaluate.stats import mean_summary
 from steerlab.experiments.config import ExperimentConfig
 from steerlab.experiments.runner import Condition, Runner
@@ -64,17 +64,22 @@ def kl_conditions(
         )
         share = (time.perf_counter() - start) / len(group)
         for cond in group:
-            rep = kl_summary(per[cond.name], k=k, seed=seed)
-            first, mean = rep["first_token"], rep[f"mean_first_{k}"]
-            out[cond.name] = {
-                "kl_n": first["n"],
-                "kl_first_token": first["mean"],
-                "kl_first_token_ci95": first["ci95"],
-                f"kl_first_{k}": mean["mean"],
-                f"kl_first_{k}_ci95": mean["ci95"],
-            }
+            out[cond.name] = kl_columns([v[0] for v in per[cond.name]], per[cond.name], k, seed)
             run.save_step(step_name(cond), out[cond.name], share)
     return {c.name: out[c.name] for c in conditions if c.specs}
+
+
+def kl_columns(first: Sequence[float], per_prompt: Sequence[Sequence[float]] | None, k: int,
+               seed: int, **more: Any) -> Entry:
+    """A condition's KL columns: the first-token mean with its bootstrap interval, ``more``,
+    then (given per-prompt KL lists) the mean over the first ``k`` tokens with its interval."""
+    head = mean_summary(first, seed=seed)
+    entry: Entry = {"kl_n": head["n"], "kl_first_token": head["mean"],
+                    "kl_first_token_ci95": head["ci95"], **more}
+    if per_prompt is not None:
+        mean_k = mean_summary([sum(v) / len(v) for v in per_prompt], seed=seed)
+        entry[f"kl_first_{k}"], entry[f"kl_first_{k}_ci95"] = mean_k["mean"], mean_k["ci95"]
+    return entry
 
 
 def check_judge(config: ExperimentConfig) -> None:

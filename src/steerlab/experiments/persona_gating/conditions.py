@@ -9,10 +9,9 @@ from typing import Any
 
 from steerlab.directions.artifact import Direction
 from steerlab.evaluate.kl import kl_from_logprobs, kl_per_prompt_many
-from steerlab.evaluate.stats import mean_summary
 from steerlab.experiments.config import PersonaGatingConfig
 from steerlab.experiments.framework import span
-from steerlab.experiments.measure import judge_conditions
+from steerlab.experiments.measure import judge_conditions, kl_columns
 from steerlab.experiments.runner import Condition, Runner
 from steerlab.experiments.summary import Entry, JudgeEntry
 from steerlab.interventions.specs import Ablate, Add, Project, random_like
@@ -127,21 +126,10 @@ def harmless_kl(run: Runner, harmless: PromptSet, conditions: Sequence[Condition
         kl_per_prompt_many(run.lm, harmless.texts(), todo, k=k, batch_size=config.batch_size)
         if todo else {}
     )
-    out: dict[str, Entry] = {}
-    for name in steered:
-        summary = mean_summary(first.get(name) or [v[0] for v in per[name]], seed=config.seed)
-        entry = {
-            "kl_n": summary["n"],
-            "kl_first_token": summary["mean"],
-            "kl_first_token_ci95": summary["ci95"],
-            "kl_first_token_from": "generation" if name in first else "extra pass",
-        }
-        if k > 1:
-            mean_k = mean_summary([sum(v) / len(v) for v in per[name]], seed=config.seed)
-            entry[f"kl_first_{k}"] = mean_k["mean"]
-            entry[f"kl_first_{k}_ci95"] = mean_k["ci95"]
-        out[name] = entry
-    return out
+    return {name: kl_columns(first.get(name) or [v[0] for v in per[name]],
+                             per[name] if k > 1 else None, k, config.seed,
+                             kl_first_token_from="generation" if name in first else "extra pass")
+            for name in steered}
 
 
 def judge(run: Runner, config: PersonaGatingConfig, conditions: Sequence[Condition],

@@ -11,7 +11,7 @@ from typing import Any
 from steerlab.evaluate.stats import bootstrap_ci, holm, restored_share
 from steerlab.experiments.config import PersonaGatingConfig
 from steerlab.experiments.framework import Results, span
-from steerlab.experiments.measure import rows_of
+from steerlab.experiments.measure import rows_of, summarise
 from steerlab.experiments.persona_gating.findings import findings
 from steerlab.experiments.persona_gating.select import Selection
 from steerlab.experiments.runner import Condition, Runner
@@ -41,7 +41,13 @@ def build_results(lm: LoadedModel, run: Runner, config: PersonaGatingConfig, ev:
                   selection: Selection, kl: dict[str, Entry],
                   judged: dict[str, Any]) -> Results:
     rows = {c.name: rows_of(run, c.name, ev.eval_set) for c in ev.conditions}
-    cond_out = _entries(rows, ev.conditions, config.seed)
+    cond_out = summarise(run, ev.conditions, ev.eval_set, "baseline")
+    for name, entry in cond_out.items():  # against persona_steer too, and what each restores
+        if name not in ("baseline", "persona_steer"):
+            entry["vs_persona_steer_p"] = paired_p(rows[name], rows["persona_steer"])
+        if name.startswith(RESTORING):
+            entry.update(_restored(rows["baseline"], rows["persona_steer"], [rows[name]],
+                                   config.seed))
     for group in ("random_steer", "random_project_late"):
         cond_out[group] = _pooled(group, cond_out, rows, config.seed)
     cond_out.update(_thirds(cond_out, lm.n_layers))
@@ -73,22 +79,6 @@ def build_results(lm: LoadedModel, run: Runner, config: PersonaGatingConfig, ev:
         "findings": findings(cond_out, harmless_out),
         "provenance": provenance(lm, config=config, seed=config.seed),
     }
-
-
-def _entries(rows: dict[str, list[dict[str, Any]]], conditions: Sequence[Condition],
-             seed: int) -> dict[str, Entry]:
-    """Each condition's rates, McNemar p against baseline and persona_steer, restoration."""
-    base, steer = rows["baseline"], rows["persona_steer"]
-    out: dict[str, Entry] = {}
-    for c in conditions:
-        e: Entry = {**condition_summary(rows[c.name]), "description": c.description}
-        e["vs_baseline_p"] = paired_p(rows[c.name], base) if c.name != "baseline" else None
-        if c.name not in ("baseline", "persona_steer"):
-            e["vs_persona_steer_p"] = paired_p(rows[c.name], steer)
-        out[c.name] = e
-    for name in [n for n in out if n.startswith(RESTORING)]:
-        out[name].update(_restored(base, steer, [rows[name]], seed))
-    return out
 
 
 def _pooled(group: str, cond_out: dict[str, Entry], rows: dict[str, list[dict[str, Any]]],
