@@ -32,7 +32,7 @@ import torch
 
 from steerlab.errors import EvaluationError
 from steerlab.evaluate.backends import InProcessBackend
-from steerlab.evaluate.capability import capability_eval, capability_items
+from steerlab.evaluate.capability import capability_accuracy, capability_items
 from steerlab.evaluate.kl import kl_from_logprobs, step_logprobs, steps_until_eos
 from steerlab.evaluate.outcome import outcome
 from steerlab.evaluate.perplexity import nll_report
@@ -104,8 +104,7 @@ def evaluate_model(
         for p, text, refused in zip(items, texts, flags[name], strict=True):
             rows.append({"set": name, "id": p.id, "prompt": p.prompt, "response": text,
                          "refusal": refused, "outcome": outcome(text)})
-    cap_backend = InProcessBackend(lm, (), max_new_tokens=16, batch_size=cfg.batch_size)
-    cap = capability_eval(cap_backend, cfg.capability_limit)
+    cap = capability_accuracy(lm, (), cfg.capability_limit, batch_size=cfg.batch_size)
     for item in cap["items"]:
         rows.append({"set": "capability", **item})
     answers = [render(lm.tokenizer, p.prompt) + str(p.extra.get("answer", ""))

@@ -198,14 +198,10 @@ class Judge:
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             return JudgeScore(hit["compliance"], hit["coherence"], hit.get("reason", ""),
                               cached=True)
-        messages = [{"role": "system", "content": self.rubric},
-                    {"role": "user", "content": USER_TEMPLATE.format(prompt=prompt,
-                                                                     response=response)}]
         last = ""
         for _ in range(self.max_parse_retries + 1):
             try:
-                body = self.client.complete(messages, temperature=self.temperature,
-                                            max_tokens=self.max_tokens)
+                body = self._ask(prompt, response)
             except EndpointUnavailable as exc:
                 return JudgeScore(None, None, missing=True, error=str(exc)[:300])
             try:
@@ -225,15 +221,20 @@ class Judge:
         return JudgeScore(None, None, missing=True,
                           error=f"unparseable judge output: {last[:200]!r}")
 
+    def _ask(self, prompt: str, response: str) -> Any:
+        """One request for the judgement of a pair (the endpoint's raw reply)."""
+        messages = [{"role": "system", "content": self.rubric},
+                    {"role": "user", "content": USER_TEMPLATE.format(prompt=prompt,
+                                                                     response=response)}]
+        return self.client.complete(messages, temperature=self.temperature,
+                                    max_tokens=self.max_tokens)
+
     def check(self) -> None:
         """Send one judgement now, before a long run relies on the judge: an endpoint that
         is down or refuses the request fails here, not after the generations (where every
         pair would be retried and recorded as missing)."""
-        messages = [{"role": "system", "content": self.rubric},
-                    {"role": "user", "content": USER_TEMPLATE.format(
-                        prompt="Name a primary colour.", response="Red.")}]
         try:
-            self.client.complete(messages, temperature=self.temperature, max_tokens=self.max_tokens)
+            self._ask("Name a primary colour.", "Red.")
         except EvaluationError as exc:
             raise EvaluationError(
                 f"The judge at {self.base_url} (model {self.model!r}) did not answer a test "

@@ -222,7 +222,8 @@ def run_eval(
     if capability_limit is not None:
         summary["capability"] = _cached_extra(
             out / "capability.json", {**store.identity, "limit": capability_limit},
-            lambda: _capability(backend, capability_limit, system))
+            lambda: capability_eval(backend, capability_limit if capability_limit > 0 else None,
+                                    system=system))
 
     lm = backend.lm if isinstance(backend, InProcessBackend) else None
     summary["provenance"] = provenance(lm, config=config, seed=seed)
@@ -329,10 +330,6 @@ def _kl(backend: Backend, prompts: PromptSet | Sequence[str], k: int, system: st
     report = kl_report(backend.lm, prompts, backend.specs, k=k, system=system, seed=seed)
     report["n_specs"] = len(backend.specs)
     return report
-
-
-def _capability(backend: Backend, limit: int, system: str | None) -> dict[str, Any]:
-    return capability_eval(backend, limit if limit > 0 else None, system=system)
 
 
 def _is_outcome(row: dict[str, Any], name: str) -> bool:

@@ -117,19 +117,12 @@ def configured_refusal_direction(
     settings: dict[str, Any] = {
         "position": config.position,
         "limit": config.extraction_limit,
-        **selection_of(config),
-        **overrides,
-    }
-    return refusal_direction_of(lm, source, **settings)
-
-
-def selection_of(config: RefusalExperimentConfig) -> dict[str, Any]:
-    """The layer-selection keywords of :func:`refusal_direction_of` from a config."""
-    return {
         "selection": config.layer_selection,
         "selection_limit": config.selection_limit,
         "selection_stride": config.selection_stride,
+        **overrides,
     }
+    return refusal_direction_of(lm, source, **settings)
 
 
 def cohens_d_of(direction: Direction) -> dict[int, float]:

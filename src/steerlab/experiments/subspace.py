@@ -143,7 +143,7 @@ def run_subspace(
         results.update(
             window=window,
             wider=[list(w) for w in wider],
-            conditions=_flat(tables),
+            conditions={name: entry for table in tables.values() for name, entry in table.items()},
             by_eval_set=tables,
             kl=kl,
             analysis=analysis,
@@ -189,10 +189,6 @@ def _specs(
             f"random subspace of rank {len(window)} (same layers' norms) ablated at every layer",
         )
     return out
-
-
-def _flat(tables: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    return {name: entry for table in tables.values() for name, entry in table.items()}
 
 
 def _matrix(tables: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -331,11 +327,7 @@ def _summary(results: dict[str, Any], config: SubspaceConfig) -> str:
     sets = results["eval_sets"]
 
     def cell(src: str, ev: str) -> str:
-        e = m[src][ev]
-        return (
-            f"{e['refusal_rate']:.0%} [{e['refusal_rate_ci95'][0]:.0%}, "
-            f"{e['refusal_rate_ci95'][1]:.0%}]"
-        )
+        return rate(m[src][ev], n=False)
 
     verdicts = {f["claim"]: f["verdict"] for f in results["findings"]}
     two_tier = next(v for k, v in verdicts.items() if k.startswith("Refusal of the gravest"))

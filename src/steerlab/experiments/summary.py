@@ -74,11 +74,12 @@ def paired_p(a: Sequence[Row], b: Sequence[Row], label: str = "refusal") -> floa
     return mcnemar(*paired_flags(a, b, label))
 
 
-def rate(entry: Mapping[str, Any], name: str = "") -> str:
-    """``name 45% [30%, 61%] (n=32)`` for findings and summaries."""
+def rate(entry: Mapping[str, Any], name: str = "", *, n: bool = True) -> str:
+    """``name 45% [30%, 61%] (n=32)`` for findings and summaries (``n=False``: no count)."""
     lo, hi = entry["refusal_rate_ci95"]
     head = f"{name} " if name else ""
-    return f"{head}{entry['refusal_rate']:.0%} [{lo:.0%}, {hi:.0%}] (n={entry['n']})"
+    return f"{head}{entry['refusal_rate']:.0%} [{lo:.0%}, {hi:.0%}]" + (
+        f" (n={entry['n']})" if n else "")
 
 
 def newcombe_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:

@@ -455,24 +455,21 @@ def _generate_to_file(lm: LoadedModel, pending: list[_Row], specs: list[Spec],
                       done: dict[int, Generation], total: int,
                       on_first_logits: FirstLogitsFn | None = None) -> None:
     bar = generation_progress(progress)
-    task = bar.add_task("generating", total=total, completed=len(done), tokens=0) if bar else None
+    task = bar.add_task("generating", total=total, completed=len(done), tokens=0)
     n_tokens = 0
     with ExitStack() as stack:
         put = stack.enter_context(store.appending()) if store is not None else None
-        if bar is not None:
-            stack.enter_context(bar)
+        stack.enter_context(bar)
 
         def emit(row: _Row, tokens: list[int], reason: str) -> None:
             gen = _generation(lm, row, tokens, reason)
             done[row.index] = gen if put is None else put(gen)
-            if bar is not None and task is not None:
-                bar.advance(task)
+            bar.advance(task)
 
         def on_tokens(count: int) -> None:
             nonlocal n_tokens
             n_tokens += count
-            if bar is not None and task is not None:
-                bar.update(task, tokens=n_tokens)
+            bar.update(task, tokens=n_tokens)
 
         _generate_batches(lm, pending, [specs], settings, batch_size, emit, on_tokens,
                           None if on_first_logits is None else

@@ -37,11 +37,11 @@ def counting_bar(*columns: str | ProgressColumn, console: Console | None = None,
                     *columns, console=console or Console(stderr=True), **options)
 
 
-def generation_progress(enabled: bool) -> Progress | None:
-    """A bar counting prompts with their rates (update its ``tokens`` field), or None."""
-    if not enabled:
-        return None
-    return counting_bar(_Rates(), TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
+def generation_progress(enabled: bool) -> Progress:
+    """A bar counting prompts with their rates (update its ``tokens`` field); drawn only
+    when ``enabled``."""
+    return counting_bar(_Rates(), TimeElapsedColumn(), TimeRemainingColumn(), transient=False,
+                        disable=not enabled)
 
 
 __all__ = ["counting_bar", "generation_progress"]

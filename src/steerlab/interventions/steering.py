@@ -214,7 +214,6 @@ def steer(
         >>> with steer(lm, [Add(direction, 4.0, layers=12)]):   # doctest: +SKIP
         ...     out = lm.model.generate(**inputs)
     """
-    resolved = resolve_specs(specs, lm=lm)
     mask: torch.Tensor | None = None
     if row_mask is not None:
         mask = torch.as_tensor(row_mask).detach().to("cpu")
@@ -223,8 +222,7 @@ def steer(
                 f"row_mask must be a 1-D bool tensor with one flag per batch row; got dtype "
                 f"{mask.dtype} and shape {tuple(mask.shape)}."
             )
-    plan = SteeringPlan(resolved, mask)
-    compile_specs(lm, resolved, plan)
+    plan = _compiled(lm, specs, mask)
     layout = plan.needs_phase or mask is not None
     handles: list[torch.utils.hooks.RemovableHandle] = []
     with layout_bound(lm.model) if layout else nullcontext():
@@ -246,22 +244,27 @@ def steer(
             plan.n_hooks = 0
 
 
+def _compiled(lm: LoadedModel, specs: Spec | Iterable[Spec],
+              mask: torch.Tensor | None = None) -> SteeringPlan:
+    """The plan of ``specs`` on ``lm``: references resolved, every op on its site, no hooks."""
+    resolved = resolve_specs(specs, lm=lm)
+    plan = SteeringPlan(resolved, mask)
+    compile_specs(lm, resolved, plan)
+    return plan
+
+
 def check_specs(lm: LoadedModel, specs: Spec | Iterable[Spec]) -> None:
     """Raise what :func:`steer` would raise for ``specs`` on ``lm`` (unknown direction,
     layer out of range, wrong width), hooking nothing: for commands that should fail
     before they spend compute or create a run folder."""
-    resolved = resolve_specs(specs, lm=lm)
-    compile_specs(lm, resolved, SteeringPlan(resolved, None))
+    _compiled(lm, specs)
 
 
 def first_hooked_layer(lm: LoadedModel, specs: Spec | Iterable[Spec]) -> int:
     """The lowest decoder layer whose computation ``specs`` change (``lm.n_layers`` when
     they hook nothing): below it a steered forward is the unsteered one, which
     :mod:`steerlab.activations.shared_prefill` computes once for every condition over a prompt."""
-    resolved = resolve_specs(specs, lm=lm)
-    plan = SteeringPlan(resolved, None)
-    compile_specs(lm, resolved, plan)
-    return min((layer for _kind, layer in plan.ops), default=lm.n_layers)
+    return min((layer for _kind, layer in _compiled(lm, specs).ops), default=lm.n_layers)
 
 
 def count_hooks(module: nn.Module) -> int:

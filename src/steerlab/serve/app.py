@@ -228,30 +228,10 @@ def _add_routes(app: FastAPI, st: ServerState) -> None:
         steer = st.registry.resolve(body.steer)
         ids = await run_in_threadpool(chat_prompt_ids, st.lm, body.messages)
         params = sampling_params(body, len(ids), st.limits, requested, "messages")
-        record.update(tokens_in=len(ids), steer_hash=steer.hash, stream=body.stream)
-        job = st.job(ids, params, steer, record)
-        try:
-            await start(st.batcher, job, request)
-        except ClientGone:
-            return Response(status_code=499)
-        completion_id = f"chatcmpl-{job.id}"
-        created = int(time.time())
-        if body.stream:
-            meta = StreamMeta(completion_id, created, st.model_id, st.lm.fingerprint)
-            return sse_response(chat_stream(meta, job, request, record, len(ids),
-                                            _include_usage(body)))
-        try:
-            done = await until_finish(job, request)
-        except ClientGone:
-            return Response(status_code=499)
-        record.update(tokens_out=done.n_completion, finish_reason=done.finish_reason)
-        return JSONResponse(S.ChatCompletion(
-            id=completion_id, created=created, model=st.model_id,
-            system_fingerprint=st.lm.fingerprint,
-            choices=[S.ChatChoice(index=0, message=S.AssistantMessage(content=done.text),
-                                  finish_reason=done.finish_reason)],
-            usage=usage_of(len(ids), done.n_completion),
-        ).model_dump())
+        return await answer(request, record, body, steer, [(ids, params)], "chatcmpl",
+                            chat_stream, S.ChatCompletion, lambda results: [S.ChatChoice(
+                                index=0, message=S.AssistantMessage(content=results[0].text),
+                                finish_reason=results[0].finish_reason)])
 
     @app.post("/v1/completions")
     async def completions(body: S.CompletionRequest, request: Request) -> Response:
@@ -262,25 +242,37 @@ def _add_routes(app: FastAPI, st: ServerState) -> None:
         if body.stream and len(prompts) != 1:
             raise S.RequestError("prompt", "streaming takes a single prompt; send one string.")
         steer = st.registry.resolve(body.steer)
-        params_of = []
+        prepared = []
         for i, prompt in enumerate(prompts):
             param = "prompt" if isinstance(body.prompt, str) else f"prompt[{i}]"
             ids = await run_in_threadpool(completion_prompt_ids, st.lm, prompt, param)
-            params_of.append((ids, sampling_params(body, len(ids), st.limits, body.max_tokens,
-                                                   param)))
-        n_in = sum(len(ids) for ids, _ in params_of)
+            prepared.append((ids, sampling_params(body, len(ids), st.limits, body.max_tokens,
+                                                  param)))
+        return await answer(request, record, body, steer, prepared, "cmpl", text_stream,
+                            S.Completion, lambda results: [
+                                S.TextChoice(index=i, text=r.text, finish_reason=r.finish_reason)
+                                for i, r in enumerate(results)])
+
+    async def answer(request: Request, record: dict[str, Any], body: S.SamplingFields,
+                     steer: ResolvedSteer, prepared: list[tuple[list[int], SamplingParams]],
+                     prefix: str, stream: Callable[..., AsyncIterator[str]],
+                     reply: Callable[..., Any], choices: Callable[[list[Event]], list[Any]]
+                     ) -> Response:
+        """Queue one job per prepared prompt; stream the first, or wait for all and answer
+        with a ``reply`` of their ``choices``. Any failure (or a client that leaves: 499)
+        cancels every job."""
+        n_in = sum(len(ids) for ids, _ in prepared)
         record.update(tokens_in=n_in, steer_hash=steer.hash, stream=body.stream)
-        jobs = [st.job(ids, params, steer, record) for ids, params in params_of]
+        jobs = [st.job(ids, params, steer, record) for ids, params in prepared]
         for k, job in enumerate(jobs):
             job.id = f"{job.id}-{k}" if len(jobs) > 1 else job.id
-        completion_id = f"cmpl-{jobs[0].id}"
-        created = int(time.time())
+        meta = StreamMeta(f"{prefix}-{jobs[0].id}", int(time.time()), st.model_id,
+                          st.lm.fingerprint)
         try:
             await gather_all(start(st.batcher, job, request) for job in jobs)
             if body.stream:
-                meta = StreamMeta(completion_id, created, st.model_id, st.lm.fingerprint)
-                return sse_response(text_stream(meta, jobs[0], request, record, n_in,
-                                                _include_usage(body)))
+                return sse_response(stream(meta, jobs[0], request, record, n_in,
+                                           _include_usage(body)))
             results = await gather_all(until_finish(job, request) for job in jobs)
         except BaseException as exc:
             for job in jobs:
@@ -290,13 +282,9 @@ def _add_routes(app: FastAPI, st: ServerState) -> None:
             raise
         n_out = sum(r.n_completion for r in results)
         record.update(tokens_out=n_out, finish_reason=",".join(r.finish_reason for r in results))
-        return JSONResponse(S.Completion(
-            id=completion_id, created=created, model=st.model_id,
-            system_fingerprint=st.lm.fingerprint,
-            choices=[S.TextChoice(index=i, text=r.text, finish_reason=r.finish_reason)
-                     for i, r in enumerate(results)],
-            usage=usage_of(n_in, n_out),
-        ).model_dump())
+        return JSONResponse(reply(
+            id=meta.id, created=meta.created, model=meta.model, system_fingerprint=meta.fingerprint,
+            choices=choices(results), usage=usage_of(n_in, n_out)).model_dump())
 
 
 def _record(request: Request) -> dict[str, Any]:

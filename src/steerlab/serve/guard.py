@@ -40,14 +40,13 @@ class Guard:
                              "with.", extra=[(b"www-authenticate", b"Bearer")])
                 return
         length = headers.get(b"content-length")
+        too_large = f"The request body is larger than {self.max_body_bytes} bytes."
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-            await _reply(send, 413, f"The request body is larger than {self.max_body_bytes} "
-                         "bytes.")
+            await _reply(send, 413, too_large)
             return
         messages, over = await _read_body(receive, self.max_body_bytes)
         if over:
-            await _reply(send, 413, f"The request body is larger than {self.max_body_bytes} "
-                         "bytes.", extra=[(b"connection", b"close")])
+            await _reply(send, 413, too_large, extra=[(b"connection", b"close")])
             return
         pending = deque(messages)
 

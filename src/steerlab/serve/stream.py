@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -129,44 +129,47 @@ def error_sse(event: Event) -> str:
     return sse_data(openai_error(event.status, event.text))
 
 
-async def chat_stream(meta: StreamMeta, job: Job, request: Request, record: dict[str, Any],
-                      n_in: int, usage: bool) -> AsyncIterator[str]:
-    def chunk(delta: S.Delta, finish: str | None = None) -> str:
-        return sse_data(S.ChatCompletionChunk(
-            id=meta.id, created=meta.created, model=meta.model, system_fingerprint=meta.fingerprint,
-            choices=[S.ChatChunkChoice(index=0, delta=delta, finish_reason=finish)]))
+def chat_stream(meta: StreamMeta, job: Job, request: Request, record: dict[str, Any],
+                n_in: int, usage: bool) -> AsyncIterator[str]:
+    def choice(text: str | None, finish: str | None = None) -> S.ChatChunkChoice:
+        delta = S.Delta() if text is None else S.Delta(content=text)
+        return S.ChatChunkChoice(index=0, delta=delta, finish_reason=finish)
 
-    yield chunk(S.Delta(role="assistant", content=""))
-    async for event in _events(job, request, record):
+    opening = S.ChatChunkChoice(index=0, delta=S.Delta(role="assistant", content=""))
+    return _stream(meta, S.ChatCompletionChunk, choice, _events(job, request, record), n_in,
+                   usage, opening)
+
+
+def text_stream(meta: StreamMeta, job: Job, request: Request, record: dict[str, Any],
+                n_in: int, usage: bool) -> AsyncIterator[str]:
+    def choice(text: str | None, finish: str | None = None) -> S.TextChoice:
+        return S.TextChoice(index=0, text=text or "", finish_reason=finish)
+
+    return _stream(meta, S.Completion, choice, _events(job, request, record), n_in, usage)
+
+
+async def _stream(meta: StreamMeta, chunk_type: Callable[..., Any],
+                  choice: Callable[..., Any], events: AsyncIterator[Event], n_in: int,
+                  include_usage: bool, opening: Any = None) -> AsyncIterator[str]:
+    """One answer as OpenAI chunks of ``chunk_type``: the ``opening`` choice (if any), each
+    delta's text, an error event or the closing choice (and the usage chunk when asked),
+    then ``[DONE]``. ``choice(None, reason)`` is the closing choice; the usage chunk has no
+    choices and no fingerprint."""
+
+    def chunk(*choices: Any, usage: S.Usage | None = None) -> str:
+        return sse_data(chunk_type(id=meta.id, created=meta.created, model=meta.model,
+                                   choices=list(choices), usage=usage,
+                                   system_fingerprint=meta.fingerprint if choices else None))
+
+    if opening is not None:
+        yield chunk(opening)
+    async for event in events:
         if event.kind == "delta":
-            yield chunk(S.Delta(content=event.text))
+            yield chunk(choice(event.text))
         elif event.kind == "error":
             yield error_sse(event)
         elif event.kind == "finish":
-            yield chunk(S.Delta(), event.finish_reason)
-            if usage:
-                yield sse_data(S.ChatCompletionChunk(
-                    id=meta.id, created=meta.created, model=meta.model, choices=[],
-                    usage=usage_of(n_in, event.n_completion)))
-    yield "data: [DONE]\n\n"
-
-
-async def text_stream(meta: StreamMeta, job: Job, request: Request, record: dict[str, Any],
-                      n_in: int, usage: bool) -> AsyncIterator[str]:
-    def chunk(text: str, finish: str | None = None) -> str:
-        return sse_data(S.Completion(
-            id=meta.id, created=meta.created, model=meta.model, system_fingerprint=meta.fingerprint,
-            choices=[S.TextChoice(index=0, text=text, finish_reason=finish)]))
-
-    async for event in _events(job, request, record):
-        if event.kind == "delta":
-            yield chunk(event.text)
-        elif event.kind == "error":
-            yield error_sse(event)
-        elif event.kind == "finish":
-            yield chunk("", event.finish_reason)
-            if usage:
-                yield sse_data(S.Completion(
-                    id=meta.id, created=meta.created, model=meta.model, choices=[],
-                    usage=usage_of(n_in, event.n_completion)))
+            yield chunk(choice(None, event.finish_reason))
+            if include_usage:
+                yield chunk(usage=usage_of(n_in, event.n_completion))
     yield "data: [DONE]\n\n"

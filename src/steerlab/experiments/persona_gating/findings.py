@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from steerlab.experiments.summary import ALPHA_SIG, Entry, Finding, verdict
+from steerlab.experiments.summary import ALPHA_SIG, Entry, Finding, rate, verdict
 
 
 def findings(c: dict[str, Entry], harmless: dict[str, Entry] | None = None) -> list[Finding]:
@@ -16,19 +16,13 @@ def findings(c: dict[str, Entry], harmless: dict[str, Entry] | None = None) -> l
     return out
 
 
-def _fmt(c: dict[str, Entry], name: str) -> str:
-    e = c[name]
-    lo, hi = e["refusal_rate_ci95"]
-    return f"{name} {e['refusal_rate']:.0%} [{lo:.0%}, {hi:.0%}] (n={e['n']})"
-
-
 def _steering(c: dict[str, Entry]) -> Finding:
     s, b = c["persona_steer"], c["baseline"]
     lower = s["refusal_rate"] < b["refusal_rate"]
     return Finding(
         claim="Compliant-persona steering suppresses refusal",
         verdict=verdict(lower and s["vs_baseline_p"] < ALPHA_SIG, not lower),
-        evidence=f"{_fmt(c, 'baseline')}; {_fmt(c, 'persona_steer')}; "
+        evidence=f"{rate(b, 'baseline')}; {rate(s, 'persona_steer')}; "
         f"McNemar p={s['vs_baseline_p']:.3g}",
     )
 
@@ -75,9 +69,9 @@ def _projection(c: dict[str, Entry]) -> Finding:
     return Finding(
         claim="Projecting persona out of a late window restores baseline refusal",
         verdict=verdict(restores and matches_base and not early_restores, not restores),
-        evidence=f"{_fmt(c, 'persona_project_late')} (p={pl['vs_persona_steer_p']:.3g} vs "
+        evidence=f"{rate(pl, 'persona_project_late')} (p={pl['vs_persona_steer_p']:.3g} vs "
         f"persona_steer, p={pl['vs_baseline_p']:.3g} vs baseline; {_share_text(pl)}); "
-        f"{_fmt(c, 'persona_project_early')}; random_project_late mean "
+        f"{rate(pe, 'persona_project_early')}; random_project_late mean "
         f"{rp['seed_mean']:.0%} over {len(rp['seeds'])} seeds",
     )
 
@@ -95,7 +89,6 @@ def _over_refusal_text(harmless: dict[str, Entry], layer: int) -> str:
     entry, base = harmless.get(f"refusal_readd/L{layer}"), harmless.get("baseline")
     if not entry or not base:
         return ""
-    lo, hi = entry["refusal_rate_ci95"]
     return (f"; on the harmless prompts the layer-{layer} re-add refuses "
-            f"{entry['refusal_rate']:.0%} [{lo:.0%}, {hi:.0%}] (n={entry['n']}; baseline "
+            f"{rate(entry, n=False)} (n={entry['n']}; baseline "
             f"{base['refusal_rate']:.0%}, p={entry['vs_baseline_p']:.3g})")

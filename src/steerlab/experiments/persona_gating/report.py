@@ -13,6 +13,7 @@ from steerlab.experiments.reporting import (
     cohens_d_lines,
     layer_alpha_grid,
     layer_lines,
+    refusal_bars,
     samples,
     write_report,
 )
@@ -111,14 +112,11 @@ def _main_figures(figs: Path, results: Results, analysis: dict[str, Any]) -> lis
     c = results["conditions"]
     main = [m for m in MAIN if m in c]
     return [
-        Figure(
-            plots.bars_with_ci(
-                figs / "conditions.png", main, [c[m]["refusal_rate"] for m in main],
-                [c[m]["refusal_rate_ci95"] for m in main],
-                title=f"Refusal rate by condition (n={results['n_eval']})", ylabel="refusal rate",
-            ),
+        refusal_bars(
+            figs / "conditions.png", c, main,
             "Refusal rate per condition with 95% Wilson intervals; random conditions pooled "
             "over seeds.",
+            title=f"Refusal rate by condition (n={results['n_eval']})",
         ),
         layer_lines(
             figs / "cosine_by_layer.png",

@@ -17,7 +17,7 @@ from steerlab.directions.selection import select_direction
 from steerlab.errors import SteerlabError
 from steerlab.experiments.common import cohens_d_of
 from steerlab.experiments.config import PersonaGatingConfig
-from steerlab.experiments.framework import Experiment, Results, open_runner
+from steerlab.experiments.framework import Experiment, Results, harmless_prompts, open_runner
 from steerlab.experiments.persona_gating import conditions as pc
 from steerlab.experiments.persona_gating.report import write_persona_report
 from steerlab.experiments.persona_gating.results import Evaluation, build_results
@@ -83,9 +83,7 @@ def _prompts(config: PersonaGatingConfig) -> tuple[PromptSet, PromptSet, PromptS
     """(evaluation, validation, harmless) prompts; the evaluation ones checked held out."""
     eval_set = load_prompts(config.eval_prompts, split=config.eval_split, limit=config.limit)
     val_set = load_prompts(config.val_prompts, split=config.val_split, limit=config.val_limit)
-    harmless = load_prompts(
-        config.harmless_prompts, split=config.harmless_split, limit=config.harmless_limit
-    )
+    harmless = harmless_prompts(config)
     check_held_out(eval_set, [
         ("validation", val_set),
         ("extraction", load_prompts("paired", split="train")),

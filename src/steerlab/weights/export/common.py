@@ -6,6 +6,8 @@ import datetime as _dt
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,27 +39,31 @@ def edit_provenance(lm: LoadedModel | None) -> dict[str, Any]:
     return info
 
 
-def fresh_dir(out: Path, overwrite: bool) -> Path:
-    """A temp folder beside ``out`` to fill before renaming it into place."""
+@contextmanager
+def staged_dir(out: Path, overwrite: bool) -> Iterator[Path]:
+    """A temp folder beside ``out`` to fill in the block, renamed to ``out`` when the block
+    ends (an old export is replaced only then) and removed if the block raises, so ``out``
+    is never half-written."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ExportError(
             f"{out} already exists and is not empty; choose another --out or pass overwrite=True "
             "(--overwrite)."
         )
     out.parent.mkdir(parents=True, exist_ok=True)
-    return temp_dir(out)
-
-
-def commit_dir(tmp: Path, out: Path) -> None:
-    """Rename the filled temp folder to ``out`` (replacing an old export only now)."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    tmp = temp_dir(out)
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def check_format(fmt: str) -> str:

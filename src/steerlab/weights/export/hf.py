@@ -3,7 +3,6 @@ its chat template, generation config) that ``from_pretrained`` and vLLM load as 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,9 +12,8 @@ from steerlab.store.atomic import disk_full, free_space_shortfall, write_json
 from steerlab.weights.export.common import (
     EDIT_FILE,
     ExportError,
-    commit_dir,
     edit_provenance,
-    fresh_dir,
+    staged_dir,
 )
 from steerlab.weights.orthogonalize import OrthogonalizeResult
 
@@ -50,21 +48,19 @@ def export_hf(
             f"Cannot export to {target}: {short}. Free some space, choose an --out on a larger "
             "disk, or load the model with --dtype bfloat16 to halve the checkpoint."
         )
-    tmp = fresh_dir(target, overwrite)
     try:
-        model = lm.model
-        if dtype is not None and dtype != lm.dtype:
-            model = model.to(dtype)  # in place for nn.Module; the caller's lm now has this dtype
-            lm.dtype = dtype
-        model.save_pretrained(tmp)
-        lm.tokenizer.save_pretrained(tmp)
-        record = {"format": "hf", **edit_provenance(lm),
-                  "fingerprint": lm.fingerprint, "edit": edit.to_json() if edit else None,
-                  **(extra or {})}
-        write_json(tmp / EDIT_FILE, record)
-        commit_dir(tmp, target)
+        with staged_dir(target, overwrite) as tmp:
+            model = lm.model
+            if dtype is not None and dtype != lm.dtype:
+                model = model.to(dtype)  # in place for nn.Module; the caller's lm now has it
+                lm.dtype = dtype
+            model.save_pretrained(tmp)
+            lm.tokenizer.save_pretrained(tmp)
+            record = {"format": "hf", **edit_provenance(lm),
+                      "fingerprint": lm.fingerprint, "edit": edit.to_json() if edit else None,
+                      **(extra or {})}
+            write_json(tmp / EDIT_FILE, record)
     except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         if disk_full(exc):  # something else filled the disk after the check above
             raise ExportError(
                 f"The disk filled up while writing {target}; the partial export was removed. "

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -25,10 +24,9 @@ from steerlab.store.atomic import write_json
 from steerlab.weights.export.common import (
     EDIT_FILE,
     ExportError,
-    commit_dir,
     edit_provenance,
     edit_record,
-    fresh_dir,
+    staged_dir,
 )
 from steerlab.weights.orthogonalize import (
     COMPONENTS,
@@ -160,18 +158,13 @@ def write_lora(lm: LoadedModel, tensors: dict[str, torch.Tensor], info: dict[str
         inference_mode=True,
     )
     target = Path(out)
-    tmp = fresh_dir(target, overwrite)
-    try:
+    with staged_dir(target, overwrite) as tmp:
         config_dict = config.to_dict()
         config_dict["target_modules"] = sorted(info["target_modules"])
         write_json(tmp / LORA_CONFIG, config_dict)
         save_file(tensors, str(tmp / LORA_WEIGHTS), metadata={"format": "pt"})
         write_json(tmp / EDIT_FILE, {"format": "lora", **edit_provenance(lm),
                                      "base_fingerprint": lm.fingerprint, "edit": info})
-        commit_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
