@@ -224,23 +224,26 @@ def refusal_direction(
     select_split: str | None = "val",
     batch_size: int = 32,
     progress: Progress | None = None,
+    source: str = "paired",
+    name: str = "refusal",
 ) -> Direction:
-    """Harmful-minus-harmless direction from the built-in paired set.
+    """Harmful-minus-harmless direction from a built-in paired set (``paired``, ``tier2``).
 
     With ``select_split`` the best layer (largest held-out Cohen's d, stored
     per layer in ``meta.extra["cohens_d"]``) is chosen on that split's pairs.
     """
-    harmful, harmless = paired_split(split, limit)
+    harmful, harmless = paired_split(split, limit, source)
     direction = extract_direction(
         lm, harmful, harmless, method=method, position=position, layers=layers,
-        name="refusal", kind="refusal", batch_size=batch_size, progress=progress,
-        datasets={"positive": f"paired:harmful:{split}", "negative": f"paired:harmless:{split}"},
+        name=name, kind="refusal", batch_size=batch_size, progress=progress,
+        datasets={"positive": f"{source}:harmful:{split}",
+                  "negative": f"{source}:harmless:{split}"},
     )
     if select_split is None:
         return direction
-    val_harmful, val_harmless = paired_split(select_split, limit)
+    val_harmful, val_harmless = paired_split(select_split, limit, source)
     return _with_best_layer(lm, direction, val_harmful, val_harmless, None, None,
-                            f"paired:{select_split}", position, batch_size, progress)
+                            f"{source}:{select_split}", position, batch_size, progress)
 
 
 def persona_contrast(

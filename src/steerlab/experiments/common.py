@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from steerlab.directions.artifact import Direction
-from steerlab.directions.extraction import extract_direction, paired_split
+from steerlab.directions.extraction import paired_split, refusal_direction
 from steerlab.directions.selection import select_direction
 from steerlab.directions.separability import cohens_d, with_best_layer
 from steerlab.errors import DataError
@@ -55,22 +55,12 @@ def refusal_direction_of(
     """
     if selection not in ("ablation", "cohens_d"):
         raise DataError(f"Unknown layer selection {selection!r}; use 'ablation' or 'cohens_d'.")
-    harmful, harmless = paired_split(split, limit, source, min_pairs=2)
+    paired_split(split, limit, source, min_pairs=2)  # refuse a tiny set before any pass
     val_harmful, val_harmless = paired_split(select_split, limit, source, min_pairs=2)
     with steer(lm, list(under)):  # no specs: the unhooked model
-        direction = extract_direction(
-            lm,
-            harmful,
-            harmless,
-            position=position,
-            name=name,
-            kind="refusal",
-            batch_size=batch_size,
-            datasets={
-                "positive": f"{source}:harmful:{split}",
-                "negative": f"{source}:harmless:{split}",
-            },
-        )
+        direction = refusal_direction(lm, split=split, position=position, limit=limit,
+                                      select_split=None, batch_size=batch_size, source=source,
+                                      name=name)
         d = cohens_d(
             lm, direction, val_harmful, val_harmless, position=position, batch_size=batch_size
         )

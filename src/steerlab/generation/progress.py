@@ -1,8 +1,5 @@
-"""steerlab's progress bars: one counting bar every long run starts from, and the bar of a
-generation run (prompts done, prompts/s and tokens/s, ETA).
-
-Drawn on stderr by default, so a command's stdout stays clean for its results.
-"""
+"""Progress bars, on stderr unless told otherwise so a command's stdout stays clean for its
+results: the counting bar every long run starts from, and a generation run's (with rates)."""
 
 from __future__ import annotations
 
