@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 
 import steerlab.reporting.plots as plots
-from steerlab.errors import SteerlabError
 from steerlab.experiments import common, measure
 from steerlab.experiments import framework as fw
 from steerlab.experiments import reporting as rp
@@ -224,8 +223,6 @@ def _findings(
     """Verdicts per claim. An ablation that lowers refusal while moving harmless prompts
     (first-token KL ≥ sm.KL_THRESHOLD) is not counted as removing refusal: on a
     small model that drop may be damage, so such a claim is at most inconclusive."""
-    if "paired" not in tables or "tier2" not in tables:
-        raise SteerlabError("The subspace experiment needs both evaluation sets.")
     p, t = tables["paired"], tables["tier2"]
     sub_p, base_p = p["paired:subspace_paired"], p["paired:baseline"]
     no_refusal = not base_p["refusal_rate"]  # nothing to remove: removal claims are untestable

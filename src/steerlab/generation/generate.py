@@ -281,8 +281,7 @@ def generate(
     """
     if stop_when is not None and out_jsonl is not None:
         raise GenerationError("stop_when cuts responses short; it cannot write out_jsonl.")
-    settings = dataclasses.replace(
-        _settings(lm, max_new_tokens, do_sample, temperature, top_p, seed), stop_when=stop_when)
+    settings = _settings(lm, max_new_tokens, do_sample, temperature, top_p, seed, stop_when)
     rows = _as_rows(lm, prompts, system, chat_template)
     specs = resolve_specs(steer, lm=lm)
     steering.check_specs(lm, specs)  # a bad spec fails before out_jsonl is created
@@ -375,7 +374,7 @@ def generate_groups(
 
 
 def _settings(lm: LoadedModel, max_new_tokens: int, do_sample: bool, temperature: float,
-              top_p: float, seed: int) -> _Settings:
+              top_p: float, seed: int, stop_when: StopRule | None = None) -> _Settings:
     if max_new_tokens < 1:
         raise DataError(f"max_new_tokens must be at least 1; got {max_new_tokens}.")
     if do_sample and not (temperature > 0 and 0 < top_p <= 1):
@@ -383,7 +382,7 @@ def _settings(lm: LoadedModel, max_new_tokens: int, do_sample: bool, temperature
                         f"{top_p}.")
     pad = lm.tokenizer.pad_token_id
     return _Settings(max_new_tokens, do_sample, float(temperature), float(top_p), int(seed),
-                     eos_ids(lm), int(pad if pad is not None else 0))
+                     eos_ids(lm), int(pad if pad is not None else 0), stop_when)
 
 
 def _generation(lm: LoadedModel, row: _Row, tokens: list[int], reason: str) -> Generation:
