@@ -55,13 +55,13 @@ WORKER_FLAG = "--peer-worker"
 BASELINE = "plain forward, decoder stack only (no LM head)"
 NOTES = (
     "Notes: the peers' venv (--peers-python) has torch linked to the same torch 2.13.0+cpu "
-    "build, transformers 4.57.6, repeng 0.4.0, steering-vectors 0.12.2, plus httpx so steerlab "
-    "imports there. repeng reads its default 23 layers (hidden_layers = -1..-23) with "
-    "output_hidden_states and fits a PCA per layer; steering-vectors hooks all 24 decoder "
-    "blocks with its mean aggregator (a difference of means, like steerlab's, hence the "
-    "cosine check; why it stays below 1, e.g. bfloat16 rounding under different padding, "
-    "was not investigated). steerlab "
-    "stops each forward after the last layer, so it never runs the final norm or the LM head."
+    "build, transformers 4.57.6, repeng 0.4.0, steering-vectors 0.12.2, and steerlab's light "
+    "dependencies; steerlab runs there from this checkout's src. repeng reads its default 23 "
+    'layers (hidden_layers = -1..-23) with output_hidden_states and fits a PCA per layer; '
+    'steering-vectors hooks all 24 decoder blocks with its mean aggregator (a difference of '
+    "means, like steerlab's, hence the cosine check; why it stays below 1, e.g. bfloat16 "
+    'rounding under different padding, was not investigated). steerlab stops each forward '
+    'after the last layer, so it never runs the final norm or the LM head.'
 )
 
 
@@ -240,7 +240,7 @@ def _run_peers(args: argparse.Namespace, model_dir: str, payload: dict[str, Any]
                "--dtype", args.dtype, "--batch-size", str(args.batch_size),
                "--threads", str(args.threads)] + (["--peer-baseline"] if args.peer_baseline
                                                   else [])
-        proc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": ""}, text=True,
+        proc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, text=True,
                               capture_output=True)
         sys.stdout.write(proc.stdout)
         if proc.returncode != 0 or not out.exists():

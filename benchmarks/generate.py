@@ -346,7 +346,7 @@ def _run_peers(args: argparse.Namespace, model_dir: str, layer: int) -> dict[str
                str(args.new_tokens), "--single-prompts", str(args.single_prompts),
                "--batches", ",".join(map(str, args.batches)), "--dtype",
                args.dtype, "--layer", str(layer), "--alpha", str(args.alpha)]
-        env = {**os.environ, "PYTHONPATH": ""}
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}  # this checkout's steerlab
         proc = subprocess.run(cmd, env=env, text=True, capture_output=True)
         sys.stdout.write(proc.stdout)
         if proc.returncode != 0 or not out.exists():
