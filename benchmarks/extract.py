@@ -57,11 +57,11 @@ NOTES = (
     "Notes: the peers' venv (--peers-python) has torch linked to the same torch 2.13.0+cpu "
     "build, transformers 4.57.6, repeng 0.4.0, steering-vectors 0.12.2, and steerlab's light "
     "dependencies; steerlab runs there from this checkout's src. repeng reads its default 23 "
-    'layers (hidden_layers = -1..-23) with output_hidden_states and fits a PCA per layer; '
-    'steering-vectors hooks all 24 decoder blocks with its mean aggregator (a difference of '
+    "layers (hidden_layers = -1..-23) with output_hidden_states and fits a PCA per layer; "
+    "steering-vectors hooks all 24 decoder blocks with its mean aggregator (a difference of "
     "means, like steerlab's, hence the cosine check; why it stays below 1, e.g. bfloat16 "
-    'rounding under different padding, was not investigated). steerlab stops each forward '
-    'after the last layer, so it never runs the final norm or the LM head.'
+    "rounding under different padding, was not investigated). steerlab stops each forward "
+    "after the last layer, so it never runs the final norm or the LM head."
 )
 
 
