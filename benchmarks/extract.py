@@ -50,7 +50,7 @@ SECTION = "extract"
 WHAT = ("the time to extract all-layer difference-of-means directions, against a plain forward "
         "pass over the same prompts in the same venv, and against the peer libraries doing the "
         "same work in theirs.")
-RERUN = "python benchmarks/extract.py --data DIR --peers-python PY --rounds 1 --write"
+RERUN = "python benchmarks/extract.py --data DIR --peers-python PY --rounds 2 --write"
 WORKER_FLAG = "--peer-worker"
 BASELINE = "plain forward, decoder stack only (no LM head)"
 NOTES = (
@@ -254,7 +254,9 @@ def markdown(info: dict[str, Any], ours: dict[str, Any], peers: dict[str, Any]) 
     base = BASELINE
     lines = [
         f"All-layer difference-of-means directions from {info['n']} harmful + {info['n']} "
-        f"harmless instructions (refusal_direction train files), batch {info['batch_size']}, "
+        f"harmless instructions (refusal_direction's `harmful_train.json` and "
+        f"`harmless_train.json` in `DIR`, by default `../shared/data` beside the repository, "
+        f"never copied into it), batch {info['batch_size']}, "
         f"last prompt token, embedded Qwen2.5-Coder-0.5B-Instruct ({info['layers']} layers), "
         f"{info['dtype']}, on {info['machine']}, torch {info['torch']} with "
         f"{info['threads']} thread(s). The machine is shared "
