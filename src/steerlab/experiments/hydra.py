@@ -331,11 +331,10 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: HydraConfig
         rp.condition_table("Conditions", c, judged=bool(results["judged"])),
         rp.kl_table("Harmless prompts: KL per round", results["kl"], config.kl_tokens),
     ]
-    return rp.write_report(
-        out, results,
+    return rp.write_experiment_report(
+        out, results, run.store, config,
         title="steerlab: backup refusal directions (hydra) — ablate, re-extract, repeat",
-        tables=tables, figures=fig_list,
-        samples=rp.samples(run.store, names, config.n_samples),
+        tables=tables, figures=fig_list, show=names,
     )
 
 

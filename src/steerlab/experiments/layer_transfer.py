@@ -336,12 +336,12 @@ def _same_direction_finding(scan: _Scan, config: LayerTransferConfig) -> sm.Find
 
 
 def _report(out: Path, results: fw.Results, run: Runner, config: LayerTransferConfig) -> Path:
-    names = ["baseline", f"source/L{results['best_source_layer']}",
-             f"source/L{results['analysis']['selected_layer']}"]
-    return rp.write_report(
-        out, results, title="steerlab: refusal direction transfer across layers",
+    return rp.write_experiment_report(
+        out, results, run.store, config,
+        title="steerlab: refusal direction transfer across layers",
         tables=_tables(results, config), figures=_figures(out / "figures", results, config),
-        samples=rp.samples(run.store, list(dict.fromkeys(names)), config.n_samples),
+        show=["baseline", f"source/L{results['best_source_layer']}",
+              f"source/L{results['analysis']['selected_layer']}"],
     )
 
 

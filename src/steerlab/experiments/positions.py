@@ -356,17 +356,13 @@ def _report(out: Path, results: fw.Results, run: Runner, config: PositionsConfig
         rp.condition_table("Harmful prompts: each direction ablated", ab, judged=judged),
         rp.condition_table("Harmless prompts: each direction added", ad, judged=judged),
     ]
-    names = [
-        "harmful:baseline",
-        f"ablate/{results['reference']}",
-        "harmless:baseline",
-        f"add/{results['reference']}",
-        "add/t_inst",
-    ]
-    return rp.write_report(
-        out, results, title="steerlab: where refusal is read — t_inst vs post-instruction tokens",
+    ref = results["reference"]
+    return rp.write_experiment_report(
+        out, results, run.store, config,
+        title="steerlab: where refusal is read — t_inst vs post-instruction tokens",
         tables=tables, figures=fig_list,
-        samples=rp.samples(run.store, names, config.n_samples),
+        show=["harmful:baseline", f"ablate/{ref}", "harmless:baseline", f"add/{ref}",
+              "add/t_inst"],
     )
 
 

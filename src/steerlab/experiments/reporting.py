@@ -10,9 +10,8 @@ from typing import Any
 import steerlab.reporting.plots as plots
 from steerlab.experiments.config import ExperimentConfig
 from steerlab.experiments.store import ResponseStore
-from steerlab.experiments.summary import Entry, Finding
-from steerlab.reporting.report import Figure, Report, Sample, Table
-from steerlab.reporting.report import Finding as ReportFinding
+from steerlab.experiments.summary import Entry
+from steerlab.reporting.report import Figure, Finding, Report, Sample, Table
 
 RATE_KEYS = ("n", "refusal_rate", "refusal_rate_ci95", "bypass_rate", "degenerate_rate",
              "vs_baseline_p")
@@ -32,11 +31,10 @@ def write_report(
 ) -> Path:
     """Write ``report.html`` and ``report.md``: the summary (``results["summary"]`` unless
     given), findings and provenance from ``results``, then tables, figures and samples."""
-    findings: Sequence[Finding] = results.get("findings", [])
     report = Report(
         title=title,
         summary=results["summary"] if summary is None else summary,
-        findings=[ReportFinding(**f) for f in findings],
+        findings=[Finding(**f) for f in results.get("findings", [])],
         tables=list(tables),
         figures=list(figures),
         samples=list(samples),
@@ -44,6 +42,25 @@ def write_report(
     )
     html, _ = report.write(out)
     return html
+
+
+def write_experiment_report(
+    out: Path,
+    results: Mapping[str, Any],
+    store: ResponseStore,
+    config: ExperimentConfig,
+    *,
+    title: str,
+    tables: Sequence[Table],
+    figures: Sequence[Figure],
+    show: Sequence[str],
+    summary: str | None = None,
+) -> Path:
+    """An experiment's report (:func:`write_report`) with sample responses of the
+    conditions ``show`` (a name given twice is shown once), ``config.n_samples`` each."""
+    return write_report(out, results, title=title, tables=tables, figures=figures,
+                        samples=samples(store, list(dict.fromkeys(show)), config.n_samples),
+                        summary=summary)
 
 
 def samples(store: ResponseStore, names: Sequence[str], n: int) -> list[Sample]:

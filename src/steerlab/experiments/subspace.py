@@ -420,17 +420,12 @@ def _report(out: Path, results: fw.Results, run: Runner, config: SubspaceConfig)
             ],
         )
     )
-    sample_names = [
-        "paired:baseline",
-        "paired:subspace_paired",
-        "tier2:baseline",
-        "tier2:subspace_paired",
-        "tier2:subspace_tier2",
-    ]
-    return rp.write_report(
-        out, results, title="steerlab: refusal subspace ablation and the two-tier hypothesis",
+    return rp.write_experiment_report(
+        out, results, run.store, config,
+        title="steerlab: refusal subspace ablation and the two-tier hypothesis",
         tables=tables, figures=fig_list,
-        samples=rp.samples(run.store, sample_names, config.n_samples),
+        show=["paired:baseline", "paired:subspace_paired", "tier2:baseline",
+              "tier2:subspace_paired", "tier2:subspace_tier2"],
     )
 
 

@@ -18,17 +18,30 @@ from steerlab.store.atomic import write_text
 VERDICTS = ("reproduced", "not reproduced", "inconclusive")
 
 
-@dataclass(frozen=True)
-class Finding:
-    """One claim checked against this run's numbers."""
+class Finding(dict[str, str]):
+    """One claim checked against this run's numbers: its verdict and the evidence.
 
-    claim: str
-    verdict: str
-    evidence: str
+    A dict, so results.json holds it as it is (``{"claim", "verdict", "evidence"}``) and
+    ``Finding(**entry)`` reads one back; a verdict outside :data:`VERDICTS` fails here,
+    where the experiment makes the finding.
+    """
 
-    def __post_init__(self) -> None:
-        if self.verdict not in VERDICTS:
-            raise ValueError(f"verdict must be one of {VERDICTS}, got {self.verdict!r}")
+    def __init__(self, claim: str, verdict: str, evidence: str) -> None:
+        if verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
+        super().__init__(claim=claim, verdict=verdict, evidence=evidence)
+
+    @property
+    def claim(self) -> str:
+        return self["claim"]
+
+    @property
+    def verdict(self) -> str:
+        return self["verdict"]
+
+    @property
+    def evidence(self) -> str:
+        return self["evidence"]
 
 
 @dataclass(frozen=True)
