@@ -131,7 +131,6 @@ class ChatEndpoint:
 
     @property
     def model(self) -> str:
-        """The model name every request asks for."""
         return self.client.model
 
     @property

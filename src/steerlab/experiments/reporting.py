@@ -44,31 +44,19 @@ def write_report(
     return html
 
 
-def write_experiment_report(
-    out: Path,
-    results: Mapping[str, Any],
-    store: ResponseStore,
-    config: ExperimentConfig,
-    *,
-    title: str,
-    tables: Sequence[Table],
-    figures: Sequence[Figure],
-    show: Sequence[str],
-    summary: str | None = None,
-) -> Path:
-    """An experiment's report (:func:`write_report`) with sample responses of the
-    conditions ``show`` (a name given twice is shown once), ``config.n_samples`` each."""
+def write_experiment_report(out: Path, results: Mapping[str, Any], store: ResponseStore,
+                            config: ExperimentConfig, *, title: str, tables: Sequence[Table],
+                            figures: Sequence[Figure], show: Sequence[str],
+                            summary: str | None = None) -> Path:
+    """An experiment's report (:func:`write_report`) with the first ``config.n_samples``
+    responses by prompt id of each condition in ``show`` (once each): the same prompts
+    across conditions, whatever order the rows finished in."""
+    samples = [Sample(name, row["prompt"], row["response"], row["outcome"])
+               for name in dict.fromkeys(show)
+               for row in sorted(store.rows(name), key=lambda r: str(r["prompt_id"]))
+               [:config.n_samples]]
     return write_report(out, results, title=title, tables=tables, figures=figures,
-                        samples=samples(store, list(dict.fromkeys(show)), config.n_samples),
-                        summary=summary)
-
-
-def samples(store: ResponseStore, names: Sequence[str], n: int) -> list[Sample]:
-    """The first ``n`` rows of each condition by prompt id: the same prompts across
-    conditions, whatever order the rows finished in."""
-    return [Sample(name, row["prompt"], row["response"], row["outcome"])
-            for name in names
-            for row in sorted(store.rows(name), key=lambda r: str(r["prompt_id"]))[:n]]
+                        samples=samples, summary=summary)
 
 
 def setup_sentence(results: Mapping[str, Any], config: ExperimentConfig) -> str:

@@ -31,18 +31,6 @@ class Finding(dict[str, str]):
             raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
         super().__init__(claim=claim, verdict=verdict, evidence=evidence)
 
-    @property
-    def claim(self) -> str:
-        return self["claim"]
-
-    @property
-    def verdict(self) -> str:
-        return self["verdict"]
-
-    @property
-    def evidence(self) -> str:
-        return self["evidence"]
-
 
 @dataclass(frozen=True)
 class Table:
@@ -95,7 +83,8 @@ class Report:
         if self.findings:
             lines += ["## Findings", "", "| claim | verdict | evidence |", "| --- | --- | --- |"]
             lines += [
-                f"| {_md(f.claim)} | **{f.verdict}** | {_md(f.evidence)} |" for f in self.findings
+                f"| {_md(f['claim'])} | **{f['verdict']}** | {_md(f['evidence'])} |"
+                for f in self.findings
             ]
             lines.append("")
         for table in self.tables:
@@ -146,10 +135,10 @@ class Report:
                 "<h2>Findings</h2><table><tr><th>claim</th><th>verdict</th><th>evidence</th></tr>"
             )
             for f in self.findings:
-                cls = f.verdict.replace(" ", "-")
+                cls = f["verdict"].replace(" ", "-")
                 parts.append(
-                    f"<tr><td>{e(f.claim)}</td><td class='{cls}'>{e(f.verdict)}</td>"
-                    f"<td>{e(f.evidence)}</td></tr>"
+                    f"<tr><td>{e(f['claim'])}</td><td class='{cls}'>{e(f['verdict'])}</td>"
+                    f"<td>{e(f['evidence'])}</td></tr>"
                 )
             parts.append("</table>")
         for table in self.tables:
