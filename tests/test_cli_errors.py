@@ -110,6 +110,18 @@ def test_markup_in_a_real_error_is_printed_literally(tmp_path, capsys):
     assert "no[/bold]such[abc].jsonl" in line
 
 
+def test_success_messages_print_paths_and_prompts_literally(tiny_dir, tmp_path, capsys):
+    prompts = tmp_path / "p[abc].txt"
+    prompts.write_text("what does [/] mean in [bold]rich[/bold]?\n")
+    assert run_cli("data", "show", str(prompts)) == 0
+    out = capsys.readouterr().out
+    assert "p[abc].txt" in out and "what does [/] mean in [bold]rich[/bold]?" in out
+    target = tmp_path / "runs[x]" / "o.jsonl"
+    assert run_cli("generate", str(tiny_dir), "--prompts", str(prompts), "--dtype", "float32",
+                   "--max-new-tokens", "2", "--out", str(target)) == 0
+    assert f"wrote {target}" in capsys.readouterr().out.replace("\n", "")
+
+
 def test_out_under_a_file_is_one_line(tiny_dir, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     prompts = tmp_path / "p.txt"

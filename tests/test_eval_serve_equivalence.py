@@ -47,3 +47,17 @@ def test_openai_backend_on_served_tiny_model_matches_inprocess(tmp_path: Path) -
 @pytest.mark.real
 def test_openai_backend_on_served_real_model_matches_inprocess(real_lm, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     _compare(real_lm, tmp_path, n_tokens=12)
+
+
+def test_wrong_served_model_name_fails_with_the_name_the_server_serves(tmp_path: Path) -> None:
+    from steerlab.errors import EvaluationError
+
+    lm = tiny_model("qwen2")
+    with background(create_app(lm, {}, model_id="m")) as url:
+        backend = OpenAIBackend(f"{url}/v1", "default", max_new_tokens=4, max_concurrency=2)
+        with pytest.raises(EvaluationError) as caught:
+            run_eval(PROMPTS, backend, tmp_path / "served")
+    message = str(caught.value)
+    assert "HTTP 404" in message and "'default'" in message and "serves 'm'" in message
+    # a refusal is final: no retries, and the run stops instead of asking for every prompt
+    assert backend.client.requests < len(PROMPTS)

@@ -31,7 +31,7 @@ def evaluate_heldout(lm: LoadedModel, conditions: Mapping[str, Sequence[Spec]],
                      cfg: CompareConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """``{"config", "baseline", "results": {condition: measures + vs_baseline}}`` and the
     rows; the unedited model is measured first and is the reference of every test."""
-    prompts = compare._prompts(cfg)
+    prompts = compare.compare_prompts(cfg)
     results: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
     reference = None
@@ -41,12 +41,7 @@ def evaluate_heldout(lm: LoadedModel, conditions: Mapping[str, Sequence[Spec]],
         reference = reference or mine
         results[name] = measures
         rows += [{"condition": name, **row} for row in found]
-    for name, measures in results.items():
-        if name != UNEDITED:
-            measures["vs_baseline"] = compare._paired(results[UNEDITED]["_paired"],
-                                                      measures["_paired"], cfg.seed)
-    for measures in results.values():
-        measures.pop("_paired")
+    compare.add_paired_tests(results, UNEDITED, cfg.seed)
     return {"config": asdict(cfg), "baseline": UNEDITED, "results": results}, rows
 
 

@@ -67,7 +67,8 @@ def _run(typer_app: typer.Typer, argv: list[str] | None) -> None:
     except SteerlabError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
-        error_console.print("[yellow]interrupted[/]; rerun the same command to resume.")
+        error_console.print(Text.assemble(("interrupted", "yellow"),
+                                          "; rerun the same command to resume."))
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

@@ -11,8 +11,10 @@ from rich.console import Console
 if TYPE_CHECKING:
     from steerlab.model.loading import LoadedModel
 
-console = Console()
-error_console = Console(stderr=True)
+# Messages are plain text, so a path or a prompt with brackets prints as written: rich markup
+# is off, and styles are given explicitly (``style=``, or ``Text.assemble`` for a part).
+console = Console(markup=False)
+error_console = Console(stderr=True, markup=False)
 
 MODEL_ARG = typer.Argument(
     "default",
@@ -31,8 +33,8 @@ def load(spec: str, dtype: str = "auto", device: str | None = None) -> LoadedMod
         lm = load_model(spec, dtype=dtype, device=device)
     dt = str(lm.dtype).removeprefix("torch.")
     error_console.print(
-        f"[dim]model {lm.name} ({lm.arch.name}, {lm.n_layers} layers, d_model {lm.d_model}), "
-        f"dtype {dt} ({lm.dtype_reason}), fingerprint {lm.fingerprint}[/]"
+        f"model {lm.name} ({lm.arch.name}, {lm.n_layers} layers, d_model {lm.d_model}), "
+        f"dtype {dt} ({lm.dtype_reason}), fingerprint {lm.fingerprint}", style="dim"
     )
     return lm
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import typer
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from steerlab.cli.common import console
 
@@ -36,8 +36,8 @@ def register(app: typer.Typer) -> None:
             table.add_row(name, str(len(pset)), str(n_pairs or "-"), str(len(pset.categories())),
                           builtin.description)
         console.print(table)
-        console.print("[dim]Each set has a data card: BuiltinSet.card() in Python, "
-                      "or steerlab/data/cards/ in the package.[/]")
+        console.print("Each set has a data card: BuiltinSet.card() in Python, "
+                      "or steerlab/data/cards/ in the package.", style="dim")
 
     @data_app.command("show")
     def show(
@@ -51,8 +51,8 @@ def register(app: typer.Typer) -> None:
 
         pset = load_prompts(source, split=split, label=label)
         split_note = f", {pset.split} split" if pset.split else ""
-        console.print(f"[bold]{clip(pset.name)}[/]: {len(pset)} prompts{split_note} "
-                      f"(from {clip(pset.source)})")
+        console.print(Text.assemble((clip(pset.name), "bold"), f": {len(pset)} prompts{split_note} "
+                                    f"(from {clip(pset.source)})"))
         counts = Table(show_header=True)
         counts.add_column("category")
         counts.add_column("prompts", justify="right")
@@ -67,11 +67,12 @@ def register(app: typer.Typer) -> None:
         for i in sorted({j * len(pset) // count for j in range(count)} if count else set()):
             p = pset[i]
             tag = "/".join(x for x in (p.category, p.label) if x)
-            console.print(f"[cyan]{clip(p.id)}[/] [dim]{clip(tag)}[/]\n  {clip(p.prompt)}")
+            console.print(Text.assemble((clip(p.id), "cyan"), " ", (clip(tag), "dim"),
+                                        f"\n  {clip(p.prompt)}"))
 
 
 def clip(text: str, limit: int = SHOW_CHARS) -> str:
-    """``text`` escaped for rich, cut to ``limit`` characters with the cut counted."""
+    """``text`` cut to ``limit`` characters, with the cut counted."""
     if len(text) <= limit:
-        return escape(text)
-    return escape(text[:limit]) + f"[dim]... ({len(text) - limit} more characters)[/]"
+        return text
+    return text[:limit] + f"... ({len(text) - limit} more characters)"

@@ -145,12 +145,12 @@ def _print(summary: dict[str, Any], out: Path) -> None:
             console.print(f"judge compliance: {comp['mean']:.3f} [{comp['ci95'][0]:.3f}, "
                           f"{comp['ci95'][1]:.3f}] (n={comp['n']}, missing={judge['missing']})")
         else:
-            error_console.print(f"[yellow]judge: every row missing ({judge['missing']})[/]")
+            error_console.print(f"judge: every row missing ({judge['missing']})", style="yellow")
     comp = summary.get("comparison")
     if comp:
         c = comp["refusal"]
         console.print(f"vs baseline: refusal {c['baseline']['rate']:.1%} -> {c['this']['rate']:.1%}"
                       f" ({c['diff']:+.1%}), McNemar p = {c['p_mcnemar']:.3g} "
                       f"(n = {comp['n_pairs']} pairs)")
-    console.print(f"[dim]wrote {out / 'responses.jsonl'}, {out / 'summary.json'}, "
-                  f"{out / 'summary.md'}[/]")
+    console.print(f"wrote {out / 'responses.jsonl'}, {out / 'summary.json'}, "
+                  f"{out / 'summary.md'}", style="dim")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.text import Text
 
 from steerlab.cli.common import DTYPE_OPT, MODEL_ARG, RUN_DIR_OPT, console, load
 from steerlab.store.outputs import clear_run_dir
@@ -65,10 +66,10 @@ def _run(model: str, out: Path, dtype: str, module: str, config_file: Path | Non
     results = experiment.run(load(model, dtype), out, cfg)
     for finding in results["findings"]:
         color = {"reproduced": "green", "not reproduced": "red"}.get(finding["verdict"], "yellow")
-        console.print(f"[{color}]{finding['verdict']:>15}[/]  {finding['claim']}")
-        console.print(f"                 [dim]{finding['evidence']}[/]")
+        console.print(Text.assemble((f"{finding['verdict']:>15}", color), f"  {finding['claim']}"))
+        console.print(f"                 {finding['evidence']}", style="dim")
     if "answer" in results:
-        console.print(f"[bold]answer:[/] {results['answer']}")
+        console.print(Text.assemble(("answer:", "bold"), f" {results['answer']}"))
     if "cost" in results:
         cost = results["cost"]
         console.print(f"cost: {cost['ratio_to_baseline_pass']:.1f}x one unhooked generation "

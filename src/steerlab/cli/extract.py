@@ -10,6 +10,7 @@ from typing import Any
 import typer
 from rich.progress import TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from steerlab.cli.common import (
     DTYPE_OPT,
@@ -203,9 +204,10 @@ def _print_direction(direction: Any, out: Path) -> None:
     meta = direction.meta
     best = meta.best_layer
     d = meta.extra.get("cohens_d", {})
-    console.print(f"[bold green]saved[/] {meta.kind} direction {meta.name!r} ({meta.method}, "
-                  f"position {meta.position}, layers {direction.layers[0]}-"
-                  f"{direction.layers[-1]}, counts {meta.counts}) to {out}")
+    console.print(Text.assemble(
+        ("saved", "bold green"), f" {meta.kind} direction {meta.name!r} ({meta.method}, "
+        f"position {meta.position}, layers {direction.layers[0]}-{direction.layers[-1]}, "
+        f"counts {meta.counts}) to {out}"))
     if best is not None:
         console.print(f"best layer {best}: held-out Cohen's d {d.get(str(best), float('nan')):.2f}"
                       f" ({meta.extra.get('best_layer_by', '')}); norm "
@@ -232,5 +234,5 @@ def _print_scan(result: Any, out: Path, plots: list[Path]) -> None:
     console.print(f"best layer {best}: Cohen's d {result.cohens_d[best]:.2f} on held-out "
                   f"{result.counts['test_pos']} + {result.counts['test_neg']} prompts "
                   f"(probe n={result.probe_accuracy[best]['n']})")
-    console.print(f"[bold green]wrote[/] {out / 'scan.json'}, direction files and "
-                  + ", ".join(p.name for p in plots))
+    console.print(Text.assemble(("wrote", "bold green"), f" {out / 'scan.json'}, direction files "
+                                "and " + ", ".join(p.name for p in plots)))

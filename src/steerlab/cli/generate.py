@@ -82,6 +82,6 @@ def register(app: typer.Typer) -> None:
         elapsed = time.perf_counter() - start
         reasons = Counter(r.finish_reason for r in rows)
         tokens = sum(r.n_new_tokens for r in rows)
-        error_console.print(f"[dim]{len(rows)} responses ({dict(reasons)}), {tokens} new tokens, "
-                            f"{elapsed:.1f} s this run[/]")
+        error_console.print(f"{len(rows)} responses ({dict(reasons)}), {tokens} new tokens, "
+                            f"{elapsed:.1f} s this run", style="dim")
         console.print(f"wrote {out}")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
+from rich.text import Text
 
 from steerlab.cli.common import DTYPE_OPT, MODEL_ARG, console, error_console, load
 from steerlab.errors import InterventionError
@@ -69,7 +70,7 @@ def register(app: typer.Typer) -> None:
         lm = load(model, dtype)
         if steer is not None:
             path = _export_spec(lm, steer, out, fmt, allow_approximate, overwrite)
-            console.print(f"[green]wrote[/] {fmt} export to {path}")
+            console.print(Text.assemble(("wrote", "green"), f" {fmt} export to {path}"))
             return
         assert direction is not None
         vec = Direction.load(direction, lm, allow_mismatch=allow_mismatch)
@@ -91,11 +92,11 @@ def register(app: typer.Typer) -> None:
                                            source_layer=source_layer,
                                            allow_approximate=allow_approximate)
             if result.untied:
-                error_console.print("[yellow]lm_head was tied to the embedding; untied it.[/]")
+                error_console.print("lm_head was tied to the embedding; untied it.", style="yellow")
             with console.status(f"Saving to {out} ..."):
                 path = export_hf(lm, out, edit=result, overwrite=overwrite,
                                  extra={"direction_path": str(direction)})
-        console.print(f"[green]wrote[/] {fmt} export to {path}")
+        console.print(Text.assemble(("wrote", "green"), f" {fmt} export to {path}"))
 
     def _export_spec(lm: LoadedModel, steer: str, out: Path, fmt: str,
                      allow_approximate: bool, overwrite: bool) -> Path:
@@ -150,7 +151,8 @@ def register(app: typer.Typer) -> None:
                             kl_tokens=kl_tokens)
         result = compare_models(
             dict(zip(labels, specs, strict=True)), cfg, out_dir=out, dtype=dtype,
-            on_model=lambda name: error_console.print(f"[dim]evaluating {name} ...[/]"),
+            on_model=lambda name: error_console.print(f"evaluating {name} ...", style="dim"),
             overwrite=overwrite)
         console.print(comparison_markdown(result))
-        console.print(f"[green]wrote[/] {out}/comparison.md, comparison.json, rows.jsonl")
+        console.print(Text.assemble(("wrote", "green"), f" {out}/comparison.md, comparison.json, "
+                                    "rows.jsonl"))

@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 import typer
+from rich.text import Text
 
 from steerlab.cli.common import DTYPE_OPT, MODEL_ARG, error_console, load
 from steerlab.errors import SteerlabError
@@ -102,15 +103,16 @@ def register(app: typer.Typer) -> None:
                          max_wait_ms=max_wait_ms, max_queue=max_queue,
                          max_new_tokens_limit=max_tokens_limit, model_aliases=model_alias)
         if not _is_loopback(host) and not api_key:
-            error_console.print(f"[yellow]warning:[/] serving on {host} without --api-key: "
-                                "anyone who can reach this address can use the model.")
+            error_console.print(Text.assemble(
+                ("warning:", "yellow"), f" serving on {host} without --api-key: anyone who can "
+                "reach this address can use the model."))
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
         access = logging.getLogger("steerlab.serve.access")
         access.addHandler(handler)
         access.setLevel(logging.INFO)
         error_console.print(
-            f"[green]steerlab serve[/] {lm.name} on http://{host}:{port}/v1 "
+            Text.assemble(("steerlab serve", "green"), f" {lm.name} on http://{host}:{port}/v1 "
             f"(directions: {', '.join(directions) or 'none'}; default steering: "
-            f"{len(default)} spec(s); auth: {'on' if api_key else 'off'})")
+            f"{len(default)} spec(s); auth: {'on' if api_key else 'off'})"))
         run(app, host=host, port=port)

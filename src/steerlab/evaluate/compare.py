@@ -76,7 +76,8 @@ class _Reference:
     tokens: list[torch.Tensor]  # per batch [B, k]
 
 
-def _prompts(cfg: CompareConfig) -> dict[str, list[Any]]:
+def compare_prompts(cfg: CompareConfig) -> dict[str, list[Any]]:
+    """The harmful, harmless and capability items every model of a comparison answers."""
     return {
         "harmful": list(load_prompts(cfg.harmful, split=cfg.split, limit=cfg.limit)),
         "harmless": list(load_prompts(cfg.harmless, split=cfg.split, limit=cfg.limit)),
@@ -181,7 +182,7 @@ def compare_models(models: Mapping[str, Any], cfg: CompareConfig | None = None, 
     if len(models) < 2:
         raise EvaluationError("compare needs the original model and at least one edited model.")
     out = None if out_dir is None else output_dir(out_dir, overwrite=overwrite)
-    prompts = _prompts(cfg)
+    prompts = compare_prompts(cfg)
     results: dict[str, Any] = {}
     reference: _Reference | None = None
     all_rows: list[dict[str, Any]] = []
@@ -204,12 +205,7 @@ def compare_models(models: Mapping[str, Any], cfg: CompareConfig | None = None, 
         results[name] = measures
         all_rows += [{"model": name, **r} for r in rows]
     baseline = next(iter(results))
-    for name, measures in results.items():
-        if name != baseline:
-            measures["vs_baseline"] = _paired(results[baseline]["_paired"], measures["_paired"],
-                                              cfg.seed)
-    for measures in results.values():
-        measures.pop("_paired")
+    add_paired_tests(results, baseline, cfg.seed)
     comparison = {"config": asdict(cfg), "baseline": baseline, "models": info,
                   "results": results}
     if out is not None:
@@ -217,13 +213,22 @@ def compare_models(models: Mapping[str, Any], cfg: CompareConfig | None = None, 
     return comparison
 
 
-def _paired(base: dict[str, Any], this: dict[str, Any], seed: int) -> dict[str, Any]:
-    return {
-        "refusal_harmful_p": mcnemar(base["harmful"], this["harmful"]),
-        "over_refusal_p": mcnemar(base["harmless"], this["harmless"]),
-        "capability_p": mcnemar(base["capability"], this["capability"]),
-        "nll_diff": paired_bootstrap(base["nll"], this["nll"], seed=seed),
-    }
+def add_paired_tests(results: dict[str, Any], baseline: str, seed: int) -> None:
+    """Give every result but ``baseline``'s its ``vs_baseline`` tests: paired p-values
+    (McNemar) and the NLL difference (bootstrap), all measured on the same items; then drop
+    the per-item outcomes (``_paired``) the tests were computed from."""
+    base = results[baseline]["_paired"]
+    for name, measures in results.items():
+        this = measures["_paired"]
+        if name != baseline:
+            measures["vs_baseline"] = {
+                "refusal_harmful_p": mcnemar(base["harmful"], this["harmful"]),
+                "over_refusal_p": mcnemar(base["harmless"], this["harmless"]),
+                "capability_p": mcnemar(base["capability"], this["capability"]),
+                "nll_diff": paired_bootstrap(base["nll"], this["nll"], seed=seed),
+            }
+    for measures in results.values():
+        measures.pop("_paired")
 
 
 def write_outputs(out: Path, comparison: dict[str, Any], rows: list[dict[str, Any]]) -> None:

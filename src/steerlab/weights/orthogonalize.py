@@ -371,6 +371,13 @@ def orthogonalize_spec(lm: LoadedModel, spec: KernelAblate, *, allow_approximate
     for target, weight in edits:
         apply_edit(target, weight, chunk_elements=chunk_elements)
     lm.fingerprint = model_fingerprint(lm.model)
+    return kernel_record(lm, spec, edits)
+
+
+def kernel_record(lm: LoadedModel, spec: KernelAblate,
+                  edits: Sequence[tuple[EditTarget, float]]) -> OrthogonalizeResult:
+    """What the edits :func:`kernel_edits` planned for ``spec`` do, whether they are applied
+    to the weights or written as a LoRA adapter."""
     basis = edits[0][0].basis if edits else torch.zeros(lm.d_model, 0)
     return OrthogonalizeResult(
         alpha=1.0, rank=int(basis.shape[1]), components=("attn_out", "mlp_out"),
@@ -426,6 +433,7 @@ __all__ = [
     "direction_basis",
     "embeddings_tied",
     "kernel_edits",
+    "kernel_record",
     "orthogonalize",
     "orthogonalize_spec",
     "plan_edits",

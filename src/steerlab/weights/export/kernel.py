@@ -15,8 +15,8 @@ from steerlab.interventions.kernel_ablate import KernelAblate
 from steerlab.model.loading import LoadedModel
 from steerlab.weights.export.common import ExportError
 from steerlab.weights.export.hf import export_hf
-from steerlab.weights.export.lora import lora_pair, write_lora
-from steerlab.weights.orthogonalize import kernel_edits, orthogonalize_spec
+from steerlab.weights.export.lora import lora_info, lora_pair, write_lora
+from steerlab.weights.orthogonalize import kernel_edits, kernel_record, orthogonalize_spec
 
 
 @torch.no_grad()
@@ -30,14 +30,7 @@ def kernel_lora_tensors(lm: LoadedModel, spec: KernelAblate, *,
         tensors.update(lora_pair(target, weight))
     if not edits:
         raise ExportError("The spec's kernels are zero at every layer; there is nothing to export.")
-    info = {"rank": int(edits[0][0].basis.shape[1]), "alpha": 1.0,
-            "direction": f"kernel_ablate(source={spec.source:g}, rank={spec.rank})",
-            "source_layer": round(spec.source), "components": ["attn_out", "mlp_out"],
-            "layers": sorted({t.layer for t, _w in edits if t.layer is not None}),
-            "target_modules": [t.name for t, _w in edits],
-            "weights": spec.site_weights(lm.n_layers),
-            "approximate": lm.arch.post_norm}
-    return tensors, info
+    return tensors, lora_info(kernel_record(lm, spec, edits))
 
 
 def export_kernel(lm: LoadedModel, spec: KernelAblate, out: str | Path, fmt: str = "hf", *,

@@ -60,7 +60,12 @@ def lora_tensors(lm: LoadedModel, targets: Sequence[EditTarget], edit: Orthogona
     tensors: dict[str, torch.Tensor] = {}
     for t in targets:
         tensors.update(lora_pair(t, edit.alpha))
-    info = {
+    return tensors, lora_info(edit)
+
+
+def lora_info(edit: OrthogonalizeResult) -> dict[str, Any]:
+    """The edit as an adapter's ``steerlab_edit.json`` describes it."""
+    info: dict[str, Any] = {
         "rank": edit.rank,
         "alpha": edit.alpha,
         "direction": edit.direction,
@@ -68,9 +73,11 @@ def lora_tensors(lm: LoadedModel, targets: Sequence[EditTarget], edit: Orthogona
         "components": list(edit.components),
         "layers": list(edit.layers),
         "target_modules": list(edit.modules),
-        "approximate": edit.approximate,
     }
-    return tensors, info
+    if edit.weights is not None:
+        info["weights"] = edit.weights
+    info["approximate"] = edit.approximate
+    return info
 
 
 def lora_pair(target: EditTarget, scale: float) -> dict[str, torch.Tensor]:
