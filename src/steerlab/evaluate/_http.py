@@ -119,6 +119,29 @@ class ChatClient:
         )
 
 
+class ChatEndpoint:
+    """Base of what talks to one chat-completions endpoint (the judge, the openai
+    backend): it owns the :class:`ChatClient`, so the URL and model name live there once."""
+
+    def __init__(self, base_url: str, model: str, api_key: str | None, *, timeout: float,
+                 max_retries: int, backoff: float, max_concurrency: int) -> None:
+        self.client = ChatClient(base_url, model, api_key, timeout=timeout,
+                                 max_retries=max_retries, backoff=backoff,
+                                 max_concurrency=max_concurrency)
+
+    @property
+    def model(self) -> str:
+        return self.client.model
+
+    @property
+    def requests(self) -> int:
+        """HTTP requests sent so far (retries included; cache hits send none)."""
+        return self.client.requests
+
+    def close(self) -> None:
+        self.client.close()
+
+
 def message_text(body: dict[str, Any]) -> tuple[str, str | None]:
     """The first choice's message content and finish reason from a completion body."""
     try:

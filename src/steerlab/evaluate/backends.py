@@ -13,7 +13,7 @@ from concurrent.futures import Future, as_completed
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from steerlab.evaluate._http import ChatClient, message_text
+from steerlab.evaluate._http import ChatEndpoint, message_text
 from steerlab.generation.generate import generate
 from steerlab.interventions.specs import specs_to_json
 from steerlab.interventions.steering import check_specs
@@ -103,7 +103,7 @@ class InProcessBackend:
                                  gen.n_new_tokens)
 
 
-class OpenAIBackend:
+class OpenAIBackend(ChatEndpoint):
     """Generate through ``/v1/chat/completions`` of any OpenAI-compatible server.
 
     Greedy by default (``temperature=0``), so a served model can be compared
@@ -118,10 +118,8 @@ class OpenAIBackend:
                  max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = 0, max_concurrency: int = 4, timeout: float = 300.0,
                  max_retries: int = 4, backoff: float = 0.5) -> None:
-        self.client = ChatClient(base_url, model, api_key, timeout=timeout,
-                                 max_retries=max_retries, backoff=backoff,
-                                 max_concurrency=max_concurrency)
-        self.model = model
+        super().__init__(base_url, model, api_key, timeout=timeout, max_retries=max_retries,
+                         backoff=backoff, max_concurrency=max_concurrency)
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.top_p = top_p
@@ -155,6 +153,3 @@ class OpenAIBackend:
                 yield Completion(futures[fut], text, finish, n_tokens)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-
-    def close(self) -> None:
-        self.client.close()

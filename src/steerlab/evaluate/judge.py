@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from steerlab.errors import EvaluationError
-from steerlab.evaluate._http import ChatClient, EndpointUnavailable, message_text
+from steerlab.evaluate._http import ChatEndpoint, EndpointUnavailable, message_text
 
 RUBRIC_VERSION = "steerlab-judge-v1"
 
@@ -152,7 +152,7 @@ class JudgeCache:
                 handle.flush()
 
 
-class Judge:
+class Judge(ChatEndpoint):
     """Score (prompt, response) pairs with an LLM behind an OpenAI-compatible API.
 
     Example:
@@ -167,10 +167,8 @@ class Judge:
                  max_retries: int = 4, max_parse_retries: int = 2, backoff: float = 0.5,
                  timeout: float = 120.0, temperature: float = 0.0, max_tokens: int = 200,
                  rubric: str = RUBRIC, rubric_version: str = RUBRIC_VERSION) -> None:
-        self.client = ChatClient(base_url, model, api_key, timeout=timeout,
-                                 max_retries=max_retries, backoff=backoff,
-                                 max_concurrency=max_concurrency)
-        self.model = model
+        super().__init__(base_url, model, api_key, timeout=timeout, max_retries=max_retries,
+                         backoff=backoff, max_concurrency=max_concurrency)
         self.base_url = base_url
         self.rubric = rubric
         self.rubric_version = rubric_version
@@ -182,11 +180,6 @@ class Judge:
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._inflight: dict[str, Future[JudgeScore]] = {}
-
-    @property
-    def requests(self) -> int:
-        """HTTP requests sent so far (cache hits send none)."""
-        return self.client.requests
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "llm", "url": self.client.url, "model": self.model,
@@ -285,7 +278,7 @@ class Judge:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-        self.client.close()
+        super().close()
 
     def __enter__(self) -> Judge:
         return self

@@ -40,15 +40,12 @@ if TYPE_CHECKING:
 class HydraConfig(RefusalExperimentConfig):
     """Settings of ``steerlab experiment hydra``."""
 
-    rounds: int = Field(3, ge=1, le=32, description="Ablate / re-extract rounds.")
-    random_control: bool = Field(
-        True, description="Also ablate a random subspace of the final rank (same norms)."
-    )
-    separable_d: float = Field(
-        0.8,
-        gt=0,
-        description="Held-out Cohen's d counted as 'still separates harmful from harmless'.",
-    )
+    rounds: int = Field(default=3, ge=1, le=32)
+    """Ablate / re-extract rounds."""
+    random_control: bool = True
+    """Also ablate a random subspace of the final rank (same norms)."""
+    separable_d: float = Field(default=0.8, gt=0)
+    """Held-out Cohen's d counted as 'still separates harmful from harmless'."""
 
 
 def reextract(
@@ -331,11 +328,10 @@ def _report(out: Path, results: dict[str, Any], run: Runner, config: HydraConfig
         rp.condition_table("Conditions", c, judged=bool(results["judged"])),
         rp.kl_table("Harmless prompts: KL per round", results["kl"], config.kl_tokens),
     ]
-    return rp.write_report(
-        out, results,
+    return rp.write_experiment_report(
+        out, results, run.store, config,
         title="steerlab: backup refusal directions (hydra) — ablate, re-extract, repeat",
-        tables=tables, figures=fig_list,
-        samples=rp.samples(run.store, names, config.n_samples),
+        tables=tables, figures=fig_list, show=names,
     )
 
 

@@ -45,32 +45,21 @@ if TYPE_CHECKING:
 class LayerTransferConfig(RefusalExperimentConfig):
     """Settings of ``steerlab experiment layer-transfer``."""
 
-    source_layers: str | None = Field(
-        None,
-        description="Source layers to test, e.g. '4-20' or '2,6,10' (default: every "
-        "layer_stride-th layer).",
-    )
-    layer_stride: int = Field(
-        1, ge=1, description="Test every k-th layer when source_layers is not given."
-    )
-    mode: Literal["ablate", "subtract"] = Field(
-        "ablate",
-        description="ablate: project the source layer's unit vector out at every "
-        "layer; subtract: add -alpha x the raw vector at the source layer.",
-    )
-    subtract_alpha: float = Field(
-        1.0, gt=0, description="Strength of mode=subtract, in multiples of the raw vector."
-    )
-    removal_share: float = Field(
-        0.8,
-        gt=0,
-        le=1,
-        description="A single direction 'removes refusal' when it removes at "
-        "least this share of the baseline refusal rate.",
-    )
-    similar_cosine: float = Field(
-        0.5, ge=0, le=1, description="Directions this cosine-similar count as the same direction."
-    )
+    source_layers: str | None = None
+    """Source layers to test, e.g. '4-20' or '2,6,10' (default: every layer_stride-th
+    layer)."""
+    layer_stride: int = Field(default=1, ge=1)
+    """Test every k-th layer when source_layers is not given."""
+    mode: Literal["ablate", "subtract"] = "ablate"
+    """ablate: project the source layer's unit vector out at every layer; subtract: add -alpha
+    x the raw vector at the source layer."""
+    subtract_alpha: float = Field(default=1.0, gt=0)
+    """Strength of mode=subtract, in multiples of the raw vector."""
+    removal_share: float = Field(default=0.8, gt=0, le=1)
+    """A single direction 'removes refusal' when it removes at least this share of the
+    baseline refusal rate."""
+    similar_cosine: float = Field(default=0.5, ge=0, le=1)
+    """Directions this cosine-similar count as the same direction."""
 
 
 def source_layers(config: LayerTransferConfig, n_layers: int) -> list[int]:
@@ -336,12 +325,12 @@ def _same_direction_finding(scan: _Scan, config: LayerTransferConfig) -> sm.Find
 
 
 def _report(out: Path, results: fw.Results, run: Runner, config: LayerTransferConfig) -> Path:
-    names = ["baseline", f"source/L{results['best_source_layer']}",
-             f"source/L{results['analysis']['selected_layer']}"]
-    return rp.write_report(
-        out, results, title="steerlab: refusal direction transfer across layers",
+    return rp.write_experiment_report(
+        out, results, run.store, config,
+        title="steerlab: refusal direction transfer across layers",
         tables=_tables(results, config), figures=_figures(out / "figures", results, config),
-        samples=rp.samples(run.store, list(dict.fromkeys(names)), config.n_samples),
+        show=["baseline", f"source/L{results['best_source_layer']}",
+              f"source/L{results['analysis']['selected_layer']}"],
     )
 
 

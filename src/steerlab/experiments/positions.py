@@ -39,28 +39,19 @@ if TYPE_CHECKING:
 class PositionsConfig(RefusalExperimentConfig):
     """Settings of ``steerlab experiment positions``."""
 
-    positions: list[str] | None = Field(
-        None,
-        description="Positions to compare (default: t_inst and every post_inst[k] of "
-        "the model's chat template).",
-    )
-    layer: int | None = Field(
-        None,
-        ge=0,
-        description="Common layer whose vectors are ablated and added (default: "
-        "the best held-out layer of the last-token direction).",
-    )
-    add_alpha: float = Field(
-        1.0,
-        description="Added strength, in multiples of each position's "
-        "raw diff-in-means vector at the layer.",
-    )
-    similar_cosine: float = Field(
-        0.5, ge=0, le=1, description="Directions at least this cosine-similar count as one."
-    )
-    separable_d: float = Field(
-        0.8, gt=0, description="Cohen's d counted as 'carries the harmful/harmless distinction'."
-    )
+    positions: list[str] | None = None
+    """Positions to compare (default: t_inst and every post_inst[k] of the model's chat
+    template)."""
+    layer: int | None = Field(default=None, ge=0)
+    """Common layer whose vectors are ablated and added (default: the best held-out layer of
+    the last-token direction)."""
+    add_alpha: float = 1.0
+    """Added strength, in multiples of each position's raw diff-in-means vector at the
+    layer."""
+    similar_cosine: float = Field(default=0.5, ge=0, le=1)
+    """Directions at least this cosine-similar count as one."""
+    separable_d: float = Field(default=0.8, gt=0)
+    """Cohen's d counted as 'carries the harmful/harmless distinction'."""
 
 
 def positions_of(lm: LoadedModel, config: PositionsConfig) -> list[str]:
@@ -356,17 +347,13 @@ def _report(out: Path, results: fw.Results, run: Runner, config: PositionsConfig
         rp.condition_table("Harmful prompts: each direction ablated", ab, judged=judged),
         rp.condition_table("Harmless prompts: each direction added", ad, judged=judged),
     ]
-    names = [
-        "harmful:baseline",
-        f"ablate/{results['reference']}",
-        "harmless:baseline",
-        f"add/{results['reference']}",
-        "add/t_inst",
-    ]
-    return rp.write_report(
-        out, results, title="steerlab: where refusal is read — t_inst vs post-instruction tokens",
+    ref = results["reference"]
+    return rp.write_experiment_report(
+        out, results, run.store, config,
+        title="steerlab: where refusal is read — t_inst vs post-instruction tokens",
         tables=tables, figures=fig_list,
-        samples=rp.samples(run.store, names, config.n_samples),
+        show=["harmful:baseline", f"ablate/{ref}", "harmless:baseline", f"add/{ref}",
+              "add/t_inst"],
     )
 
 

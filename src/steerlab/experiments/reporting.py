@@ -10,9 +10,8 @@ from typing import Any
 import steerlab.reporting.plots as plots
 from steerlab.experiments.config import ExperimentConfig
 from steerlab.experiments.store import ResponseStore
-from steerlab.experiments.summary import Entry, Finding
-from steerlab.reporting.report import Figure, Report, Sample, Table
-from steerlab.reporting.report import Finding as ReportFinding
+from steerlab.experiments.summary import Entry
+from steerlab.reporting.report import Figure, Finding, Report, Sample, Table
 
 RATE_KEYS = ("n", "refusal_rate", "refusal_rate_ci95", "bypass_rate", "degenerate_rate",
              "vs_baseline_p")
@@ -32,11 +31,10 @@ def write_report(
 ) -> Path:
     """Write ``report.html`` and ``report.md``: the summary (``results["summary"]`` unless
     given), findings and provenance from ``results``, then tables, figures and samples."""
-    findings: Sequence[Finding] = results.get("findings", [])
     report = Report(
         title=title,
         summary=results["summary"] if summary is None else summary,
-        findings=[ReportFinding(**f) for f in findings],
+        findings=[Finding(**f) for f in results.get("findings", [])],
         tables=list(tables),
         figures=list(figures),
         samples=list(samples),
@@ -46,12 +44,19 @@ def write_report(
     return html
 
 
-def samples(store: ResponseStore, names: Sequence[str], n: int) -> list[Sample]:
-    """The first ``n`` rows of each condition by prompt id: the same prompts across
-    conditions, whatever order the rows finished in."""
-    return [Sample(name, row["prompt"], row["response"], row["outcome"])
-            for name in names
-            for row in sorted(store.rows(name), key=lambda r: str(r["prompt_id"]))[:n]]
+def write_experiment_report(out: Path, results: Mapping[str, Any], store: ResponseStore,
+                            config: ExperimentConfig, *, title: str, tables: Sequence[Table],
+                            figures: Sequence[Figure], show: Sequence[str],
+                            summary: str | None = None) -> Path:
+    """An experiment's report (:func:`write_report`) with the first ``config.n_samples``
+    responses by prompt id of each condition in ``show`` (once each): the same prompts
+    across conditions, whatever order the rows finished in."""
+    samples = [Sample(name, row["prompt"], row["response"], row["outcome"])
+               for name in dict.fromkeys(show)
+               for row in sorted(store.rows(name), key=lambda r: str(r["prompt_id"]))
+               [:config.n_samples]]
+    return write_report(out, results, title=title, tables=tables, figures=figures,
+                        samples=samples, summary=summary)
 
 
 def setup_sentence(results: Mapping[str, Any], config: ExperimentConfig) -> str:

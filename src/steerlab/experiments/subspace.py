@@ -45,35 +45,24 @@ SOURCES = ("paired", "tier2")
 class SubspaceConfig(RefusalExperimentConfig):
     """Settings of ``steerlab experiment subspace``."""
 
-    layers: str | None = Field(
-        None,
-        description="Basis layers, e.g. '7-10' (default: `window` layers starting one "
-        "before the paired direction's best layer).",
-    )
-    window: int = Field(4, ge=1, description="Width of the default basis window.")
-    grow: list[int] = Field(
-        [2, 4],
-        description="Wider bases for the 'adding more layers' comparison: the window "
-        "extended by this many layers on each side.",
-    )
-    tier2_split: str = Field(
-        "train",
-        description="Split of tier2 the tier-2 directions are "
-        "extracted from (best layer on 'val').",
-    )
-    tier2_eval_split: str = Field(
-        "test", description="Split of tier2 whose harmful prompts are the tier-2 evaluation set."
-    )
-    random_control: bool = Field(
-        True, description="Also ablate a random subspace of the window's rank (same norms)."
-    )
-    random_seed: int = Field(0, description="Seed of the random same-rank subspace control.")
-    removal_share: float = Field(
-        0.5,
-        gt=0,
-        le=1,
-        description="An ablation 'removes' refusal when it removes this share of it.",
-    )
+    layers: str | None = None
+    """Basis layers, e.g. '7-10' (default: `window` layers starting one before the paired
+    direction's best layer)."""
+    window: int = Field(default=4, ge=1)
+    """Width of the default basis window."""
+    grow: list[int] = Field(default=[2, 4])
+    """Wider bases for the 'adding more layers' comparison: the window extended by this many
+    layers on each side."""
+    tier2_split: str = "train"
+    """Split of tier2 the tier-2 directions are extracted from (best layer on 'val')."""
+    tier2_eval_split: str = "test"
+    """Split of tier2 whose harmful prompts are the tier-2 evaluation set."""
+    random_control: bool = True
+    """Also ablate a random subspace of the window's rank (same norms)."""
+    random_seed: int = 0
+    """Seed of the random same-rank subspace control."""
+    removal_share: float = Field(default=0.5, gt=0, le=1)
+    """An ablation 'removes' refusal when it removes this share of it."""
 
 
 def basis_layers(config: SubspaceConfig, best: int, n_layers: int) -> list[int]:
@@ -420,17 +409,12 @@ def _report(out: Path, results: fw.Results, run: Runner, config: SubspaceConfig)
             ],
         )
     )
-    sample_names = [
-        "paired:baseline",
-        "paired:subspace_paired",
-        "tier2:baseline",
-        "tier2:subspace_paired",
-        "tier2:subspace_tier2",
-    ]
-    return rp.write_report(
-        out, results, title="steerlab: refusal subspace ablation and the two-tier hypothesis",
+    return rp.write_experiment_report(
+        out, results, run.store, config,
+        title="steerlab: refusal subspace ablation and the two-tier hypothesis",
         tables=tables, figures=fig_list,
-        samples=rp.samples(run.store, sample_names, config.n_samples),
+        show=["paired:baseline", "paired:subspace_paired", "tier2:baseline",
+              "tier2:subspace_paired", "tier2:subspace_tier2"],
     )
 
 

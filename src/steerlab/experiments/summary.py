@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, TypedDict
 
 from steerlab.evaluate.stats import mcnemar, rate_summary
+from steerlab.reporting.report import Finding
 
 ALPHA_SIG = 0.05
 KL_THRESHOLD = 0.1  # select_direction's default KL filter
@@ -25,15 +26,6 @@ class RateSummary(TypedDict):
     bypass_rate_ci95: list[float]
     degenerate_rate: float
     degenerate_rate_ci95: list[float]
-
-
-class Finding(TypedDict):
-    """One claim checked against a run's numbers (see
-    :class:`steerlab.reporting.report.Finding`)."""
-
-    claim: str
-    verdict: str
-    evidence: str
 
 
 class JudgeEntry(TypedDict):

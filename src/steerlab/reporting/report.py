@@ -18,17 +18,18 @@ from steerlab.store.atomic import write_text
 VERDICTS = ("reproduced", "not reproduced", "inconclusive")
 
 
-@dataclass(frozen=True)
-class Finding:
-    """One claim checked against this run's numbers."""
+class Finding(dict[str, str]):
+    """One claim checked against this run's numbers: its verdict and the evidence.
 
-    claim: str
-    verdict: str
-    evidence: str
+    A dict, so results.json holds it as it is (``{"claim", "verdict", "evidence"}``) and
+    ``Finding(**entry)`` reads one back; a verdict outside :data:`VERDICTS` fails here,
+    where the experiment makes the finding.
+    """
 
-    def __post_init__(self) -> None:
-        if self.verdict not in VERDICTS:
-            raise ValueError(f"verdict must be one of {VERDICTS}, got {self.verdict!r}")
+    def __init__(self, claim: str, verdict: str, evidence: str) -> None:
+        if verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
+        super().__init__(claim=claim, verdict=verdict, evidence=evidence)
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,8 @@ class Report:
         if self.findings:
             lines += ["## Findings", "", "| claim | verdict | evidence |", "| --- | --- | --- |"]
             lines += [
-                f"| {_md(f.claim)} | **{f.verdict}** | {_md(f.evidence)} |" for f in self.findings
+                f"| {_md(f['claim'])} | **{f['verdict']}** | {_md(f['evidence'])} |"
+                for f in self.findings
             ]
             lines.append("")
         for table in self.tables:
@@ -133,10 +135,10 @@ class Report:
                 "<h2>Findings</h2><table><tr><th>claim</th><th>verdict</th><th>evidence</th></tr>"
             )
             for f in self.findings:
-                cls = f.verdict.replace(" ", "-")
+                cls = f["verdict"].replace(" ", "-")
                 parts.append(
-                    f"<tr><td>{e(f.claim)}</td><td class='{cls}'>{e(f.verdict)}</td>"
-                    f"<td>{e(f.evidence)}</td></tr>"
+                    f"<tr><td>{e(f['claim'])}</td><td class='{cls}'>{e(f['verdict'])}</td>"
+                    f"<td>{e(f['evidence'])}</td></tr>"
                 )
             parts.append("</table>")
         for table in self.tables:

@@ -14,8 +14,7 @@ from steerlab.experiments.reporting import (
     layer_alpha_grid,
     layer_lines,
     refusal_bars,
-    samples,
-    write_report,
+    write_experiment_report,
 )
 from steerlab.experiments.store import ResponseStore
 from steerlab.experiments.summary import Entry
@@ -36,12 +35,9 @@ def write_persona_report(out: Path, results: Results, store: ResponseStore,
     figs = out / "figures"
     figures = [_readd_figure(figs, results), *_main_figures(figs, results, analysis),
                _grid_figure(figs, sel)]
-    names = ["baseline", "persona_system_prompt", "persona_steer", "random_steer/s0",
-             "refusal_ablate", f"refusal_readd/L{c.get('refusal_readd_late', {}).get('layer')}",
-             "persona_project_late", "persona_project_early"]
     b, s = c["baseline"], c["persona_steer"]
-    return write_report(
-        out, results,
+    return write_experiment_report(
+        out, results, store, config,
         title="steerlab: persona gates refusal (arXiv 2606.26161) — reproduction",
         summary=f"Model {results['model']} (fingerprint {results['fingerprint']}), "
         f"{results['n_eval']} evaluation prompts from {results['eval_prompts']}, greedy "
@@ -51,7 +47,10 @@ def write_persona_report(out: Path, results: Results, store: ResponseStore,
         "with a degeneracy check (refusal / bypass / degenerate). " + _refusal_line(results),
         tables=_tables(results, config),
         figures=figures,
-        samples=samples(store, names, config.n_samples),
+        show=["baseline", "persona_system_prompt", "persona_steer", "random_steer/s0",
+              "refusal_ablate",
+              f"refusal_readd/L{c.get('refusal_readd_late', {}).get('layer')}",
+              "persona_project_late", "persona_project_early"],
     )
 
 
