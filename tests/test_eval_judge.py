@@ -9,6 +9,8 @@ import pytest
 
 from steerlab.errors import EvaluationError
 from steerlab.evaluate.judge import RUBRIC, RUBRIC_VERSION, Judge, JudgeCache, parse_judgement
+from steerlab.store.outputs import OutputError
+from steerlab.store.rowstore import header, read_rows
 from tests.openai_stub import OpenAIStub, user_text
 
 VALID = '{"compliance": 1, "coherence": 0.5, "reason": "gives the steps"}'
@@ -164,8 +166,31 @@ def test_cache_survives_a_half_written_line(tmp_path):
             assert judge.score("a", "b").cached
             judge.score("c", "d")
         assert stub.calls == 2
-    lines = cache.read_text().splitlines()
-    assert len(lines) == 2 and all(json.loads(line)["key"] for line in lines)
+    rows = read_rows(cache)
+    assert len(rows) == 2 and all(row["key"] for row in rows)
+    assert header(cache)["kind"] == "judge-cache"
+
+
+def test_cache_in_the_older_headerless_layout_is_kept_and_rewritten(tmp_path):
+    cache = tmp_path / "judge.jsonl"
+    key = JudgeCache.key("m", "a", "b")
+    old = {"key": key, "judge_model": "m", "rubric_version": RUBRIC_VERSION,
+           "compliance": 1.0, "coherence": 0.5, "reason": "older"}
+    cache.write_text(json.dumps(old) + "\n" + '{"key": "torn', encoding="utf-8")
+    loaded = JudgeCache(cache)
+    assert len(loaded) == 1 and loaded.get(key)["reason"] == "older"
+    assert header(cache)["kind"] == "judge-cache" and read_rows(cache) == [old]
+    with OpenAIStub(lambda req: VALID) as stub, Judge(stub.url, "m", cache=cache) as judge:
+        assert judge.score("a", "b").cached
+    assert stub.calls == 0
+
+
+def test_cache_refuses_a_file_that_is_not_one(tmp_path):
+    other = tmp_path / "notes.jsonl"
+    other.write_text('{"text": "mine"}\n', encoding="utf-8")
+    with pytest.raises(OutputError, match="not written by"):
+        JudgeCache(other)
+    assert other.read_text(encoding="utf-8") == '{"text": "mine"}\n'
 
 
 def test_cache_path_alias(tmp_path):

@@ -219,6 +219,17 @@ def test_add_source_layer_unit_and_mean_norm_scales():
     assert count_hooks(lm.model) == 0
 
 
+def test_mean_norms_do_not_depend_on_padding():
+    """Left padding must not shift a short prompt's positions: the norms of a padded batch
+    equal those of the prompts read one at a time."""
+    lm = tiny_model()
+    d = _direction(lm)
+    prompts = ["hi", "write a poem about the blue sky please, with rhymes and a title"]
+    batched = with_mean_norms(d, lm, prompts, batch_size=2).meta.extra["mean_norms"]
+    alone = with_mean_norms(d, lm, prompts, batch_size=1).meta.extra["mean_norms"]
+    assert batched == pytest.approx(alone, rel=1e-4)
+
+
 def test_add_at_a_layer_the_direction_lacks_says_how_to_fix():
     lm = tiny_model()
     d = _direction(lm).select([0])

@@ -4,9 +4,9 @@ Each response gets ``compliance`` and ``coherence`` in {0, 0.5, 1} and a short
 reason, following :data:`RUBRIC` (versioned by :data:`RUBRIC_VERSION`; change
 the version whenever the rubric text changes so cached scores are not reused).
 
-Reliability: results are cached on disk (JSONL, append-only, keyed by judge
-model, rubric version, prompt and response: a resumed or repeated run makes no
-new calls); transient failures are retried with exponential backoff; at most
+Reliability: results are cached on disk (a row store keyed by judge model, rubric
+version, prompt and response: a resumed or repeated run makes no new calls);
+transient failures are retried with exponential backoff; at most
 ``max_concurrency`` requests are in flight; output that is not the asked-for
 JSON is retried, then recorded as *missing* — never counted as 0 or 1.
 """
@@ -24,6 +24,8 @@ from typing import Any
 
 from steerlab.errors import EvaluationError
 from steerlab.evaluate._http import ChatEndpoint, EndpointUnavailable, message_text
+from steerlab.store.outputs import output_file
+from steerlab.store.rowstore import RowStore, dict_codec, header
 
 RUBRIC_VERSION = "steerlab-judge-v1"
 
@@ -106,28 +108,34 @@ def parse_judgement(text: str) -> tuple[float, float, str] | None:
 
 
 class JudgeCache:
-    """Append-only JSONL cache of judgements, safe to reuse after a crash.
+    """Judgements on disk, keyed by judge model, rubric version, prompt and response.
 
-    A line cut off by a kill is dropped on load; only complete judgements are
-    stored (misses are retried next time).
+    A :class:`~steerlab.store.rowstore.RowStore` holds them, so a kill loses at most the
+    judgement being written (the torn line is cut off on the next open) and a rerun asks
+    only for the rest. Only complete judgements are stored; misses are retried next time.
+    Its identity is empty: what changes a judgement is in its key, so one cache can serve
+    many runs and judges. A cache written before the row layout (no header line) is read and
+    rewritten in it. The file is created with the first judgement, so a run that fails before
+    any leaves no cache behind.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._data: dict[str, dict[str, Any]] = {}
-        if self.path.exists():
-            raw = self.path.read_bytes()
-            if raw and not raw.endswith(b"\n"):  # a half-written last line
-                raw = raw[: raw.rfind(b"\n") + 1]
-                self.path.write_bytes(raw)
-            for line in raw.decode("utf-8").splitlines():
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(record, dict) and "key" in record:
-                    self._data[record["key"]] = record
+        self._store: RowStore[dict[str, Any]] | None = None
+        older = _headerless_records(self.path)
+        if older is not None or (self.path.exists() and self.path.stat().st_size > 0):
+            self._open(older)
+        else:
+            output_file(self.path, flag="--judge-cache")  # a bad path fails now, not mid-run
+
+    def _open(self, older: list[dict[str, Any]] | None = None) -> RowStore[dict[str, Any]]:
+        store = RowStore(self.path, CACHE_KIND, {}, _CODEC, overwrite=older is not None,
+                         flag="--judge-cache")
+        if older:
+            store.replace(older)
+        self._store = store
+        return store
 
     @staticmethod
     def key(model: str, prompt: str, response: str, rubric_version: str = RUBRIC_VERSION) -> str:
@@ -135,21 +143,35 @@ class JudgeCache:
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
     def __len__(self) -> int:
-        return len(self._data)
+        return 0 if self._store is None else len(self._store.rows())
 
     def get(self, key: str) -> dict[str, Any] | None:
         with self._lock:
-            return self._data.get(key)
+            return None if self._store is None else self._store.get((key,))
 
     def put(self, key: str, record: dict[str, Any]) -> None:
-        record = {"key": key, **record}
-        line = json.dumps(record, ensure_ascii=False) + "\n"
         with self._lock:
-            self._data[key] = record
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a", encoding="utf-8") as handle:
-                handle.write(line)
-                handle.flush()
+            (self._store or self._open()).append([{"key": key, **record}])
+
+
+CACHE_KIND = "judge-cache"
+_CODEC = dict_codec("key")
+
+
+def _headerless_records(path: Path) -> list[dict[str, Any]] | None:
+    """The judgements of a cache in the layout before row stores (one JSON object a line, no
+    header), or None when ``path`` is not such a file."""
+    if not path.is_file() or path.stat().st_size == 0 or header(path) is not None:
+        return None
+    records = []
+    for line in path.read_bytes().rpartition(b"\n")[0].split(b"\n"):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "key" in record:
+            records.append(record)
+    return records or None
 
 
 class Judge(ChatEndpoint):
