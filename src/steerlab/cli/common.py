@@ -23,6 +23,11 @@ MODEL_ARG = typer.Argument(
 )
 DTYPE_OPT = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16.")
 RUN_DIR_OPT = typer.Option(..., "--out", help="Run folder (resumes if it exists).")
+# The options of every command that writes a run folder (experiments, sweep, abliterate).
+OVERWRITE_OPT = typer.Option(
+    False, "--overwrite", help="Delete the run folder's earlier run and start over."
+)
+CONFIG_OPT = typer.Option(None, "--config", help="YAML/JSON file of config overrides.")
 
 
 def load(spec: str, dtype: str = "auto", device: str | None = None) -> LoadedModel:
@@ -37,6 +42,16 @@ def load(spec: str, dtype: str = "auto", device: str | None = None) -> LoadedMod
         f"dtype {dt} ({lm.dtype_reason}), fingerprint {lm.fingerprint}", style="dim"
     )
     return lm
+
+
+def load_for_run(model: str, dtype: str, out: Path, overwrite: bool) -> LoadedModel:
+    """Load the model for a command that writes the run folder ``out``; ``--overwrite``
+    clears the folder's earlier run first (call it after the inputs are checked)."""
+    from steerlab.store.outputs import clear_run_dir
+
+    if overwrite:
+        clear_run_dir(out)
+    return load(model, dtype)
 
 
 SYSTEM_HELP = (

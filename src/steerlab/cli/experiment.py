@@ -17,18 +17,21 @@ from typing import Any
 import typer
 from rich.text import Text
 
-from steerlab.cli.common import DTYPE_OPT, MODEL_ARG, RUN_DIR_OPT, console, load
-from steerlab.store.outputs import clear_run_dir
+from steerlab.cli.common import (
+    CONFIG_OPT,
+    DTYPE_OPT,
+    MODEL_ARG,
+    OVERWRITE_OPT,
+    RUN_DIR_OPT,
+    console,
+    load_for_run,
+)
 
 LIMIT_OPT = typer.Option(None, "--limit", help="Use the first N evaluation prompts.")
 JUDGE_OPT = typer.Option(None, "--judge", help="OpenAI-compatible judge URL (optional).")
 JUDGE_MODEL_OPT = typer.Option(None, "--judge-model", help="Judge model name.")
-CONFIG_OPT = typer.Option(None, "--config", help="YAML/JSON file of config overrides.")
 SEED_OPT = typer.Option(None, "--seed", help="Seed for random controls.")
 TOKENS_OPT = typer.Option(None, "--max-new-tokens", help="Greedy tokens per prompt.")
-OVERWRITE_OPT = typer.Option(
-    False, "--overwrite", help="Delete the run folder's earlier run and start over."
-)
 EVAL_OPT = typer.Option(
     None,
     "--eval-prompts",
@@ -61,9 +64,7 @@ def _run(model: str, out: Path, dtype: str, module: str, config_file: Path | Non
     cfg = experiment.config.from_file(config_file, **overrides)
     if eval_prompts is not None and Path(eval_prompts).exists():
         cfg = cfg.model_copy(update={"eval_split": None})  # a user's file has no splits
-    if overwrite:
-        clear_run_dir(out)
-    results = experiment.run(load(model, dtype), out, cfg)
+    results = experiment.run(load_for_run(model, dtype, out, overwrite), out, cfg)
     for finding in results["findings"]:
         color = {"reproduced": "green", "not reproduced": "red"}.get(finding["verdict"], "yellow")
         console.print(Text.assemble((f"{finding['verdict']:>15}", color), f"  {finding['claim']}"))

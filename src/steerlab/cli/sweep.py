@@ -6,13 +6,13 @@ from pathlib import Path
 
 import typer
 
-from steerlab.cli.common import DTYPE_OPT, RUN_DIR_OPT, console, load
+from steerlab.cli import common
 
 
 def register(app: typer.Typer) -> None:
     @app.command()
     def sweep(
-        model: str = typer.Argument("default", help="Model spec."),
+        model: str = common.MODEL_ARG,
         steer_template: str = typer.Option(
             ...,
             "--steer-template",
@@ -33,23 +33,18 @@ def register(app: typer.Typer) -> None:
             help="Fixed intervention under every cell and the baseline (repeatable), e.g. an "
             "abliterate run's spec.json: sweep a grid on the edited model.",
         ),
-        out: Path = RUN_DIR_OPT,
-        dtype: str = DTYPE_OPT,
-        overwrite: bool = typer.Option(
-            False, "--overwrite", help="Delete the run folder's earlier run and start over."
-        ),
+        out: Path = common.RUN_DIR_OPT,
+        dtype: str = common.DTYPE_OPT,
+        overwrite: bool = common.OVERWRITE_OPT,
     ) -> None:
         """Refusal, degenerate rate and KL for every (layer, alpha) cell, with heatmaps."""
         from steerlab.experiments.sweep import run_sweep
         from steerlab.interventions.layer_spec import parse_layers
         from steerlab.interventions.specs import parse_steer_args, resolve_specs
         from steerlab.prompts.sets import load_prompts
-        from steerlab.store.outputs import clear_run_dir
 
         fixed = parse_steer_args(steer)  # before loading the model: fail fast on typos
-        if overwrite:
-            clear_run_dir(out)
-        lm = load(model, dtype)
+        lm = common.load_for_run(model, dtype, out, overwrite)
         prompt_set = load_prompts(
             prompts, split=None if Path(prompts).exists() else split, limit=limit
         )
@@ -66,7 +61,7 @@ def register(app: typer.Typer) -> None:
             steer=resolve_specs(fixed, lm=lm),
         )
         best = min(results["cells"], key=lambda c: c["refusal_rate"])
-        console.print(
+        common.console.print(
             f"lowest refusal {best['refusal_rate']:.0%} at layer {best['layer']}, "
             f"alpha {best['alpha']:g}; report: {out / 'report.html'}"
         )

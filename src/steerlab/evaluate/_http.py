@@ -121,13 +121,21 @@ class ChatClient:
 
 class ChatEndpoint:
     """Base of what talks to one chat-completions endpoint (the judge, the openai
-    backend): it owns the :class:`ChatClient`, so the URL and model name live there once."""
+    backend): it owns the :class:`ChatClient`, so the URL and model name live there once,
+    and the sampling fields every request carries (``params``), so each request is built
+    in one place (:meth:`ask`)."""
 
     def __init__(self, base_url: str, model: str, api_key: str | None, *, timeout: float,
-                 max_retries: int, backoff: float, max_concurrency: int) -> None:
+                 max_retries: int, backoff: float, max_concurrency: int,
+                 params: dict[str, Any]) -> None:
         self.client = ChatClient(base_url, model, api_key, timeout=timeout,
                                  max_retries=max_retries, backoff=backoff,
                                  max_concurrency=max_concurrency)
+        self.params = {k: v for k, v in params.items() if v is not None}
+
+    def ask(self, messages: list[dict[str, str]]) -> dict[str, Any]:
+        """One completion of ``messages`` under ``params`` (the endpoint's raw reply)."""
+        return self.client.complete(messages, **self.params)
 
     @property
     def model(self) -> str:

@@ -119,25 +119,20 @@ class OpenAIBackend(ChatEndpoint):
                  seed: int | None = 0, max_concurrency: int = 4, timeout: float = 300.0,
                  max_retries: int = 4, backoff: float = 0.5) -> None:
         super().__init__(base_url, model, api_key, timeout=timeout, max_retries=max_retries,
-                         backoff=backoff, max_concurrency=max_concurrency)
-        self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
-        self.top_p = top_p
-        self.seed = seed
+                         backoff=backoff, max_concurrency=max_concurrency,
+                         params={"max_tokens": max_new_tokens, "temperature": temperature,
+                                 "top_p": top_p, "seed": seed})
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "openai", "url": self.client.url, "model": self.model,
-                "max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
-                "top_p": self.top_p, "seed": self.seed}
+                "max_new_tokens": self.params["max_tokens"],
+                "temperature": self.params["temperature"], "top_p": self.params["top_p"],
+                "seed": self.params.get("seed")}
 
     def complete(self, prompt: str, system: str | None = None
                  ) -> tuple[str, str | None, int | None]:
         """One response: ``(text, finish_reason, completion_tokens)``."""
-        params: dict[str, Any] = {"max_tokens": self.max_new_tokens,
-                                  "temperature": self.temperature, "top_p": self.top_p}
-        if self.seed is not None:
-            params["seed"] = self.seed
-        body = self.client.complete(messages(prompt, system), **params)
+        body = self.ask(messages(prompt, system))
         text, finish = message_text(body)
         usage = body.get("usage") or {}
         tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None

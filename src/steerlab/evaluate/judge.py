@@ -190,13 +190,11 @@ class Judge(ChatEndpoint):
                  timeout: float = 120.0, temperature: float = 0.0, max_tokens: int = 200,
                  rubric: str = RUBRIC, rubric_version: str = RUBRIC_VERSION) -> None:
         super().__init__(base_url, model, api_key, timeout=timeout, max_retries=max_retries,
-                         backoff=backoff, max_concurrency=max_concurrency)
-        self.base_url = base_url
+                         backoff=backoff, max_concurrency=max_concurrency,
+                         params={"temperature": temperature, "max_tokens": max_tokens})
         self.rubric = rubric
         self.rubric_version = rubric_version
         self.max_parse_retries = max_parse_retries
-        self.temperature = temperature
-        self.max_tokens = max_tokens
         cache = cache if cache is not None else cache_path  # cache_path: alias
         self.cache = cache if isinstance(cache, JudgeCache) or cache is None else JudgeCache(cache)
         self._pool: ThreadPoolExecutor | None = None
@@ -241,8 +239,7 @@ class Judge(ChatEndpoint):
         messages = [{"role": "system", "content": self.rubric},
                     {"role": "user", "content": USER_TEMPLATE.format(prompt=prompt,
                                                                      response=response)}]
-        return self.client.complete(messages, temperature=self.temperature,
-                                    max_tokens=self.max_tokens)
+        return self.ask(messages)
 
     def check(self) -> None:
         """Send one judgement now, before a long run relies on the judge: an endpoint that
@@ -252,7 +249,7 @@ class Judge(ChatEndpoint):
             self._ask("Name a primary colour.", "Red.")
         except EvaluationError as exc:
             raise EvaluationError(
-                f"The judge at {self.base_url} (model {self.model!r}) did not answer a test "
+                f"The judge at {self.client.url} (model {self.model!r}) did not answer a test "
                 f"request: {exc} Start the judge server, fix the URL or model name, or run "
                 "without a judge."
             ) from exc
