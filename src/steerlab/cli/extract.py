@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import inspect
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,49 +53,74 @@ def progress_bar(description: str, total: int) -> Iterator[Any]:
         yield lambda n: bar.update(task, advance=n)
 
 
-def _inputs(method: str, layers: str, positive: str | None, negative: str | None,
-            split: str | None, limit: int | None, system_positive: str | None,
-            system_negative: str | None) -> tuple[list[int] | None, Any, Any, Any, Any]:
+@dataclass(frozen=True)
+class PromptSets:
+    """The options extract and scan both take (what to contrast, where and how to read it),
+    declared once: :func:`with_prompt_sets` shows them to typer and hands them over as one
+    value (the defaults are typer's option declarations, so only it builds one)."""
+
+    positive: str | None = POSITIVE_OPT
+    negative: str | None = NEGATIVE_OPT
+    system_positive: str | None = SYS_POS_OPT
+    system_negative: str | None = SYS_NEG_OPT
+    position: str = POSITION_OPT
+    method: str = METHOD_OPT
+    layers: str = LAYERS_OPT
+    limit: int | None = LIMIT_OPT
+    batch_size: int = BATCH_OPT
+
+
+def with_prompt_sets(command: Callable[..., None]) -> Callable[..., None]:
+    """``command(model, out, *, sets: PromptSets, ...)`` as typer sees it: the PromptSets
+    fields become options after model and --out, and reach the command as ``sets``."""
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values()
+           if p.name != "sets"]
+    shared = list(inspect.signature(PromptSets, eval_str=True).parameters.values())
+
+    def wrapper(**values: Any) -> None:
+        command(sets=PromptSets(**{p.name: values.pop(p.name) for p in shared}), **values)
+
+    wrapper.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [*own[:2], *shared, *own[2:]])
+    wrapper.__doc__, wrapper.__name__ = command.__doc__, command.__name__
+    return wrapper
+
+
+def _inputs(sets: PromptSets, split: str | None) -> tuple[list[int] | None, Any, Any, Any, Any]:
     """Every input extract and scan check before the model loads: (layers or None for all,
     positive set, negative set, their system prompts); sets are None without --positive."""
     from steerlab.directions.extraction import get_method
     from steerlab.prompts.sets import load_prompts
 
-    get_method(method)
-    parsed = parse_layers(layers)
-    if (positive is None) != (negative is None):
+    get_method(sets.method)
+    parsed = parse_layers(sets.layers)
+    if (sets.positive is None) != (sets.negative is None):
         raise DataError("Give both --positive and --negative, or neither (built-in sets).")
-    sets = (None, None) if positive is None or negative is None else (
-        load_prompts(positive, split=split, limit=limit),
-        load_prompts(negative, split=split, limit=limit))
-    return (None if parsed == "all" else list(parsed), *sets,
-            read_system(system_positive, "--system-positive"),
-            read_system(system_negative, "--system-negative"))
+    loaded = (None, None) if sets.positive is None or sets.negative is None else (
+        load_prompts(sets.positive, split=split, limit=sets.limit),
+        load_prompts(sets.negative, split=split, limit=sets.limit))
+    return (None if parsed == "all" else list(parsed), *loaded,
+            read_system(sets.system_positive, "--system-positive"),
+            read_system(sets.system_negative, "--system-negative"))
 
 
 def register(app: typer.Typer) -> None:
     @app.command()
+    @with_prompt_sets
     def extract(
         model: str = MODEL_ARG,
         out: Path = OUT_OPT,
-        positive: str | None = POSITIVE_OPT,
-        negative: str | None = NEGATIVE_OPT,
-        system_positive: str | None = SYS_POS_OPT,
-        system_negative: str | None = SYS_NEG_OPT,
+        *,
+        sets: PromptSets,
         kind: str = typer.Option("refusal", "--kind", help="With no prompt sets: refusal "
                                  "(built-in paired set) or persona (built-in persona contrasts)."),
         axis: str = typer.Option("compliance", "--axis", help="Persona axis for --kind persona: "
                                  "compliance, evil_nurturing, callous_supportive, "
                                  "hostile_patient, arrogant_diplomatic."),
-        position: str = POSITION_OPT,
-        method: str = METHOD_OPT,
-        layers: str = LAYERS_OPT,
         split: str | None = typer.Option(None, "--split", help="Split of the prompt sets to "
                                          "extract from (built-in sets default to train)."),
         name: str = typer.Option("direction", "--name", help="Name stored with a custom "
                                  "direction."),
-        limit: int | None = LIMIT_OPT,
-        batch_size: int = BATCH_OPT,
         overwrite: bool = OVERWRITE_OPT,
         dtype: str = DTYPE_OPT,
     ) -> None:
@@ -105,34 +132,34 @@ def register(app: typer.Typer) -> None:
         """
         import steerlab.directions.extraction as extraction
 
-        chosen, pos_set, neg_set, sys_pos, sys_neg = _inputs(
-            method, layers, positive, negative, split, limit, system_positive, system_negative)
+        chosen, pos_set, neg_set, sys_pos, sys_neg = _inputs(sets, split)
         output_dir(out, overwrite=overwrite)  # before the model loads: fail fast
         lm = load(model, dtype)
         if pos_set is not None:
             total = len(pos_set) + len(neg_set)
             with progress_bar("extracting", total) as advance:
                 direction = extraction.extract_direction(
-                    lm, pos_set, neg_set, method=method, position=position, layers=chosen,
-                    system_positive=sys_pos, system_negative=sys_neg, name=name, kind="custom",
-                    batch_size=batch_size, progress=advance)
+                    lm, pos_set, neg_set, method=sets.method, position=sets.position,
+                    layers=chosen, system_positive=sys_pos, system_negative=sys_neg, name=name,
+                    kind="custom", batch_size=sets.batch_size, progress=advance)
         elif kind == "refusal":
-            train = extraction.paired_split(split or "train", limit)
-            val = extraction.paired_split("val", limit)
+            train = extraction.paired_split(split or "train", sets.limit)
+            val = extraction.paired_split("val", sets.limit)
             with progress_bar("refusal direction", 2 * (len(train[0]) + len(val[0]))) as advance:
                 direction = extraction.refusal_direction(
-                    lm, split=split or "train", position=position, method=method, limit=limit,
-                    layers=chosen, batch_size=batch_size, progress=advance)
+                    lm, split=split or "train", position=sets.position, method=sets.method,
+                    limit=sets.limit, layers=chosen, batch_size=sets.batch_size, progress=advance)
         elif kind == "persona":
-            rows = extraction.persona_contrast(axis, split or "train", limit=limit)[0]
+            rows = extraction.persona_contrast(axis, split or "train", limit=sets.limit)[0]
             try:
-                held = len(extraction.persona_contrast(axis, "val", limit=limit)[0])
+                held = len(extraction.persona_contrast(axis, "val", limit=sets.limit)[0])
             except DataError:
                 held = 0
             with progress_bar(f"persona direction ({axis})", 2 * (len(rows) + held)) as advance:
                 direction = extraction.persona_direction(
-                    lm, axis=axis, split=split or "train", position=position, method=method,
-                    limit=limit, layers=chosen, batch_size=batch_size, progress=advance)
+                    lm, axis=axis, split=split or "train", position=sets.position,
+                    method=sets.method, limit=sets.limit, layers=chosen,
+                    batch_size=sets.batch_size, progress=advance)
         else:
             raise DataError(f"Unknown --kind {kind!r}; use refusal or persona, or give "
                             "--positive and --negative prompt sets.")
@@ -140,25 +167,19 @@ def register(app: typer.Typer) -> None:
         _print_direction(direction, out)
 
     @app.command()
+    @with_prompt_sets
     def scan(
         model: str = MODEL_ARG,
         out: Path = OUT_OPT,
-        positive: str | None = POSITIVE_OPT,
-        negative: str | None = NEGATIVE_OPT,
+        *,
+        sets: PromptSets,
         positive_test: str | None = typer.Option(None, "--positive-test", help="Held-out "
                                                  "positive set (default: every 5th prompt)."),
         negative_test: str | None = typer.Option(None, "--negative-test", help="Held-out "
                                                  "negative set."),
-        system_positive: str | None = SYS_POS_OPT,
-        system_negative: str | None = SYS_NEG_OPT,
-        position: str = POSITION_OPT,
-        method: str = METHOD_OPT,
-        layers: str = LAYERS_OPT,
         persona: bool = typer.Option(True, "--persona/--no-persona", help="Also extract the "
                                      "compliant-persona direction and plot its cosine with "
                                      "this one per layer."),
-        limit: int | None = LIMIT_OPT,
-        batch_size: int = BATCH_OPT,
         overwrite: bool = OVERWRITE_OPT,
         dtype: str = DTYPE_OPT,
     ) -> None:
@@ -172,8 +193,8 @@ def register(app: typer.Typer) -> None:
         from steerlab.prompts.sets import load_prompts
         from steerlab.reporting.plots import save_scan_plots
 
-        chosen, pos_set, neg_set, sys_pos, sys_neg = _inputs(
-            method, layers, positive, negative, None, limit, system_positive, system_negative)
+        chosen, pos_set, neg_set, sys_pos, sys_neg = _inputs(sets, None)
+        limit = sets.limit
         pos_test = load_prompts(positive_test, limit=limit) if positive_test else None
         neg_test = load_prompts(negative_test, limit=limit) if negative_test else None
         if pos_set is None:
@@ -189,8 +210,8 @@ def register(app: typer.Typer) -> None:
             result = run_scan(
                 lm, positive=pos_set, negative=neg_set, positive_test=pos_test,
                 negative_test=neg_test, system_positive=sys_pos,
-                system_negative=sys_neg, method=method, position=position,
-                layers=chosen, persona=persona, limit=limit, batch_size=batch_size,
+                system_negative=sys_neg, method=sets.method, position=sets.position,
+                layers=chosen, persona=persona, limit=limit, batch_size=sets.batch_size,
                 progress=advance)
         out.mkdir(parents=True, exist_ok=True)
         result.to_json(out / "scan.json")
