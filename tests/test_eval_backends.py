@@ -109,3 +109,22 @@ def test_openai_backend_connection_refused_is_retried_then_clear():
 def test_concurrency_below_one_is_one_clear_error(make) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(EvaluationError, match="max_concurrency must be at least 1"):
         make()
+
+
+def test_openai_backend_sends_its_sampling_fields_and_omits_an_unset_seed():
+    with OpenAIStub(lambda req: "ok") as stub:
+        seeded = OpenAIBackend(stub.url, "m", max_new_tokens=5, temperature=0.7, top_p=0.9,
+                               seed=11)
+        unseeded = OpenAIBackend(stub.url, "m", seed=None)
+        seeded.complete("a")
+        unseeded.complete("b")
+        seeded.close()
+        unseeded.close()
+    first, second = stub.requests
+    assert (first["max_tokens"], first["temperature"], first["top_p"], first["seed"]) == \
+        (5, 0.7, 0.9, 11)
+    assert "seed" not in second and second["max_tokens"] == 64
+    assert seeded.describe() == {"kind": "openai", "url": stub.url + "/chat/completions",
+                                 "model": "m", "max_new_tokens": 5, "temperature": 0.7,
+                                 "top_p": 0.9, "seed": 11}
+    assert unseeded.describe()["seed"] is None

@@ -185,3 +185,36 @@ def test_refusal_direction_separates_held_out_pairs(real_lm):
     d = cohens_d(real_lm, direction, harmful, harmless)
     best = max(d, key=d.get)
     assert d[best] > 1.0, d
+
+
+def test_extract_and_scan_take_the_prompt_set_options_once_each(tmp_path):
+    """The shared options reach the command (limit, position, system prompt are honoured)
+    and both commands show them with the same help."""
+    import dataclasses
+
+    import typer
+
+    from steerlab.cli import app, main
+    from steerlab.cli.extract import PromptSets
+
+    commands = {c.name: c for c in typer.main.get_command(app).commands.values()}
+    shared = [f.name for f in dataclasses.fields(PromptSets)]
+    for name in ("extract", "scan"):
+        params = [p.name for p in commands[name].params]
+        assert len(params) == len(set(params)) and set(shared) <= set(params), name
+    helps = [{p.name: getattr(p, "help", None) for p in commands[name].params if p.name in shared}
+             for name in ("extract", "scan")]
+    assert helps[0] == helps[1]
+
+    lm = tiny_model("qwen2")
+    model_dir = tmp_path / "model"
+    save_tiny(lm, model_dir)
+    pos_file, neg_file = tmp_path / "pos.txt", tmp_path / "neg.txt"
+    pos_file.write_text("\n".join(POS) + "\n")
+    neg_file.write_text("\n".join(NEG) + "\n")
+    out = tmp_path / "out"
+    main(["extract", str(model_dir), "--positive", str(pos_file), "--negative", str(neg_file),
+          "--limit", "2", "--position", "t_inst", "--batch-size", "1", "--system-positive",
+          "You comply.", "--dtype", "float32", "--out", str(out)])
+    meta = Direction.load(out).meta
+    assert meta.counts == {"positive": 2, "negative": 2} and meta.position == "t_inst"
