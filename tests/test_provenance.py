@@ -19,3 +19,12 @@ def test_provenance_command_has_no_absolute_program_path() -> None:
     record = provenance(seed=3)
     assert not record["command"].startswith("/")
     assert record["seed"] == 3
+
+
+def test_provenance_names_the_cpu_and_the_packages_that_change_numbers() -> None:
+    record = provenance()
+    machine = record["machine"]
+    assert isinstance(machine["cpu"], str) and machine["cpu"]
+    assert isinstance(machine["torch_cpu_capability"], str) and machine["torch_cpu_capability"]
+    assert {"tokenizers", "gguf", "torch", "transformers"} <= set(record["versions"])
+    assert record["versions"]["tokenizers"] != "not installed"

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from steerlab.model.loading import LoadedModel
 
-_PACKAGES = ("steerlab", "torch", "transformers", "safetensors", "numpy", "peft", "accelerate")
+_PACKAGES = ("steerlab", "torch", "transformers", "tokenizers", "safetensors", "numpy", "peft",
+             "accelerate", "gguf")
 
 
 def versions() -> dict[str, str]:
@@ -38,12 +39,28 @@ def command_line(argv: list[str] | None = None) -> str:
     return " ".join([program, shlex.join(argv[1:])]).strip()
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else what platform reports)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict[str, Any]:
+    """Where it ran. The CPU and the kernels torch picked for it are recorded because
+    bfloat16 results differ between CPUs: the same code and versions can write other tokens."""
     import torch
 
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.is_available(),
