@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,15 +145,19 @@ def test_refusal_direction_on_tiny_model_picks_a_best_layer(tiny_qwen):
     assert direction.meta.counts == {"positive": 4, "negative": 4}
 
 
-def test_extract_cli_writes_a_direction(tmp_path):
-    from steerlab.cli import main
-
-    lm = tiny_model("qwen2")
-    model_dir = tmp_path / "model"
-    save_tiny(lm, model_dir)
+def _cli_inputs(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A saved tiny model and the POS / NEG prompt files, for the CLI tests."""
+    save_tiny(tiny_model("qwen2"), tmp_path / "model")
     pos_file, neg_file = tmp_path / "pos.txt", tmp_path / "neg.txt"
     pos_file.write_text("\n".join(POS) + "\n")
     neg_file.write_text("\n".join(NEG) + "\n")
+    return tmp_path / "model", pos_file, neg_file
+
+
+def test_extract_cli_writes_a_direction(tmp_path):
+    from steerlab.cli import main
+
+    model_dir, pos_file, neg_file = _cli_inputs(tmp_path)
     out = tmp_path / "out"
     main(["extract", str(model_dir), "--positive", str(pos_file), "--negative", str(neg_file),
           "--method", "logreg", "--layers", "1-2", "--dtype", "float32", "--out", str(out)])
@@ -206,12 +211,7 @@ def test_extract_and_scan_take_the_prompt_set_options_once_each(tmp_path):
              for name in ("extract", "scan")]
     assert helps[0] == helps[1]
 
-    lm = tiny_model("qwen2")
-    model_dir = tmp_path / "model"
-    save_tiny(lm, model_dir)
-    pos_file, neg_file = tmp_path / "pos.txt", tmp_path / "neg.txt"
-    pos_file.write_text("\n".join(POS) + "\n")
-    neg_file.write_text("\n".join(NEG) + "\n")
+    model_dir, pos_file, neg_file = _cli_inputs(tmp_path)
     out = tmp_path / "out"
     main(["extract", str(model_dir), "--positive", str(pos_file), "--negative", str(neg_file),
           "--limit", "2", "--position", "t_inst", "--batch-size", "1", "--system-positive",
